@@ -1,0 +1,72 @@
+# unrealon-ws: the two set-up commands are `make install` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TWIST := $(VENV)/bin/twist
+DEV_JWT_SECRET ?= unrealon-dev-secret-not-for-production-0000
+WS_PORT ?= 8765
+HTTP_PORT ?= 8766
+LOG_FILE ?= logs/unrealon-ws.json
+
+.PHONY: install install-ipc dev health logs test test-unit run-prod docker-build docker-run \
+        generate-client check-clients lint bench bench-peers bench-smoke token clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# compat mode puts the checkout on sys.path, so twisted/plugins/ here is found
+	$(PY) -m pip install --quiet -e '.[dev,bench]' --config-settings editable_mode=compat
+	$(PY) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	@$(TWIST) --help | grep -q unrealon-ws && echo "installed: twist unrealon-ws is available"
+
+install-ipc: install
+
+dev:
+	@mkdir -p logs
+	JWT_SECRET=$${JWT_SECRET:-$(DEV_JWT_SECRET)} UNREALON_LOG_FILE=$(LOG_FILE) \
+	  $(TWIST) --log-format=text unrealon-ws \
+	  --ws tcp:$(WS_PORT):interface=127.0.0.1 --http tcp:$(HTTP_PORT):interface=127.0.0.1
+
+token:
+	@JWT_SECRET=$${JWT_SECRET:-$(DEV_JWT_SECRET)} $(PY) -m unrealon.devtoken $(USER_ID)
+
+health:
+	@curl -fsS http://127.0.0.1:$(HTTP_PORT)/health; echo
+
+logs:
+	@mkdir -p logs; touch $(LOG_FILE); tail -F $(LOG_FILE)
+
+test:
+	$(PY) -m twisted.trial -j2 tests
+	$(PY) bench/run.py --smoke
+
+test-unit:
+	$(PY) -m twisted.trial tests
+
+run-prod:
+	$(TWIST) --log-format=json unrealon-ws
+
+docker-build:
+	docker build -t unrealon-ws:latest .
+
+docker-run:
+	docker run --rm -p 8765:8765 -p 8766:8766 --env-file .env unrealon-ws:latest
+
+generate-client:
+	$(PY) -m unrealon.codegen
+
+lint:
+	$(VENV)/bin/ruff check unrealon tests twisted bench
+	$(VENV)/bin/mypy
+
+bench:
+	$(PY) bench/run.py
+
+bench-peers:
+	bash bench/setup_peers.sh
+
+bench-smoke:
+	$(PY) bench/run.py --smoke
+
+clean:
+	rm -rf _trial_temp* .mypy_cache .ruff_cache build dist *.egg-info

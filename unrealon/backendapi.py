@@ -1,0 +1,162 @@
+"""
+The methods the backend calls through the ingress stream (PROTOCOL.md
+section 6): the event catalogue, C{publish}, presence queries and
+C{connections.disconnect}.
+
+None of them is callable by a browser: they are registered for
+L{Caller.BACKEND} only, so a client asking for one gets -32601 as for a name
+that does not exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from unrealon import jsonrpc
+from unrealon.auth import ROOM_NAME_RE
+from unrealon.events import CATALOGUE, CatalogueEvent, Change, FileChanged, event_data
+from unrealon.jsonrpc import FieldError, RPCError, invalid_params
+from unrealon.node import Node
+from unrealon.rpc import Caller, Registry, param
+
+#: room names, PROTOCOL.md section 4 (auth.ROOM_NAME_RE is the anchored form)
+ROOM_PATTERN = r"[A-Za-z0-9_.:@-]{1,200}"
+EVENT_NAME_PATTERN = r"[A-Za-z0-9_.:-]{1,100}"
+
+
+@attrs.define
+class BackendCall:
+    """
+    What a backend method handler is given.  C{entry_id} is the ingress
+    entry being handled: the idempotency key of what it publishes, so an
+    entry handled twice (a crash before its ack) publishes once.
+    """
+
+    node: Node
+    entry_id: str | None = None
+    caller = Caller.BACKEND
+
+    def idempotency_key(self) -> str | None:
+        return None if self.entry_id is None else f"ingress:{self.entry_id}"
+
+
+@attrs.frozen
+class Published:
+    room: str
+    cursor: str
+
+
+@attrs.frozen
+class PublishParams:
+    room: str = param(pattern=ROOM_PATTERN)
+    event: str = param(pattern=EVENT_NAME_PATTERN)
+    data: dict[str, Any] = param(factory=dict)
+
+
+@attrs.frozen
+class PresenceListParams:
+    room: str = param(pattern=ROOM_PATTERN)
+
+
+@attrs.frozen
+class OnlineParams:
+    user_ids: list[str] = param(max_length=10000)
+
+
+@attrs.frozen
+class OnlineResult:
+    online: list[str]
+
+
+@attrs.frozen
+class DisconnectParams:
+    user_id: str = param(identifier=True, min_length=1, max_length=128)
+    reason: str = param(default="disconnected by the backend", max_length=120)
+
+
+@attrs.frozen
+class DisconnectResult:
+    user_id: str
+
+
+def _catalogue_handler(event: CatalogueEvent) -> Any:
+    async def handle(call: BackendCall, params_and_extras: tuple[Any, dict[str, Any]]) -> Published:
+        params, extras = params_and_extras
+        if isinstance(params, FileChanged) and params.change is Change.renamed and not params.old_path:
+            raise invalid_params([FieldError("old_path", "is required when change is renamed")])
+        room = event.room(params)
+        if not ROOM_NAME_RE.match(room):
+            raise invalid_params([FieldError("room", "the id makes an invalid room name")])
+        cursor = await call.node.broker.publish(
+            room, event.name, event_data(params, extras), call.idempotency_key()
+        )
+        return Published(room=room, cursor=cursor)
+
+    handle.__doc__ = event.summary
+    return handle
+
+
+async def publish(call: BackendCall, params_and_extras: tuple[PublishParams, dict[str, Any]]) -> Published:
+    """Publish any event to any room."""
+    params, _ = params_and_extras  # other params are ignored (PROTOCOL.md)
+    cursor = await call.node.broker.publish(
+        params.room, params.event, params.data, call.idempotency_key()
+    )
+    return Published(room=params.room, cursor=cursor)
+
+
+async def presence_list(call: BackendCall, params: PresenceListParams) -> dict[str, Any]:
+    """Who is in a room, across the cluster."""
+    users = await call.node.presence.list(params.room)
+    return {
+        "room": params.room,
+        "users": [
+            {"user_id": u.user_id, "info": dict(u.info), "connections": u.connections}
+            for u in users
+        ],
+    }
+
+
+async def presence_online(call: BackendCall, params: OnlineParams) -> OnlineResult:
+    """Which of these users have a connection anywhere in the cluster."""
+    online = await call.node.presence.online(params.user_ids)
+    return OnlineResult(online=list(online))
+
+
+async def connections_disconnect(call: BackendCall, params: DisconnectParams) -> DisconnectResult:
+    """Close every connection of a user on every node with 4003."""
+    await call.node.broker.disconnect_user(params.user_id, params.reason)
+    return DisconnectResult(user_id=params.user_id)
+
+
+def register_backend_methods(registry: Registry) -> None:
+    """Add the methods of PROTOCOL.md section 6."""
+    for event in CATALOGUE:
+        registry.method(
+            event.name,
+            params=event.params,
+            result=Published,
+            callers=Caller.BACKEND,
+            summary=event.summary,
+            extra_params=True,
+        )(_catalogue_handler(event))
+    registry.method("publish", params=PublishParams, result=Published,
+                    callers=Caller.BACKEND, extra_params=True)(publish)
+    registry.method("presence.list", params=PresenceListParams,
+                    callers=Caller.BACKEND)(presence_list)
+    registry.method("presence.online", params=OnlineParams, result=OnlineResult,
+                    callers=Caller.BACKEND)(presence_online)
+    registry.method("connections.disconnect", params=DisconnectParams,
+                    result=DisconnectResult, callers=Caller.BACKEND)(connections_disconnect)
+
+
+def error_code_name(error: RPCError) -> str:
+    """The ingress reply's C{error_code} for a JSON-RPC error."""
+    return {
+        jsonrpc.METHOD_NOT_FOUND: "method_not_found",
+        jsonrpc.INVALID_PARAMS: "invalid_params",
+        jsonrpc.INVALID_REQUEST: "invalid_params",
+        jsonrpc.FORBIDDEN: "forbidden",
+    }.get(error.code, "internal_error")

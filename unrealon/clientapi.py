@@ -1,0 +1,310 @@
+"""
+The methods browser clients may call (PROTOCOL.md section 4).
+
+Each handler takes a L{unrealon.ws.ClientCall} and validated params, and
+returns a typed result; the session does the JSON-RPC around it.  Calls that
+need the engine's store are bounded by L{BACKEND_DEADLINE} so a client hears
+-32011 instead of waiting on a Redis that is gone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, TimeoutError
+
+from unrealon import jsonrpc
+from unrealon.auth import AuthError, may_join
+from unrealon.engine.interfaces import BackendUnavailable
+from unrealon.jsonrpc import RPCError
+from unrealon.rpc import Caller, Registry, openrpc_document, param
+from unrealon.ws import CLOSE_TOO_MANY_CONNECTIONS, ClientCall, presence_tracked
+
+#: longest a client call waits on the engine's store before -32011
+BACKEND_DEADLINE = 5.0
+
+#: room names, PROTOCOL.md section 4 (auth.ROOM_NAME_RE is the anchored form)
+ROOM_PATTERN = r"[A-Za-z0-9_.:@-]{1,200}"
+
+
+async def bounded(call: ClientCall, d: Deferred[Any]) -> Any:
+    """Wait for an engine call at most L{BACKEND_DEADLINE} seconds."""
+    d.addTimeout(BACKEND_DEADLINE, call.node.reactor)
+    try:
+        return await d
+    except (TimeoutError, BackendUnavailable, ConnectionError):
+        raise RPCError(
+            jsonrpc.BACKEND_UNAVAILABLE, data={"retryable": True}
+        ) from None
+
+
+# -- params and results -------------------------------------------------------
+
+
+@attrs.frozen
+class TokenParams:
+    token: str = param(description="a JWT signed by a configured key", min_length=1)
+
+
+@attrs.frozen
+class AuthResult:
+    user_id: str
+    expires_at: float = param(description="the token's exp, epoch seconds")
+
+
+@attrs.frozen
+class RefreshResult:
+    expires_at: float
+
+
+@attrs.frozen
+class PingResult:
+    pong: bool
+    server_time: int = param(description="epoch milliseconds")
+
+
+@attrs.frozen
+class InfoResult:
+    version: str
+    protocol: int
+    node_id: str
+    features: list[str]
+
+
+@attrs.frozen
+class JoinParams:
+    room: str = param(pattern=ROOM_PATTERN)
+    since: str | None = param(
+        default=None, description="the last cursor seen; replays what came after it"
+    )
+    token: str | None = param(default=None, description="a room token for this room")
+
+
+@attrs.frozen
+class JoinResult:
+    room: str
+    cursor: str
+    recovered: bool
+    missed: list[dict[str, Any]] = param(
+        description="the missed events, as the notifications live delivery sends"
+    )
+
+
+@attrs.frozen
+class RoomParams:
+    room: str = param(pattern=ROOM_PATTERN)
+
+
+@attrs.frozen
+class RoomResult:
+    room: str
+
+
+@attrs.frozen
+class RoomsResult:
+    rooms: list[str]
+
+
+@attrs.frozen
+class PresenceEntry:
+    user_id: str
+    info: dict[str, Any]
+    connections: int
+
+
+@attrs.frozen
+class PresenceListResult:
+    room: str
+    users: list[PresenceEntry]
+
+
+@attrs.frozen
+class PresenceCountResult:
+    room: str
+    users: int
+    connections: int
+
+
+# -- handlers -----------------------------------------------------------------
+
+
+def _verify(call: ClientCall, token: str) -> Any:
+    verifier = call.node.verifier
+    if verifier is None:
+        raise RPCError(jsonrpc.UNAUTHENTICATED, "Unauthenticated: no key is configured")
+    try:
+        return verifier.verify_connection_token(token)
+    except AuthError as e:
+        raise RPCError(jsonrpc.UNAUTHENTICATED, f"Unauthenticated: {e.reason}") from None
+
+
+def auth_authenticate(call: ClientCall, params: TokenParams) -> AuthResult:
+    """Authenticate this connection with a token (or refresh it if already authenticated)."""
+    session = call.session
+    if session.identity is not None:
+        refreshed = auth_refresh(call, params)
+        return AuthResult(user_id=session.identity.user_id, expires_at=refreshed.expires_at)
+    identity = _verify(call, params.token)
+    node = call.node
+    if node.hub.user_connections(identity.user_id) >= node.config.max_connections_per_user:
+        call.after_reply(
+            lambda: session.close_with(
+                CLOSE_TOO_MANY_CONNECTIONS, "too many connections for this user"
+            )
+        )
+        raise RPCError(jsonrpc.FORBIDDEN, "Forbidden: too many connections for this user")
+    session.authenticated(identity)
+    return AuthResult(user_id=identity.user_id, expires_at=identity.expires_at)
+
+
+def auth_refresh(call: ClientCall, params: TokenParams) -> RefreshResult:
+    """Swap in a newer token for the same user, moving the expiry."""
+    session = call.session
+    identity = _verify(call, params.token)
+    assert session.identity is not None
+    if identity.user_id != session.identity.user_id:
+        raise RPCError(jsonrpc.FORBIDDEN, "Forbidden: the token is for another user")
+    session.refreshed(identity)
+    return RefreshResult(expires_at=identity.expires_at)
+
+
+def system_ping(call: ClientCall, params: object) -> PingResult:
+    """Liveness check; also answers before authentication."""
+    return PingResult(pong=True, server_time=int(call.node.reactor.seconds() * 1000))
+
+
+def system_info(call: ClientCall, params: object) -> InfoResult:
+    """Server version, protocol version, node id and features."""
+    node = call.node
+    from unrealon.node import PROTOCOL_VERSION
+
+    return InfoResult(
+        version=node.version,
+        protocol=PROTOCOL_VERSION,
+        node_id=node.node_id,
+        features=list(node.features),
+    )
+
+
+def rpc_discover(call: ClientCall, params: object) -> dict[str, Any]:
+    """The OpenRPC document of the client-callable API."""
+    return client_openrpc(call.node.registry, call.node.version)
+
+
+def client_openrpc(registry: Registry, version: str) -> dict[str, Any]:
+    from unrealon.events import client_events
+
+    return openrpc_document(
+        registry, Caller.CLIENT, title="unrealon-ws", version=version, events=client_events()
+    )
+
+
+def _admission(call: ClientCall, room: str, token: str | None) -> str:
+    """How this connection may join C{room}, else -32003."""
+    session = call.session
+    identity = session.identity
+    assert identity is not None
+    if session.rooms.get(room) == "implicit" or room in (
+        f"user:{identity.user_id}",
+        "broadcast",
+    ):
+        return "implicit"
+    if token is not None:
+        verifier = call.node.verifier
+        assert verifier is not None
+        try:
+            grant = verifier.verify_room_token(token, identity.user_id, room)
+        except AuthError as e:
+            raise RPCError(jsonrpc.FORBIDDEN, f"Forbidden: {e.reason}") from None
+        return f"token:{grant.expires_at}"
+    if may_join(identity.room_patterns, room):
+        return "pattern"
+    raise RPCError(jsonrpc.FORBIDDEN, "Forbidden: this token does not grant the room")
+
+
+async def rooms_join(call: ClientCall, params: JoinParams) -> JoinResult:
+    """Join a room; with `since`, receive every event after that cursor first."""
+    session, node, room = call.session, call.node, params.room
+    admitted = _admission(call, room, params.token)
+    was_member = session.begin_join(room, admitted)
+    try:
+        recovery = await bounded(call, node.broker.recover(room, params.since))
+    except BaseException:
+        session.abort_join(room, was_member)
+        raise
+    call.after_reply(lambda: session.finish_join(room, recovery.cursor))
+    if not was_member and presence_tracked(room) and session.identity is not None:
+        await bounded(
+            call,
+            node.presence.join(room, session.identity.user_id, session.conn_id, session.identity.info),
+        )
+    return JoinResult(
+        room=room,
+        cursor=recovery.cursor,
+        recovered=recovery.recovered if params.since is not None else False,
+        missed=list(recovery.missed) if params.since is not None else [],
+    )
+
+
+def rooms_leave(call: ClientCall, params: RoomParams) -> RoomResult:
+    """Leave a room (not the implicit user:<id> and broadcast rooms)."""
+    session = call.session
+    how = session.rooms.get(params.room)
+    if how is None:
+        raise RPCError(jsonrpc.NOT_FOUND, "Not found: not in this room")
+    if how == "implicit":
+        raise RPCError(jsonrpc.FORBIDDEN, "Forbidden: implicit rooms cannot be left")
+    session.leave_room(params.room)
+    return RoomResult(room=params.room)
+
+
+def rooms_list(call: ClientCall, params: object) -> RoomsResult:
+    """The rooms this connection is in, the implicit ones included."""
+    return RoomsResult(rooms=sorted(call.session.rooms))
+
+
+def _member_of(call: ClientCall, room: str) -> None:
+    if room not in call.session.rooms:
+        raise RPCError(jsonrpc.NOT_FOUND, "Not found: not in this room")
+
+
+async def presence_list(call: ClientCall, params: RoomParams) -> PresenceListResult:
+    """Who is in a room this connection is in."""
+    _member_of(call, params.room)
+    if not presence_tracked(params.room):
+        return PresenceListResult(room=params.room, users=[])
+    users = await bounded(call, call.node.presence.list(params.room))
+    return PresenceListResult(
+        room=params.room,
+        users=[PresenceEntry(u.user_id, dict(u.info), u.connections) for u in users],
+    )
+
+
+async def presence_count(call: ClientCall, params: RoomParams) -> PresenceCountResult:
+    """How many users and connections are in a room this connection is in."""
+    _member_of(call, params.room)
+    if not presence_tracked(params.room):
+        return PresenceCountResult(room=params.room, users=0, connections=0)
+    count = await bounded(call, call.node.presence.count(params.room))
+    return PresenceCountResult(room=params.room, users=count.users, connections=count.connections)
+
+
+def register_client_methods(registry: Registry) -> None:
+    """Add the methods of PROTOCOL.md section 4."""
+    add = registry.method
+    add("auth.authenticate", params=TokenParams, result=AuthResult, requires_auth=False)(
+        auth_authenticate
+    )
+    add("auth.refresh", params=TokenParams, result=RefreshResult)(auth_refresh)
+    add("system.ping", result=PingResult, requires_auth=False)(system_ping)
+    add("system.info", result=InfoResult)(system_info)
+    add("rpc.discover", summary="The OpenRPC document of the client-callable API")(rpc_discover)
+    add("rooms.join", params=JoinParams, result=JoinResult)(rooms_join)
+    add("rooms.leave", params=RoomParams, result=RoomResult)(rooms_leave)
+    add("rooms.list", result=RoomsResult)(rooms_list)
+    add("presence.list", params=RoomParams, result=PresenceListResult, callers=Caller.CLIENT)(
+        presence_list
+    )
+    add("presence.count", params=RoomParams, result=PresenceCountResult)(presence_count)
+

@@ -1,0 +1,412 @@
+"""
+Node settings: one table, four sources, one frozen L{Config}.
+
+Every setting has a CLI option and an environment variable (PROTOCOL.md
+section 7).  The CLI wins, then the environment, then a C{.env} file in the
+working directory, then the default.  Every value is parsed and checked here,
+before anything starts, so a node never runs half-configured: a bad value
+raises L{ConfigError} whose message is one line naming both the environment
+variable and the CLI option, and never echoing a secret.
+
+This module is imported by the twistd plugin's option parser, so it must not
+import the reactor or anything that does (txredisapi does).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from unrealon.auth import (
+    JWTSettings,
+    KeyConfigError,
+    VerificationKey,
+    load_keys,
+    validate_algorithms,
+)
+
+
+class ConfigError(Exception):
+    """A setting has a value the node cannot run with."""
+
+
+@attrs.frozen
+class Setting:
+    """One row of the settings table."""
+
+    name: str  # attribute of Config
+    env: str
+    option: str  # long CLI option, without dashes
+    default: str | None
+    parse: Callable[[str], Any]
+    doc: str
+    secret: bool = False
+
+    @property
+    def cli(self) -> str:
+        return "--" + self.option
+
+
+# -- parsers: str -> value, ValueError with a message on bad input ----------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError("must be a positive integer") from None
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("must be a positive number") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("must be a number >= 0") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a number >= 0")
+    return value
+
+
+def _flag(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be 1/true/yes or 0/false/no")
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+def _optional_text(text: str) -> str | None:
+    return text.strip() or None
+
+
+_ENDPOINT_KINDS = ("tcp", "tcp6", "unix", "ssl", "systemd", "fd")
+
+
+def _endpoint(text: str) -> str:
+    """
+    Check an endpoint string's shape without building it: building a
+    systemd endpoint needs the inherited descriptors, and this runs before the
+    reactor exists.  L{twisted.internet.endpoints} parses it for real at start.
+    """
+    from twisted.internet.endpoints import _parseServer
+
+    text = text.strip()
+    kind = text.split(":", 1)[0]
+    if kind not in _ENDPOINT_KINDS:
+        raise ValueError(
+            "must be a Twisted endpoint string such as tcp:8765:interface=127.0.0.1"
+        )
+    try:
+        _, args, kwargs = _parseServer(text, None)
+    except Exception:
+        raise ValueError("is not a valid endpoint string") from None
+    if kind in ("tcp", "tcp6", "ssl"):
+        port = kwargs.get("port", args[0] if args else None)
+        try:
+            number = int(port)
+        except (TypeError, ValueError):
+            raise ValueError("needs a numeric port, e.g. tcp:8765") from None
+        if not 0 <= number <= 65535:
+            raise ValueError("port must be 0..65535")
+    if kind == "unix" and not (args or kwargs.get("address")):
+        raise ValueError("needs a path, e.g. unix:/run/unrealon/ws.sock")
+    return text
+
+
+def _redis_url(text: str) -> str | None:
+    text = text.strip()
+    if not text:
+        return None
+    if not re.match(r"^(redis|rediss|unix)://", text):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    if text.startswith("unix://") and len(text.split("?")[0]) <= len("unix://"):
+        raise ValueError("unix:// needs a socket path")
+    return text
+
+
+def _algorithms(text: str) -> tuple[str, ...]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError("must name at least one algorithm")
+    try:
+        return validate_algorithms(names)
+    except KeyConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+def _key_files(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+_ORIGIN_RE = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#]+$")
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(o.strip() for o in text.split(",") if o.strip())
+    if not origins:
+        raise ValueError("must list origins (scheme://host[:port]) or be *")
+    for origin in origins:
+        if origin != "*" and not _ORIGIN_RE.match(origin):
+            raise ValueError(
+                f"{origin!r} is not an origin (scheme://host[:port], no path)"
+            )
+    return origins
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().lower()
+    if level not in ("debug", "info", "warn", "error", "critical"):
+        raise ValueError("must be one of debug, info, warn, error, critical")
+    return level
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("ws_endpoint", "UNREALON_WS", "ws", "tcp:8765:interface=127.0.0.1", _endpoint,
+            "WebSocket listener (Twisted endpoint string); path /ws"),
+    Setting("http_endpoint", "UNREALON_HTTP", "http", "tcp:8766:interface=127.0.0.1", _endpoint,
+            "health/liveness/metrics listener"),
+    Setting("redis_url", "REDIS_URL", "redis-url", None, _redis_url,
+            "redis://host:port/db or unix:///path?db=N; unset: in-memory engine, one node",
+            secret=True),
+    Setting("jwt_secret", "JWT_SECRET", "jwt-secret", None, _optional_text,
+            "HMAC key for HS256/384/512 tokens", secret=True),
+    Setting("jwt_public_key_files", "JWT_PUBLIC_KEY_FILE", "jwt-public-key-file", "", _key_files,
+            "PEM public key or JWKS file(s), comma-separated (RS*/ES*; kid rotation)"),
+    Setting("jwt_algorithms", "JWT_ALGORITHMS", "jwt-algorithms", "HS256", _algorithms,
+            "accepted JWT algorithms, comma-separated"),
+    Setting("jwt_audience", "JWT_AUDIENCE", "jwt-audience", None, _optional_text,
+            "required aud claim"),
+    Setting("jwt_issuer", "JWT_ISSUER", "jwt-issuer", None, _optional_text,
+            "required iss claim"),
+    Setting("jwt_leeway", "JWT_LEEWAY", "jwt-leeway", "5", _non_negative_float,
+            "seconds of clock leeway for exp/nbf/iat"),
+    Setting("insecure_dev", "UNREALON_INSECURE_DEV", "insecure-dev", "0", _flag,
+            "allow starting without any JWT key (development only)"),
+    Setting("node_id", "UNREALON_NODE_ID", "node-id", None, _optional_text,
+            "stable node id (consumer name); default host name and WebSocket port"),
+    Setting("ingress_stream", "UNREALON_INGRESS_STREAM", "ingress-stream", "stream:requests", _text,
+            "backend ingress stream"),
+    Setting("ingress_group", "UNREALON_INGRESS_GROUP", "ingress-group", "rpc_group", _text,
+            "backend ingress consumer group"),
+    Setting("claim_idle", "UNREALON_CLAIM_IDLE", "claim-idle", "30", _positive_float,
+            "seconds before a dead node's pending ingress entries are claimed"),
+    Setting("max_deliveries", "UNREALON_MAX_DELIVERIES", "max-deliveries", "5", _positive_int,
+            "deliveries before an ingress entry goes to the dead-letter stream"),
+    Setting("dead_letter_stream", "UNREALON_DEAD_LETTER_STREAM", "dead-letter-stream",
+            "stream:requests:dead", _text, "dead-letter stream"),
+    Setting("auth_timeout", "UNREALON_AUTH_TIMEOUT", "auth-timeout", "10", _positive_float,
+            "seconds to authenticate after the handshake (else close 4001)"),
+    Setting("presence_ttl", "UNREALON_PRESENCE_TTL", "presence-ttl", "30", _positive_float,
+            "presence entry lifetime without heartbeat (s)"),
+    Setting("history_size", "UNREALON_HISTORY_SIZE", "history-size", "1000", _positive_int,
+            "events kept per room"),
+    Setting("history_ttl", "UNREALON_HISTORY_TTL", "history-ttl", "86400", _positive_float,
+            "seconds events are kept per room"),
+    Setting("max_message_size", "UNREALON_MAX_MESSAGE_SIZE", "max-message-size", "65536",
+            _positive_int, "largest client message in bytes (close 1009)"),
+    Setting("send_buffer_limit", "UNREALON_SEND_BUFFER_LIMIT", "send-buffer-limit", "1048576",
+            _positive_int, "unsent bytes per connection before close 4008"),
+    Setting("rate_limit", "UNREALON_RATE_LIMIT", "rate-limit", "50", _positive_float,
+            "client calls per second per connection (burst twice that)"),
+    Setting("allowed_origins", "UNREALON_ALLOWED_ORIGINS", "allowed-origins", "*", _origins,
+            "comma-separated Origin allow-list, or *"),
+    Setting("shutdown_timeout", "UNREALON_SHUTDOWN_TIMEOUT", "shutdown-timeout", "10",
+            _positive_float, "longest drain on SIGTERM (s)"),
+    Setting("max_connections_per_user", "UNREALON_MAX_CONNECTIONS_PER_USER",
+            "max-connections-per-user", "100", _positive_int,
+            "connections one user may hold on this node"),
+    Setting("ping_interval", "UNREALON_PING_INTERVAL", "ping-interval", "20", _positive_float,
+            "seconds between WebSocket pings"),
+    Setting("ping_timeout", "UNREALON_PING_TIMEOUT", "ping-timeout", "10", _positive_float,
+            "seconds to wait for a pong before dropping the connection"),
+    Setting("handshake_timeout", "UNREALON_HANDSHAKE_TIMEOUT", "handshake-timeout", "5",
+            _positive_float, "seconds for the opening (and closing) handshake"),
+    Setting("compression", "UNREALON_COMPRESSION", "compression", "0", _flag,
+            "accept permessage-deflate"),
+    Setting("log_level", "UNREALON_LOG_LEVEL", "log-level", "info", _log_level,
+            "least important log level written"),
+    Setting("log_file", "UNREALON_LOG_FILE", "log-file", None, _optional_text,
+            "also write JSON log lines to this file"),
+)
+
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@attrs.frozen
+class Config:
+    """Everything a node needs to know, checked."""
+
+    ws_endpoint: str = "tcp:8765:interface=127.0.0.1"
+    http_endpoint: str = "tcp:8766:interface=127.0.0.1"
+    redis_url: str | None = attrs.field(default=None, repr=False)
+    jwt_secret: str | None = attrs.field(default=None, repr=False)
+    jwt_public_key_files: tuple[str, ...] = ()
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway: float = 5.0
+    insecure_dev: bool = False
+    node_id: str = "unrealon"
+    ingress_stream: str = "stream:requests"
+    ingress_group: str = "rpc_group"
+    claim_idle: float = 30.0
+    max_deliveries: int = 5
+    dead_letter_stream: str = "stream:requests:dead"
+    auth_timeout: float = 10.0
+    presence_ttl: float = 30.0
+    history_size: int = 1000
+    history_ttl: float = 86400.0
+    max_message_size: int = 65536
+    send_buffer_limit: int = 1048576
+    rate_limit: float = 50.0
+    allowed_origins: tuple[str, ...] = ("*",)
+    shutdown_timeout: float = 10.0
+    max_connections_per_user: int = 100
+    ping_interval: float = 20.0
+    ping_timeout: float = 10.0
+    handshake_timeout: float = 5.0
+    compression: bool = False
+    log_level: str = "info"
+    log_file: str | None = None
+    #: loaded from jwt_secret and jwt_public_key_files
+    jwt_keys: tuple[VerificationKey, ...] = attrs.field(default=(), repr=False)
+
+    def jwt_settings(self) -> JWTSettings:
+        return JWTSettings(
+            keys=self.jwt_keys,
+            algorithms=self.jwt_algorithms,
+            audience=self.jwt_audience,
+            issuer=self.jwt_issuer,
+            leeway=self.jwt_leeway,
+        )
+
+
+def read_dotenv(path: str | os.PathLike[str]) -> dict[str, str]:
+    """
+    Read C{KEY=VALUE} lines; C{#} comments, blank lines, C{export } and
+    matching quotes are allowed.  A missing file is an empty mapping.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    values: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f"{path}:{number}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def _default_node_id(ws_endpoint: str) -> str:
+    match = re.match(r"^(?:tcp6?|ssl):(?:port=)?(\d+)", ws_endpoint)
+    host = socket.gethostname() or "unrealon"
+    return f"{host}-{match.group(1)}" if match else host
+
+
+def load_config(
+    cli: Mapping[str, str | None] | None = None,
+    environ: Mapping[str, str] | None = None,
+    dotenv: Mapping[str, str] | None = None,
+) -> Config:
+    """
+    Resolve every setting from its sources in order and check it.
+
+    @param cli: raw option values by setting name (None when not given).
+    @param environ: the environment (default C{os.environ}).
+    @param dotenv: the C{.env} values (default: read C{./.env}).
+    """
+    cli = cli or {}
+    environ = os.environ if environ is None else environ
+    dotenv = read_dotenv(".env") if dotenv is None else dotenv
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw: str | None = cli.get(setting.name)
+        if raw is None:
+            raw = environ.get(setting.env)
+        if raw is None:
+            raw = dotenv.get(setting.env)
+        if raw is None:
+            raw = setting.default
+        if raw is None:
+            values[setting.name] = None
+            continue
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as e:
+            shown = "" if setting.secret else f", got {raw!r}"
+            raise ConfigError(
+                f"bad setting {setting.env} ({setting.cli}): {e}{shown}"
+            ) from None
+    if values["node_id"] is None:
+        values["node_id"] = _default_node_id(values["ws_endpoint"])
+    try:
+        values["jwt_keys"] = load_keys(values["jwt_secret"], values["jwt_public_key_files"])
+    except KeyConfigError as e:
+        env = SETTINGS_BY_NAME["jwt_public_key_files"]
+        raise ConfigError(f"bad setting {env.env} ({env.cli}): {e}") from None
+    if not values["jwt_keys"] and not values["insecure_dev"]:
+        raise ConfigError(
+            "no JWT key: set JWT_SECRET (--jwt-secret) or JWT_PUBLIC_KEY_FILE "
+            "(--jwt-public-key-file); UNREALON_INSECURE_DEV=1 (--insecure-dev) "
+            "starts without one, for development only"
+        )
+    _check_key_algorithms(values["jwt_keys"], values["jwt_algorithms"])
+    return Config(**values)
+
+
+_FAMILY = {"HS": "HMAC", "RS": "RSA", "PS": "RSA", "ES": "EC"}
+
+
+def _check_key_algorithms(
+    keys: Sequence[VerificationKey], algorithms: Sequence[str]
+) -> None:
+    """Refuse an allow-list no configured key can verify: a silent lock-out."""
+    if not keys:
+        return
+    families = {k.family for k in keys}
+    usable = [a for a in algorithms if _FAMILY.get(a[:2]) in families]
+    if not usable:
+        env = SETTINGS_BY_NAME["jwt_algorithms"]
+        raise ConfigError(
+            f"bad setting {env.env} ({env.cli}): no configured key can verify "
+            f"{', '.join(algorithms)}"
+        )

@@ -1,0 +1,170 @@
+"""
+The engine seams: what the rest of the server needs from a broker and from
+presence, independent of where the state lives.
+
+Two engines provide them: L{unrealon.engine.memory} (one process, the default
+when no Redis URL is set) and L{unrealon.engine.redis} (a cluster of nodes on
+one Redis).  The same conformance tests run against both.
+
+Data flows one way: engines deliver what the cluster publishes to one
+L{IDeliverySink} per node (the hub), which knows nothing about engines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+
+@attrs.frozen
+class RoomEvent:
+    """
+    A room event as every member receives it.
+
+    C{message} is the encoded JSON-RPC notification, built once where the
+    event was published; nodes pass the bytes on without re-encoding.
+    """
+
+    room: str
+    cursor: str
+    message: bytes
+
+
+@attrs.frozen
+class EphemeralEvent:
+    """
+    A notification for a room's members that is never stored or replayed
+    (presence.joined / presence.left); C{exclude_user}'s own connections do
+    not receive it.
+    """
+
+    room: str
+    message: bytes
+    exclude_user: str | None = None
+
+
+@attrs.frozen
+class Recovery:
+    """
+    The answer to "what did I miss in this room since C{since}".
+
+    C{cursor} is the position of the latest event covered (the last of
+    C{missed}, else the room's current position).  C{missed} holds the
+    decoded notifications, in order; it is empty unless C{recovered}.
+    """
+
+    cursor: str
+    recovered: bool
+    missed: tuple[Any, ...] = ()
+
+
+@attrs.frozen
+class PresenceUser:
+    user_id: str
+    info: Mapping[str, Any]
+    connections: int
+
+
+@attrs.frozen
+class PresenceCount:
+    users: int
+    connections: int
+
+
+class BackendUnavailable(Exception):
+    """The engine cannot reach its store (Redis) in time; callers may retry."""
+
+
+class IDeliverySink(Interface):
+    """Where an engine hands what must reach this node's connections."""
+
+    def deliver(event: RoomEvent) -> None:
+        """A room event for the room's local members."""
+
+    def deliver_ephemeral(event: EphemeralEvent) -> None:
+        """A presence notification for the room's local members."""
+
+    def disconnect_user(user_id: str, reason: str) -> None:
+        """Close the user's local connections with 4003."""
+
+    def resync(rooms: Sequence[str] | None) -> None:
+        """
+        Live delivery had a gap this engine could not fill (e.g. a long Redis
+        outage): make the members of C{rooms} (None: all rooms) recover.
+        """
+
+
+class IBroker(Interface):
+    """Publish room events, keep their history, fan them out to nodes."""
+
+    sink = Attribute("the L{IDeliverySink} this node's events go to")
+
+    def start() -> Deferred[None]:
+        """Begin receiving the cluster's events."""
+
+    def stop() -> Deferred[None]:
+        """Stop receiving; release connections."""
+
+    def publish(
+        room: str, event: str, data: Mapping[str, Any], idempotency_key: str | None = None
+    ) -> Deferred[str]:
+        """
+        Append an event to the room's history and deliver it to every member
+        on every node, atomically.  A second publish with the same
+        C{idempotency_key} does nothing and gives the first one's cursor.
+        Fires with the event's cursor.
+        """
+
+    def recover(room: str, since: str | None) -> Deferred[Recovery]:
+        """The events after C{since} (None: none, just the current cursor)."""
+
+    def cursor_key(cursor: str) -> tuple[Any, ...] | None:
+        """
+        An orderable key for a cursor of this engine, used by the hub to drop
+        duplicates between a replay and buffered live events (clients never
+        compare cursors; the server may).  None for a cursor it cannot read.
+        """
+
+    def publish_ephemeral(event: EphemeralEvent) -> Deferred[None]:
+        """Deliver a never-stored notification to the room's members everywhere."""
+
+    def disconnect_user(user_id: str, reason: str) -> Deferred[None]:
+        """Close the user's connections on every node."""
+
+    def healthy() -> Deferred[Mapping[str, Any] | None]:
+        """The store's state for /health: None without a store, else {ok, latency_ms}."""
+
+
+class IPresence(Interface):
+    """Who is in which room, across the cluster."""
+
+    def start() -> Deferred[None]:
+        """Begin heartbeats / expiry sweeps."""
+
+    def stop() -> Deferred[None]:
+        """Remove this node's entries and stop."""
+
+    def join(room: str, user_id: str, conn_id: str, info: Mapping[str, Any]) -> Deferred[None]:
+        """Record a connection in a room; emit presence.joined for a user's first."""
+
+    def leave(room: str, user_id: str, conn_id: str) -> Deferred[None]:
+        """Forget a connection; emit presence.left for a user's last."""
+
+    def list(room: str) -> Deferred[Sequence[PresenceUser]]:
+        """Users present in the room, with their connection counts."""
+
+    def count(room: str) -> Deferred[PresenceCount]:
+        """How many users and connections are in the room."""
+
+    def online(user_ids: Sequence[str]) -> Deferred[Sequence[str]]:
+        """Which of these users have at least one connection anywhere."""
+
+    def connect(user_id: str, conn_id: str) -> Deferred[None]:
+        """Record an authenticated connection (for C{online})."""
+
+    def disconnect(user_id: str, conn_id: str) -> Deferred[None]:
+        """Forget a connection (for C{online})."""

@@ -1,0 +1,262 @@
+"""
+The in-memory engine: broker, history and presence inside one process.
+
+Used when no Redis URL is configured, so a single node works with nothing
+else running (development, tests, small installs).  It keeps the same
+contract as the Redis engine -- bounded per-room history with an epoch,
+idempotent publishing, presence joined/left per user -- and passes the same
+conformance tests; it just cannot span nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from zope.interface import implementer
+
+from unrealon.engine.interfaces import (
+    EphemeralEvent,
+    IBroker,
+    IDeliverySink,
+    IPresence,
+    PresenceCount,
+    PresenceUser,
+    Recovery,
+    RoomEvent,
+)
+from unrealon.jsonrpc import encode, notification
+
+
+def event_message(event: str, room: str, cursor: str, data: Mapping[str, Any]) -> bytes:
+    """The notification every member of C{room} receives for one event."""
+    return encode(notification(event, {"room": room, "cursor": cursor, "data": data}))
+
+
+@attrs.define
+class RoomHistory:
+    """
+    One room's retained events.  C{epoch} changes whenever the history is
+    lost (expiry), so a cursor from before can never be mistaken for one
+    from after.
+    """
+
+    epoch: str
+    last_seq: int = 0
+    last_publish: float = 0.0
+    entries: deque[tuple[int, bytes]] = attrs.field(factory=deque)
+
+    def cursor(self, seq: int | None = None) -> str:
+        return f"{self.epoch}-{self.last_seq if seq is None else seq}"
+
+
+def _parse_cursor(cursor: str) -> tuple[str, int] | None:
+    epoch, sep, seq = cursor.rpartition("-")
+    if not sep or not epoch or not seq.isdigit() or len(seq) > 19:
+        return None
+    return epoch, int(seq)
+
+
+@implementer(IBroker)
+class MemoryBroker:
+    """Rooms, history and fan-out for a single process."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        sink: IDeliverySink,
+        *,
+        history_size: int,
+        history_ttl: float,
+    ) -> None:
+        self.sink = sink
+        self._clock = clock
+        self._size = history_size
+        self._ttl = history_ttl
+        self._rooms: dict[str, RoomHistory] = {}
+        self._published: dict[str, tuple[str, float]] = {}
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = clock
+
+    def start(self) -> Deferred[None]:
+        self._sweeper.start(min(self._ttl, 60.0), now=False)
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        if self._sweeper.running:
+            self._sweeper.stop()
+        return succeed(None)
+
+    def sweep(self) -> None:
+        """Forget histories and idempotency keys older than the TTL."""
+        cutoff = self._clock.seconds() - self._ttl
+        for room in [r for r, h in self._rooms.items() if h.last_publish < cutoff]:
+            del self._rooms[room]
+        for key in [k for k, (_, t) in self._published.items() if t < cutoff]:
+            del self._published[key]
+
+    def _history(self, room: str) -> RoomHistory:
+        history = self._rooms.get(room)
+        now = self._clock.seconds()
+        if history is None or history.last_publish < now - self._ttl:
+            history = RoomHistory(epoch=secrets.token_hex(4), last_publish=now)
+            self._rooms[room] = history
+        return history
+
+    def publish(
+        self,
+        room: str,
+        event: str,
+        data: Mapping[str, Any],
+        idempotency_key: str | None = None,
+    ) -> Deferred[str]:
+        now = self._clock.seconds()
+        if idempotency_key is not None:
+            done = self._published.get(idempotency_key)
+            if done is not None:
+                return succeed(done[0])
+        history = self._history(room)
+        history.last_seq += 1
+        history.last_publish = now
+        cursor = history.cursor()
+        message = event_message(event, room, cursor, data)
+        history.entries.append((history.last_seq, message))
+        while len(history.entries) > self._size:
+            history.entries.popleft()
+        if idempotency_key is not None:
+            self._published[idempotency_key] = (cursor, now)
+        self.sink.deliver(RoomEvent(room=room, cursor=cursor, message=message))
+        return succeed(cursor)
+
+    def recover(self, room: str, since: str | None) -> Deferred[Recovery]:
+        history = self._history(room)
+        current = history.cursor()
+        if since is None:
+            return succeed(Recovery(cursor=current, recovered=False))
+        parsed = _parse_cursor(since)
+        if parsed is None or parsed[0] != history.epoch or parsed[1] > history.last_seq:
+            return succeed(Recovery(cursor=current, recovered=False))
+        since_seq = parsed[1]
+        if since_seq == history.last_seq:
+            return succeed(Recovery(cursor=current, recovered=True))
+        first = history.entries[0][0] if history.entries else history.last_seq + 1
+        if since_seq < first - 1 or history.last_seq - since_seq > self._size:
+            return succeed(Recovery(cursor=current, recovered=False))
+        missed = tuple(json.loads(m) for seq, m in history.entries if seq > since_seq)
+        return succeed(Recovery(cursor=current, recovered=True, missed=missed))
+
+    def cursor_key(self, cursor: str) -> tuple[Any, ...] | None:
+        parsed = _parse_cursor(cursor)
+        return None if parsed is None else (parsed[0], parsed[1])
+
+    def publish_ephemeral(self, event: EphemeralEvent) -> Deferred[None]:
+        self.sink.deliver_ephemeral(event)
+        return succeed(None)
+
+    def disconnect_user(self, user_id: str, reason: str) -> Deferred[None]:
+        self.sink.disconnect_user(user_id, reason)
+        return succeed(None)
+
+    def healthy(self) -> Deferred[Mapping[str, Any] | None]:
+        return succeed(None)
+
+
+def presence_message(method: str, params: Mapping[str, Any]) -> bytes:
+    return encode(notification(method, params))
+
+
+@implementer(IPresence)
+class MemoryPresence:
+    """Presence for a single process; events go out through the broker."""
+
+    def __init__(self, publish: Callable[[EphemeralEvent], Deferred[None]]) -> None:
+        self._publish = publish
+        # room -> user -> conn -> info
+        self._rooms: dict[str, dict[str, dict[str, Mapping[str, Any]]]] = {}
+        self._online: dict[str, set[str]] = {}
+
+    def start(self) -> Deferred[None]:
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+    def join(
+        self, room: str, user_id: str, conn_id: str, info: Mapping[str, Any]
+    ) -> Deferred[None]:
+        users = self._rooms.setdefault(room, {})
+        first = user_id not in users
+        users.setdefault(user_id, {})[conn_id] = info
+        if first:
+            return self._publish(
+                EphemeralEvent(
+                    room,
+                    presence_message(
+                        "presence.joined", {"room": room, "user_id": user_id, "info": info}
+                    ),
+                    exclude_user=user_id,
+                )
+            )
+        return succeed(None)
+
+    def leave(self, room: str, user_id: str, conn_id: str) -> Deferred[None]:
+        users = self._rooms.get(room)
+        conns = users.get(user_id) if users else None
+        if users is None or conns is None or conn_id not in conns:
+            return succeed(None)
+        del conns[conn_id]
+        if conns:
+            return succeed(None)
+        del users[user_id]
+        if not users:
+            del self._rooms[room]
+        return self._publish(
+            EphemeralEvent(
+                room,
+                presence_message("presence.left", {"room": room, "user_id": user_id}),
+                exclude_user=user_id,
+            )
+        )
+
+    def list(self, room: str) -> Deferred[Sequence[PresenceUser]]:
+        users = self._rooms.get(room, {})
+        return succeed(
+            [
+                PresenceUser(
+                    user_id=user,
+                    info=next(iter(conns.values())),
+                    connections=len(conns),
+                )
+                for user, conns in sorted(users.items())
+            ]
+        )
+
+    def count(self, room: str) -> Deferred[PresenceCount]:
+        users = self._rooms.get(room, {})
+        return succeed(
+            PresenceCount(
+                users=len(users), connections=sum(len(c) for c in users.values())
+            )
+        )
+
+    def online(self, user_ids: Sequence[str]) -> Deferred[Sequence[str]]:
+        return succeed([u for u in user_ids if self._online.get(u)])
+
+    def connect(self, user_id: str, conn_id: str) -> Deferred[None]:
+        self._online.setdefault(user_id, set()).add(conn_id)
+        return succeed(None)
+
+    def disconnect(self, user_id: str, conn_id: str) -> Deferred[None]:
+        conns = self._online.get(user_id)
+        if conns is not None:
+            conns.discard(conn_id)
+            if not conns:
+                del self._online[user_id]
+        return succeed(None)

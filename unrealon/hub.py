@@ -1,0 +1,135 @@
+"""
+This node's connections, by user and by room, and delivery to them.
+
+The hub is where the engine's fan-out ends: an event arrives once per node
+as encoded bytes, is framed once (an Autobahn prepared message) and handed
+to every local member of its room.  It knows nothing about Redis or the
+engine; it sees members only through L{IMember}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from zope.interface import Attribute, Interface, implementer
+
+from unrealon.engine.interfaces import EphemeralEvent, IDeliverySink, RoomEvent
+
+
+class IMember(Interface):
+    """What the hub needs from a connection."""
+
+    user_id = Attribute("the authenticated user id, or None")
+
+    def send_event(event: RoomEvent, prepared: Any) -> None:
+        """Send (or buffer, while joining) one room event."""
+
+    def send_prepared(prepared: Any) -> None:
+        """Send an already framed message."""
+
+    def close_by_backend(reason: str) -> None:
+        """Close with 4003 (connections.disconnect)."""
+
+    def resync(room: str) -> None:
+        """Live delivery of C{room} had a gap: make the client recover."""
+
+
+@implementer(IDeliverySink)
+class Hub:
+    """Local membership and delivery."""
+
+    def __init__(self, prepare: Callable[[bytes], Any]) -> None:
+        """
+        @param prepare: frames a message once for many connections
+            (C{WebSocketServerFactory.prepareMessage}).
+        """
+        self.prepare = prepare
+        self.members: set[Any] = set()
+        self._by_user: dict[str, set[Any]] = {}
+        self._rooms: dict[str, set[Any]] = {}
+        self.delivered = 0
+
+    # -- membership ------------------------------------------------------------
+
+    def add(self, member: Any) -> None:
+        self.members.add(member)
+
+    def remove(self, member: Any) -> None:
+        self.members.discard(member)
+        user = member.user_id
+        if user is not None:
+            conns = self._by_user.get(user)
+            if conns is not None:
+                conns.discard(member)
+                if not conns:
+                    del self._by_user[user]
+        for room in list(self._rooms):
+            self.leave(room, member)
+
+    def bind_user(self, member: Any, user_id: str) -> None:
+        self._by_user.setdefault(user_id, set()).add(member)
+
+    def user_connections(self, user_id: str) -> int:
+        return len(self._by_user.get(user_id, ()))
+
+    def join(self, room: str, member: Any) -> None:
+        self._rooms.setdefault(room, set()).add(member)
+
+    def leave(self, room: str, member: Any) -> None:
+        members = self._rooms.get(room)
+        if members is not None:
+            members.discard(member)
+            if not members:
+                del self._rooms[room]
+
+    def room_members(self, room: str) -> Sequence[Any]:
+        return list(self._rooms.get(room, ()))
+
+    @property
+    def connection_count(self) -> int:
+        return len(self.members)
+
+    @property
+    def user_count(self) -> int:
+        return len(self._by_user)
+
+    @property
+    def room_count(self) -> int:
+        return len(self._rooms)
+
+    def rooms(self) -> Iterable[str]:
+        return list(self._rooms)
+
+    # -- IDeliverySink ---------------------------------------------------------
+
+    def deliver(self, event: RoomEvent) -> None:
+        members = self._rooms.get(event.room)
+        if not members:
+            return
+        prepared = self.prepare(event.message)
+        # a member may close (and leave) while we send: iterate a copy
+        for member in list(members):
+            member.send_event(event, prepared)
+        self.delivered += len(members)
+
+    def deliver_ephemeral(self, event: EphemeralEvent) -> None:
+        members = self._rooms.get(event.room)
+        if not members:
+            return
+        targets = [m for m in members if m.user_id != event.exclude_user]
+        if not targets:
+            return
+        prepared = self.prepare(event.message)
+        for member in targets:
+            member.send_prepared(prepared)
+
+    def disconnect_user(self, user_id: str, reason: str) -> None:
+        for member in list(self._by_user.get(user_id, ())):
+            member.close_by_backend(reason)
+
+    def resync(self, rooms: Sequence[str] | None) -> None:
+        names = list(self._rooms) if rooms is None else rooms
+        for room in names:
+            for member in list(self._rooms.get(room, ())):
+                member.resync(room)

@@ -1,0 +1,60 @@
+"""
+The node: the one object that ties a running server's parts together.
+
+Built by L{unrealon.service} and handed to the WebSocket factory, the method
+handlers and the HTTP resources, so none of them reaches for globals.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+
+from unrealon import __version__
+from unrealon.auth import TokenVerifier
+from unrealon.config import Config
+from unrealon.hub import Hub
+from unrealon.metrics import Metrics
+from unrealon.rpc import Registry
+
+PROTOCOL_VERSION = 1
+
+
+@attrs.define
+class Node:
+    """A running node's parts and state."""
+
+    config: Config
+    reactor: Any  # IReactorTime & IReactorCore; typed loosely for test fakes
+    registry: Registry
+    hub: Hub
+    broker: Any  # IBroker
+    presence: Any  # IPresence
+    verifier: TokenVerifier | None
+    metrics: Metrics
+    started_at: float = 0.0
+    #: "ok" while serving, "stopping" once shutdown began
+    status: str = "ok"
+    #: set when the engine needs Redis (ingress state for /health)
+    ingress: Any = None
+    features: tuple[str, ...] = ()
+    version: str = __version__
+
+    @property
+    def node_id(self) -> str:
+        return self.config.node_id
+
+    @property
+    def stopping(self) -> bool:
+        return self.status == "stopping"
+
+    def uptime(self) -> float:
+        clock: IReactorTime = self.reactor
+        return max(0.0, clock.seconds() - self.started_at)
+
+
+def host_name() -> str:
+    return socket.gethostname()

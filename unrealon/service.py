@@ -1,0 +1,211 @@
+"""
+The Twisted service tree of one node, with ordered start and shutdown.
+
+L{makeService} builds every part from a L{Config} (nothing else reads the
+environment or the global reactor).  L{NodeService} starts the engine, then
+the health site, then the WebSocket listener; it stops in the order
+PROTOCOL.md section 7 asks for -- report "stopping", stop accepting, close
+every connection with 1001, stop the ingress consumer, release Redis, close
+the health site -- all within C{UNREALON_SHUTDOWN_TIMEOUT}.  A plain
+C{MultiService} would stop its children all at once, in no useful order,
+so the steps are chained here by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from unrealon.auth import TokenVerifier
+from unrealon.backendapi import register_backend_methods
+from unrealon.clientapi import register_client_methods
+from unrealon.config import Config
+from unrealon.engine.memory import MemoryBroker, MemoryPresence
+from unrealon.http import make_site
+from unrealon.hub import Hub
+from unrealon.metrics import Metrics
+from unrealon.node import Node
+from unrealon.rpc import Registry
+from unrealon.ws import RPCServerFactory
+
+log = Logger(namespace="unrealon.service")
+
+#: a callable adding an application's own methods to the registry
+Extension = Callable[[Registry], None]
+
+
+def build_registry(extensions: tuple[Extension, ...] = ()) -> Registry:
+    """The built-in client and backend methods, plus the application's."""
+    registry = Registry()
+    register_client_methods(registry)
+    register_backend_methods(registry)
+    for extend in extensions:
+        extend(registry)
+    return registry
+
+
+class NodeService(Service):
+    """One node: engine, health site and WebSocket listener."""
+
+    name = "unrealon-ws"
+
+    def __init__(self, node: Node, factory: RPCServerFactory, stoppables: list[Any]) -> None:
+        self.node = node
+        self.factory = factory
+        #: services started before the listeners and stopped after the
+        #: connections are closed, in this order (ingress first, engine last)
+        self._stoppables = stoppables
+        self.ws_port: IListeningPort | None = None
+        self.http_port: IListeningPort | None = None
+        self.ready: Deferred[None] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        d = Deferred.fromCoroutine(self._start())
+        d.addCallbacks(self.ready.callback, self._start_failed)
+
+    def _start_failed(self, failure: Any) -> None:
+        log.failure("node failed to start", failure)
+        self.ready.errback(failure)
+        reactor = self.node.reactor
+        if getattr(reactor, "running", False):
+            reactor.stop()
+
+    async def _start(self) -> None:
+        node = self.node
+        reactor = node.reactor
+        node.started_at = reactor.seconds()
+        for part in reversed(self._stoppables):
+            await part.start()
+        self.http_port = await serverFromString(reactor, node.config.http_endpoint).listen(
+            make_site(node)
+        )
+        self.ws_port = await serverFromString(reactor, node.config.ws_endpoint).listen(
+            self.factory
+        )
+        log.info(
+            "node {node_id} serving WebSocket on {ws} and health on {http} ({engine} engine)",
+            node_id=node.node_id,
+            ws=_address(self.ws_port),
+            http=_address(self.http_port),
+            engine="redis" if node.config.redis_url else "memory",
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        node = self.node
+        reactor = node.reactor
+        node.status = "stopping"
+        deadline = reactor.seconds() + node.config.shutdown_timeout
+        log.info("node {node_id} stopping", node_id=node.node_id)
+        try:
+            await self.ready
+        except Exception:
+            pass  # it did not start; stop what did
+        if self.ws_port is not None:
+            await maybeDeferred(self.ws_port.stopListening)
+        await self._close_connections(deadline)
+        for part in self._stoppables:
+            await _bounded(part.stop(), deadline, reactor, "stopping " + type(part).__name__)
+        if self.http_port is not None:
+            await maybeDeferred(self.http_port.stopListening)
+        log.info("node {node_id} stopped", node_id=node.node_id)
+
+    async def _close_connections(self, deadline: float) -> None:
+        reactor = self.node.reactor
+        sessions = list(self.factory.connections)
+        if not sessions:
+            return
+        waits = [s.closed for s in sessions]
+        for session in sessions:
+            session.close_going_away()
+        # leave time for the rest of the shutdown after the drain
+        budget = max(0.1, (deadline - reactor.seconds()) * 0.8)
+        done: Deferred[Any] = DeferredList(waits)
+        done.addTimeout(budget, reactor)
+        try:
+            await done
+        except Exception:
+            left = [s for s in sessions if s.transport is not None and s in self.factory.connections]
+            log.warn("aborting {count} connections that did not close in time", count=len(left))
+            for session in left:
+                transport: Any = session.transport
+                transport.abortConnection()
+
+
+async def _bounded(d: Deferred[Any], deadline: float, reactor: Any, what: str) -> None:
+    d.addTimeout(max(0.1, deadline - reactor.seconds()), reactor)
+    try:
+        await d
+    except Exception:
+        log.failure("{what} failed or timed out", what=what)
+
+
+def _address(port: IListeningPort | None) -> str:
+    if port is None:
+        return "-"
+    host: Any = port.getHost()
+    if hasattr(host, "port"):
+        return f"{host.host}:{host.port}"
+    return str(getattr(host, "name", host))
+
+
+def makeService(
+    config: Config,
+    reactor: Any,
+    extensions: tuple[Extension, ...] = (),
+) -> NodeService:
+    """Build a node from its configuration."""
+    registry = build_registry(extensions)
+    metrics = Metrics()
+    factory_holder: list[RPCServerFactory] = []
+
+    def prepare(payload: bytes) -> Any:
+        return factory_holder[0].prepareMessage(payload)
+
+    hub = Hub(prepare)
+    stoppables: list[Any] = []
+    ingress = None
+    if config.redis_url:
+        from unrealon.engine.redis import make_redis_engine
+
+        engine = make_redis_engine(config, reactor, hub, registry, metrics)
+        broker, presence, ingress = engine.broker, engine.presence, engine.ingress
+        stoppables.extend(engine.stoppables)
+        features: tuple[str, ...] = ("rooms", "history", "presence", "ingress", "cluster")
+    else:
+        broker = MemoryBroker(
+            reactor, hub, history_size=config.history_size, history_ttl=config.history_ttl
+        )
+        presence = MemoryPresence(broker.publish_ephemeral)
+        stoppables.extend([presence, broker])
+        features = ("rooms", "history", "presence")
+    verifier = TokenVerifier(config.jwt_settings(), reactor) if config.jwt_keys else None
+    node = Node(
+        config=config,
+        reactor=reactor,
+        registry=registry,
+        hub=hub,
+        broker=broker,
+        presence=presence,
+        verifier=verifier,
+        metrics=metrics,
+        ingress=ingress,
+        features=features,
+    )
+    metrics.watch(
+        lambda: hub.connection_count, lambda: hub.user_count, lambda: hub.room_count
+    )
+    factory = RPCServerFactory(node)
+    factory_holder.append(factory)
+    return NodeService(node, factory, stoppables)
+

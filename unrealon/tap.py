@@ -1,0 +1,61 @@
+"""
+The twistd / twist entry: command-line options in, a node service out.
+
+Imported by the plugin's option parsing before the reactor is chosen, so it
+imports nothing that installs one (the service module is imported inside
+L{makeService}, after the runner has installed the reactor).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.python import usage
+
+from unrealon.config import SETTINGS, ConfigError, load_config
+
+_FLAGS = {"insecure_dev", "compression"}
+
+
+class Options(usage.Options):
+    """Every setting of PROTOCOL.md section 7 as an option (the CLI wins)."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Start one unrealon-ws node. Every option also reads its environment "
+        "variable, then ./.env; see the README's settings table."
+    )
+    optFlags = [[s.option, None, f"{s.doc} [{s.env}]"] for s in SETTINGS if s.name in _FLAGS]
+    optParameters = [
+        [s.option, None, None, f"{s.doc} [{s.env}]" + (f" (default: {s.default})" if s.default and not s.secret else "")]
+        for s in SETTINGS
+        if s.name not in _FLAGS
+    ]
+
+    def cli_values(self) -> dict[str, str | None]:
+        values: dict[str, str | None] = {}
+        for setting in SETTINGS:
+            raw = self.get(setting.option)
+            if setting.name in _FLAGS:
+                values[setting.name] = "1" if raw else None
+            else:
+                values[setting.name] = raw
+        return values
+
+
+def makeService(options: Options) -> Any:
+    try:
+        config = load_config(options.cli_values())
+    except ConfigError as e:
+        # One line, then a non-zero exit: never start half-configured.
+        sys.stderr.write(f"unrealon-ws: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(2) from None
+    from twisted.internet import reactor
+
+    from unrealon.logs import start_file_logging
+    from unrealon.service import makeService as make_node
+
+    start_file_logging(config)
+    return make_node(config, reactor)

@@ -1,0 +1,581 @@
+"""
+The WebSocket edge: Autobahn protocol and factory for browser sessions.
+
+One L{RPCSession} per connection.  It owns what belongs to a connection and
+nothing more: the handshake checks (path, Origin, token), authentication
+state and its timers, the call rate limit, size limits (through Autobahn's
+options), JSON-RPC framing of replies, room membership as the hub sees it
+(including the buffer that keeps live events behind a join's reply), the
+outgoing byte budget that closes a slow reader, and the close codes of
+PROTOCOL.md section 3.  What a method does lives in the handlers; the session
+only validates, dispatches and answers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import (
+    PerMessageDeflateOffer,
+    PerMessageDeflateOfferAccept,
+)
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from unrealon import jsonrpc
+from unrealon.auth import AuthError, Identity
+from unrealon.engine.interfaces import RoomEvent
+from unrealon.hub import IMember
+from unrealon.jsonrpc import RPCError
+from unrealon.limits import TokenBucket
+from unrealon.node import Node
+from unrealon.rpc import Caller
+
+log = Logger(namespace="unrealon.ws")
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED = 1003
+CLOSE_UNAUTHENTICATED = 4001
+CLOSE_DISCONNECTED = 4003
+CLOSE_SLOW_CONSUMER = 4008
+CLOSE_TOKEN_EXPIRED = 4009
+CLOSE_RATE_ABUSE = 4029
+CLOSE_TOO_MANY_CONNECTIONS = 4030
+
+#: seconds over the rate limit, without a single call let through, before 4029
+RATE_ABUSE_SECONDS = 10.0
+
+_conn_ids = itertools.count(1)
+
+
+class ClientCall:
+    """
+    What a client method handler is given: the calling session, the node,
+    and a way to act once the reply has been written (a join flushes the
+    live events it held back only after its reply, so nothing overtakes it).
+    """
+
+    caller = Caller.CLIENT
+
+    def __init__(self, session: RPCSession) -> None:
+        self.session = session
+        self.node = session.node
+        self._after: list[Callable[[], None]] = []
+
+    def after_reply(self, action: Callable[[], None]) -> None:
+        self._after.append(action)
+
+    def run_after_reply(self) -> None:
+        actions, self._after = self._after, []
+        for action in actions:
+            action()
+
+
+@implementer(IPushProducer)
+class _SendBudget:
+    """
+    Watches the transport's send buffer through Twisted's producer API.
+
+    The transport pauses us once its buffer holds more than its high-water
+    mark (64 KiB) and resumes us when the kernel has taken it.  Bytes we write
+    while paused are what a slow reader makes us hold; past the budget the
+    session is closed with 4008 instead of buffering without bound.
+    """
+
+    #: Twisted's FileDescriptor.bufferSize: the buffer already held when paused
+    HIGH_WATER = 2**16
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.held = 0
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.held = 0
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+@implementer(IMember)
+class RPCSession(WebSocketServerProtocol):
+    """One browser connection speaking JSON-RPC 2.0."""
+
+    factory: RPCServerFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conn_id = f"c{next(_conn_ids)}"
+        self.identity: Identity | None = None
+        #: rooms this connection is in -> how it was admitted ("implicit",
+        #: "pattern" or "token:<exp>")
+        self.rooms: dict[str, str] = {}
+        #: rooms being joined -> live events held until the join's reply
+        self._joining: dict[str, list[tuple[RoomEvent, Any]]] = {}
+        self._budget = _SendBudget()
+        self._auth_timer: IDelayedCall | None = None
+        self._expiry_timer: IDelayedCall | None = None
+        self._bucket: TokenBucket | None = None
+        self._limited_since: float | None = None
+        self._closing = False
+        self._opened = False
+        #: fires when the TCP connection is gone (graceful shutdown waits on it)
+        self.closed: Deferred[None] = Deferred()
+
+    @property
+    def node(self) -> Node:
+        return self.factory.node
+
+    @property
+    def user_id(self) -> str | None:
+        return self.identity.user_id if self.identity else None
+
+    # -- handshake ------------------------------------------------------------
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        node = self.node
+        try:
+            self._check_handshake(request)
+        except ConnectionDeny as deny:
+            node.metrics.handshakes_refused.labels(reason=str(deny.code)).inc()
+            raise
+        except Exception:
+            # Never let Autobahn put exception text in the HTTP answer.
+            log.failure("handshake check failed")
+            raise ConnectionDeny(500, "Internal server error") from None
+
+    def _check_handshake(self, request: ConnectionRequest) -> None:
+        node = self.node
+        if request.path != "/ws":
+            raise ConnectionDeny(404, "Not Found")
+        if node.stopping:
+            raise ConnectionDeny(503, "Server shutting down")
+        origin = request.headers.get("origin")
+        allowed = node.config.allowed_origins
+        if origin is not None and "*" not in allowed and origin not in allowed:
+            raise ConnectionDeny(403, "Origin not allowed")
+        token = _handshake_token(request.headers, request.params)
+        if token is None:
+            return
+        verifier = node.verifier
+        if verifier is None:
+            raise ConnectionDeny(401, "Unauthorized")
+        try:
+            identity = verifier.verify_connection_token(token)
+        except AuthError as e:
+            log.info("handshake refused: {reason}", reason=e.reason, peer=request.peer)
+            raise ConnectionDeny(401, "Unauthorized") from None
+        if node.hub.user_connections(identity.user_id) >= node.config.max_connections_per_user:
+            raise ConnectionDeny(429, "Too many connections for this user")
+        self.identity = identity
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.factory.connections.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.factory.connections.discard(self)
+            if not self.closed.called:
+                self.closed.callback(None)
+
+    def onOpen(self) -> None:
+        node = self.node
+        self._opened = True
+        node.metrics.connections_opened.inc()
+        self._bucket = TokenBucket(
+            node.config.rate_limit, 2 * node.config.rate_limit, node.reactor
+        )
+        self.registerProducer(self._budget, True)
+        node.hub.add(self)
+        identity, self.identity = self.identity, None
+        if identity is not None:
+            self.authenticated(identity)
+        else:
+            self._auth_timer = node.reactor.callLater(
+                node.config.auth_timeout, self._auth_timed_out
+            )
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self._opened:
+            return
+        self._opened = False
+        self._closing = True
+        for timer in (self._auth_timer, self._expiry_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        node = self.node
+        node.hub.remove(self)
+        self._joining.clear()
+        if self.identity is not None:
+            user = self.identity.user_id
+            for room in list(self.rooms):
+                if presence_tracked(room):
+                    _quietly(node.presence.leave(room, user, self.conn_id), "presence.leave")
+            _quietly(node.presence.disconnect(user, self.conn_id), "presence.disconnect")
+        self.rooms.clear()
+
+    def _auth_timed_out(self) -> None:
+        self._auth_timer = None
+        if self.identity is None:
+            self.close_with(CLOSE_UNAUTHENTICATED, "authentication timeout")
+
+    # -- authentication state -------------------------------------------------
+
+    def authenticated(self, identity: Identity) -> None:
+        """Become C{identity}: implicit rooms, presence, expiry timer."""
+        node = self.node
+        if self._auth_timer is not None and self._auth_timer.active():
+            self._auth_timer.cancel()
+        self._auth_timer = None
+        self.identity = identity
+        node.hub.bind_user(self, identity.user_id)
+        for room in (f"user:{identity.user_id}", "broadcast"):
+            self.rooms[room] = "implicit"
+            node.hub.join(room, self)
+        _quietly(node.presence.connect(identity.user_id, self.conn_id), "presence.connect")
+        self._schedule_expiry(identity.expires_at)
+
+    def refreshed(self, identity: Identity) -> list[str]:
+        """
+        Swap in a newer token of the same user; leave the rooms it no longer
+        grants (telling the client with C{rooms.revoked}) and return them.
+        """
+        from unrealon.auth import may_join
+
+        self.identity = identity
+        self._schedule_expiry(identity.expires_at)
+        now = self.node.reactor.seconds()
+        revoked = []
+        for room, how in list(self.rooms.items()):
+            if how == "implicit":
+                continue
+            if how.startswith("token:") and float(how[6:]) + self.node.config.jwt_leeway >= now:
+                continue
+            if may_join(identity.room_patterns, room):
+                self.rooms[room] = "pattern"
+                continue
+            self.leave_room(room)
+            revoked.append(room)
+            self.send_json(jsonrpc.notification("rooms.revoked", {"room": room}))
+        return revoked
+
+    def _schedule_expiry(self, expires_at: float) -> None:
+        node = self.node
+        if self._expiry_timer is not None and self._expiry_timer.active():
+            self._expiry_timer.cancel()
+        delay = max(0.0, expires_at + node.config.jwt_leeway - node.reactor.seconds())
+        self._expiry_timer = node.reactor.callLater(delay, self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._expiry_timer = None
+        self.close_with(CLOSE_TOKEN_EXPIRED, "token expired")
+
+    # -- rooms ------------------------------------------------------------------
+
+    def begin_join(self, room: str, admitted: str) -> bool:
+        """
+        Start receiving C{room}'s live events into a holding buffer.
+        Returns whether the connection was already in the room.
+        """
+        already = room in self.rooms
+        if not already:
+            self.rooms[room] = admitted
+        elif self.rooms[room] != "implicit":
+            self.rooms[room] = admitted
+        self._joining[room] = []
+        self.node.hub.join(room, self)
+        return already
+
+    def finish_join(self, room: str, cursor: str) -> None:
+        """
+        The join's reply is written: send the held events that come after
+        C{cursor} (the ones before it were in the reply's C{missed}).
+        """
+        held = self._joining.pop(room, None)
+        if held is None:
+            return
+        cursor_key = self.node.broker.cursor_key
+        last = cursor_key(cursor)
+        for event, prepared in held:
+            key = cursor_key(event.cursor)
+            if last is not None and key is not None and key[0] == last[0] and key <= last:
+                continue
+            self.send_prepared(prepared)
+
+    def abort_join(self, room: str, was_member: bool) -> None:
+        """The join failed: undo L{begin_join}, resending held events if member."""
+        held = self._joining.pop(room, None) or []
+        if was_member:
+            for _, prepared in held:
+                self.send_prepared(prepared)
+        else:
+            self.rooms.pop(room, None)
+            self.node.hub.leave(room, self)
+
+    def leave_room(self, room: str) -> None:
+        self.rooms.pop(room, None)
+        self._joining.pop(room, None)
+        self.node.hub.leave(room, self)
+        if self.identity is not None and presence_tracked(room):
+            _quietly(
+                self.node.presence.leave(room, self.identity.user_id, self.conn_id),
+                "presence.leave",
+            )
+
+    # -- sending ---------------------------------------------------------------
+
+    def send_event(self, event: RoomEvent, prepared: Any) -> None:
+        held = self._joining.get(event.room)
+        if held is not None:
+            held.append((event, prepared))
+            return
+        self.send_prepared(prepared)
+        self.node.metrics.events_delivered.inc()
+
+    def send_prepared(self, prepared: Any) -> None:
+        if self._closing:
+            return
+        size = len(prepared.payloadHybi)
+        if self._over_budget(size):
+            return
+        self.sendPreparedMessage(prepared)
+
+    def send_json(self, message: Any) -> None:
+        if self._closing:
+            return
+        payload = jsonrpc.encode(message)
+        if self._over_budget(len(payload)):
+            return
+        self.sendMessage(payload, isBinary=False)
+        self.node.metrics.bytes_sent.inc(len(payload))
+
+    def _over_budget(self, size: int) -> bool:
+        budget = self._budget
+        if not budget.paused:
+            return False
+        budget.held += size
+        if budget.HIGH_WATER + budget.held > self.node.config.send_buffer_limit:
+            self.close_slow_consumer()
+            return True
+        return False
+
+    def close_slow_consumer(self) -> None:
+        """
+        Stop sending and close with 4008.  The close frame queues behind what
+        the reader has not taken; Autobahn drops the TCP connection when the
+        closing handshake times out, so memory stays bounded either way.
+        """
+        log.info(
+            "closing slow consumer {conn_id} of {user}",
+            conn_id=self.conn_id,
+            user=self.user_id,
+        )
+        self.close_with(CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Close with an application code (1000 or 4000-4999)."""
+        if self._closing:
+            return
+        self._closing = True
+        self.node.metrics.closes.labels(code=str(code)).inc()
+        self.sendClose(code, reason)
+
+    def close_going_away(self, reason: str = "server shutting down") -> None:
+        """
+        Close with 1001.  Autobahn's sendClose refuses 1001 (it allows only
+        1000 and 3000-4999), so this uses the frame-level call.
+        """
+        if self._closing or self.state != self.STATE_OPEN:
+            if self.state == self.STATE_CONNECTING:
+                self.dropConnection(abort=True)
+            return
+        self._closing = True
+        self.node.metrics.closes.labels(code=str(CLOSE_GOING_AWAY)).inc()
+        self.sendCloseFrame(CLOSE_GOING_AWAY, reason.encode("utf-8"))
+
+    def close_by_backend(self, reason: str) -> None:
+        self.close_with(CLOSE_DISCONNECTED, reason[:120] or "disconnected")
+
+    def resync(self, room: str) -> None:
+        # A gap in live delivery we cannot fill: the client must rejoin with
+        # its cursors, which recovers or reports recovered: false.
+        self.close_going_away("resync")
+
+    # -- receiving -------------------------------------------------------------
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._closing:
+            return
+        if isBinary:
+            self._closing = True
+            self.node.metrics.closes.labels(code=str(CLOSE_UNSUPPORTED)).inc()
+            self.sendCloseFrame(CLOSE_UNSUPPORTED, b"binary messages are not supported")
+            return
+        incoming = jsonrpc.parse_message(payload)
+        if incoming.error is not None:
+            self.send_json(jsonrpc.error_response(None, incoming.error))
+            return
+        calls = [ClientCall(self) for _ in incoming.entries]
+        replies = [self._handle(entry, call) for entry, call in zip(incoming.entries, calls, strict=True)]
+        if incoming.is_batch:
+            d = gatherResults(replies, consumeErrors=True)
+            d.addCallback(self._send_batch, calls)
+        else:
+            d = replies[0]
+            d.addCallback(self._send_single, calls[0])
+        d.addErrback(self._reply_failed)
+
+    def _send_single(self, reply: Any, call: ClientCall) -> None:
+        if reply is not None:
+            self.send_json(reply)
+        call.run_after_reply()
+
+    def _send_batch(self, replies: list[Any], calls: list[ClientCall]) -> None:
+        answered = [r for r in replies if r is not None]
+        if answered:
+            self.send_json(answered)
+        for call in calls:
+            call.run_after_reply()
+
+    def _reply_failed(self, failure: Failure) -> None:
+        log.failure("sending a reply failed", failure)
+
+    def _handle(self, entry: jsonrpc.Entry, call: ClientCall) -> Deferred[Any]:
+        """One entry: its reply object, or None for a notification."""
+        if isinstance(entry, jsonrpc.Invalid):
+            return succeed(jsonrpc.error_response(entry.id, entry.error))
+        node = self.node
+        started = time.perf_counter()
+        try:
+            spec = self._admit(entry)
+        except RPCError as e:
+            node.metrics.calls.labels(method="-", outcome=str(e.code)).inc()
+            return succeed(None if entry.is_notification else jsonrpc.error_response(entry.id, e))
+        d = node.registry.dispatch(spec, call, entry.params)
+
+        def done(result: Any) -> Any:
+            node.metrics.calls.labels(method=spec.name, outcome="ok").inc()
+            node.metrics.call_seconds.observe(time.perf_counter() - started)
+            if entry.is_notification:
+                return None
+            return jsonrpc.result_response(entry.id, result)
+
+        def failed(failure: Failure) -> Any:
+            error = failure.value if failure.check(RPCError) else RPCError(jsonrpc.INTERNAL_ERROR)
+            assert isinstance(error, RPCError)
+            node.metrics.calls.labels(method=spec.name, outcome=str(error.code)).inc()
+            if entry.is_notification:
+                return None
+            return jsonrpc.error_response(entry.id, error)
+
+        d.addCallbacks(done, failed)
+        return d
+
+    def _admit(self, entry: jsonrpc.Request) -> Any:
+        """Rate limit, authentication gate and lookup, in that order."""
+        node = self.node
+        if not entry.method.startswith("auth."):
+            self._rate_check()
+        if self.identity is None:
+            spec = node.registry.lookup(entry.method, Caller.CLIENT) if entry.method in (
+                "auth.authenticate",
+                "system.ping",
+            ) else None
+            if spec is None or spec.requires_auth:
+                raise RPCError(jsonrpc.UNAUTHENTICATED)
+            return spec
+        return node.registry.lookup(entry.method, Caller.CLIENT)
+
+    def _rate_check(self) -> None:
+        assert self._bucket is not None
+        wait = self._bucket.take()
+        if wait <= 0:
+            self._limited_since = None
+            return
+        node = self.node
+        node.metrics.rate_limited.inc()
+        now = node.reactor.seconds()
+        if self._limited_since is None:
+            self._limited_since = now
+        elif now - self._limited_since >= RATE_ABUSE_SECONDS:
+            self.close_with(CLOSE_RATE_ABUSE, "rate limit exceeded")
+        raise RPCError(
+            jsonrpc.RATE_LIMITED, data={"retry_after_ms": max(1, int(wait * 1000 + 0.999))}
+        )
+
+
+def presence_tracked(room: str) -> bool:
+    """Presence is not tracked for the implicit rooms (PROTOCOL.md section 4)."""
+    return not (room.startswith("user:") or room == "broadcast")
+
+
+def _handshake_token(headers: Mapping[str, str], params: Mapping[str, list[str]]) -> str | None:
+    auth = headers.get("authorization")
+    if auth is not None:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    values = params.get("token")
+    if values and values[0]:
+        return values[0]
+    return None
+
+
+def _quietly(d: Deferred[Any], what: str) -> None:
+    d.addErrback(lambda f: log.failure("{what} failed", f, what=what))
+
+
+class RPCServerFactory(WebSocketServerFactory):
+    """Builds L{RPCSession}s for one node, with its limits applied."""
+
+    protocol = RPCSession  # type: ignore[assignment]
+
+    def __init__(self, node: Node, url: str = "ws://127.0.0.1/ws") -> None:
+        super().__init__(url, server=f"unrealon-ws/{node.version}")
+        self.node = node
+        #: every connection, from TCP accept to close (handshakes included)
+        self.connections: set[RPCSession] = set()
+        config = node.config
+        options: dict[str, Any] = dict(
+            maxMessagePayloadSize=config.max_message_size,
+            maxFramePayloadSize=config.max_message_size,
+            autoPingInterval=config.ping_interval,
+            autoPingTimeout=config.ping_timeout,
+            openHandshakeTimeout=config.handshake_timeout,
+            closeHandshakeTimeout=config.handshake_timeout,
+            # Origin is checked in onConnect (a missing Origin is allowed).
+            allowedOrigins=["*"],
+            allowNullOrigin=True,
+            failByDrop=False,
+            tcpNoDelay=True,
+        )
+        if config.compression:
+            limit = config.max_message_size
+
+            def accept(offers: list[Any]) -> Any:
+                for offer in offers:
+                    if isinstance(offer, PerMessageDeflateOffer):
+                        return PerMessageDeflateOfferAccept(offer, max_message_size=limit)
+                return None
+
+            options["perMessageCompressionAccept"] = accept
+        # setProtocolOptions resets allowNullOrigin unless given: pass all at once.
+        self.setProtocolOptions(**options)
