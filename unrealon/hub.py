@@ -22,8 +22,11 @@ class IMember(Interface):
 
     user_id = Attribute("the authenticated user id, or None")
 
-    def send_event(event: RoomEvent, prepared: Any) -> None:
-        """Send (or buffer, while joining) one room event."""
+    def send_event(event: RoomEvent, prepared: Any, key: Any) -> None:
+        """
+        Send (or hold, while joining) one room event; C{key} is its cursor's
+        order key (None if unreadable), computed once for all members.
+        """
 
     def send_prepared(prepared: Any) -> None:
         """Send an already framed message."""
@@ -45,6 +48,8 @@ class Hub:
             (C{WebSocketServerFactory.prepareMessage}).
         """
         self.prepare = prepare
+        #: the engine's cursor order (set when the engine is built)
+        self.cursor_key: Callable[[str], Any] = lambda cursor: None
         self.members: set[Any] = set()
         self._by_user: dict[str, set[Any]] = {}
         self._rooms: dict[str, set[Any]] = {}
@@ -108,9 +113,10 @@ class Hub:
         if not members:
             return
         prepared = self.prepare(event.message)
+        key = self.cursor_key(event.cursor)
         # a member may close (and leave) while we send: iterate a copy
         for member in list(members):
-            member.send_event(event, prepared)
+            member.send_event(event, prepared, key)
         self.delivered += len(members)
 
     def deliver_ephemeral(self, event: EphemeralEvent) -> None:

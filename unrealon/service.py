@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from unrealon.auth import TokenVerifier
-from unrealon.backendapi import register_backend_methods
+from unrealon.backendapi import BackendCall, register_backend_methods
 from unrealon.clientapi import register_client_methods
 from unrealon.config import Config
 from unrealon.engine.memory import MemoryBroker, MemoryPresence
@@ -31,7 +31,7 @@ from unrealon.http import make_site
 from unrealon.hub import Hub
 from unrealon.metrics import Metrics
 from unrealon.node import Node
-from unrealon.rpc import Registry
+from unrealon.rpc import Caller, Registry
 from unrealon.ws import RPCServerFactory
 
 log = Logger(namespace="unrealon.service")
@@ -159,6 +159,14 @@ def _address(port: IListeningPort | None) -> str:
     return str(getattr(host, "name", host))
 
 
+def dispatch_backend(
+    node: Node, method: str, params: dict[str, Any], entry_id: str
+) -> Deferred[Any]:
+    """Run a backend method for an ingress entry (-32601 if there is none)."""
+    spec = node.registry.lookup(method, Caller.BACKEND)
+    return node.registry.dispatch(spec, BackendCall(node, entry_id), params)
+
+
 def makeService(
     config: Config,
     reactor: Any,
@@ -174,21 +182,41 @@ def makeService(
 
     hub = Hub(prepare)
     stoppables: list[Any] = []
-    ingress = None
+    node_holder: list[Node] = []
     if config.redis_url:
-        from unrealon.engine.redis import make_redis_engine
+        from unrealon.engine.redis import RedisConnections
+        from unrealon.engine.redisbroker import RedisBroker
+        from unrealon.engine.redispresence import RedisPresence
+        from unrealon.ingress import IngressConsumer
 
-        engine = make_redis_engine(config, reactor, hub, registry, metrics)
-        broker, presence, ingress = engine.broker, engine.presence, engine.ingress
-        stoppables.extend(engine.stoppables)
+        connections = RedisConnections.open(config.redis_url)
+        broker: Any = RedisBroker(
+            reactor, hub, connections.commands, connections.feed_reader,
+            history_size=config.history_size, history_ttl=config.history_ttl,
+        )
+        presence: Any = RedisPresence(reactor, connections.commands, ttl=config.presence_ttl)
+        ingress: Any = IngressConsumer(
+            reactor, connections.commands, connections.ingress_reader,
+            lambda method, params, entry_id: dispatch_backend(
+                node_holder[0], method, params, entry_id
+            ),
+            stream=config.ingress_stream, group=config.ingress_group,
+            consumer=config.node_id, dead_stream=config.dead_letter_stream,
+            claim_idle=config.claim_idle, max_deliveries=config.max_deliveries,
+            metrics=metrics,
+        )
+        # stopped in this order (started in reverse)
+        stoppables.extend([ingress, presence, broker, connections])
         features: tuple[str, ...] = ("rooms", "history", "presence", "ingress", "cluster")
     else:
         broker = MemoryBroker(
             reactor, hub, history_size=config.history_size, history_ttl=config.history_ttl
         )
         presence = MemoryPresence(broker.publish_ephemeral)
+        ingress = None
         stoppables.extend([presence, broker])
         features = ("rooms", "history", "presence")
+    hub.cursor_key = broker.cursor_key
     verifier = TokenVerifier(config.jwt_settings(), reactor) if config.jwt_keys else None
     node = Node(
         config=config,
@@ -205,6 +233,7 @@ def makeService(
     metrics.watch(
         lambda: hub.connection_count, lambda: hub.user_count, lambda: hub.room_count
     )
+    node_holder.append(node)
     factory = RPCServerFactory(node)
     factory_holder.append(factory)
     return NodeService(node, factory, stoppables)

@@ -124,7 +124,10 @@ class RPCSession(WebSocketServerProtocol):
         #: "pattern" or "token:<exp>")
         self.rooms: dict[str, str] = {}
         #: rooms being joined -> live events held until the join's reply
-        self._joining: dict[str, list[tuple[RoomEvent, Any]]] = {}
+        self._joining: dict[str, list[tuple[RoomEvent, Any, Any]]] = {}
+        #: rooms joined -> cursor key of the join's reply: live events at or
+        #: before it were already in the reply (a node's feed may lag)
+        self._floors: dict[str, Any] = {}
         self._budget = _SendBudget()
         self._auth_timer: IDelayedCall | None = None
         self._expiry_timer: IDelayedCall | None = None
@@ -307,24 +310,23 @@ class RPCSession(WebSocketServerProtocol):
     def finish_join(self, room: str, cursor: str) -> None:
         """
         The join's reply is written: send the held events that come after
-        C{cursor} (the ones before it were in the reply's C{missed}).
+        C{cursor} (the ones before it were in the reply's C{missed}), and
+        drop later arrivals that are not after it either.
         """
         held = self._joining.pop(room, None)
         if held is None:
             return
-        cursor_key = self.node.broker.cursor_key
-        last = cursor_key(cursor)
-        for event, prepared in held:
-            key = cursor_key(event.cursor)
-            if last is not None and key is not None and key[0] == last[0] and key <= last:
-                continue
-            self.send_prepared(prepared)
+        floor = self.node.broker.cursor_key(cursor)
+        if floor is not None:
+            self._floors[room] = floor
+        for event, prepared, key in held:
+            self.send_event(event, prepared, key)
 
     def abort_join(self, room: str, was_member: bool) -> None:
         """The join failed: undo L{begin_join}, resending held events if member."""
         held = self._joining.pop(room, None) or []
         if was_member:
-            for _, prepared in held:
+            for _, prepared, _ in held:
                 self.send_prepared(prepared)
         else:
             self.rooms.pop(room, None)
@@ -333,6 +335,7 @@ class RPCSession(WebSocketServerProtocol):
     def leave_room(self, room: str) -> None:
         self.rooms.pop(room, None)
         self._joining.pop(room, None)
+        self._floors.pop(room, None)
         self.node.hub.leave(room, self)
         if self.identity is not None and presence_tracked(room):
             _quietly(
@@ -342,11 +345,17 @@ class RPCSession(WebSocketServerProtocol):
 
     # -- sending ---------------------------------------------------------------
 
-    def send_event(self, event: RoomEvent, prepared: Any) -> None:
+    def send_event(self, event: RoomEvent, prepared: Any, key: Any) -> None:
         held = self._joining.get(event.room)
         if held is not None:
-            held.append((event, prepared))
+            held.append((event, prepared, key))
             return
+        floor = self._floors.get(event.room)
+        if floor is not None:
+            if key is not None and key[0] == floor[0] and key <= floor:
+                return  # already sent in the join's reply
+            # events arrive in cursor order: nothing older can follow
+            del self._floors[event.room]
         self.send_prepared(prepared)
         self.node.metrics.events_delivered.inc()
 
