@@ -180,6 +180,17 @@ def _origins(text: str) -> tuple[str, ...]:
     return origins
 
 
+_EXTENSION_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _extensions(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    for name in names:
+        if not _EXTENSION_RE.match(name):
+            raise ValueError(f"{name!r} is not module.path:function")
+    return names
+
+
 def _log_level(text: str) -> str:
     level = text.strip().lower()
     if level not in ("debug", "info", "warn", "error", "critical"):
@@ -250,6 +261,8 @@ SETTINGS: tuple[Setting, ...] = (
             _positive_float, "seconds for the opening (and closing) handshake"),
     Setting("compression", "UNREALON_COMPRESSION", "compression", "0", _flag,
             "accept permessage-deflate"),
+    Setting("extensions", "UNREALON_EXTENSIONS", "extensions", "", _extensions,
+            "application methods: module.path:register callables, comma-separated"),
     Setting("log_level", "UNREALON_LOG_LEVEL", "log-level", "info", _log_level,
             "least important log level written"),
     Setting("log_file", "UNREALON_LOG_FILE", "log-file", None, _optional_text,
@@ -293,6 +306,7 @@ class Config:
     ping_timeout: float = 10.0
     handshake_timeout: float = 5.0
     compression: bool = False
+    extensions: tuple[str, ...] = ()
     log_level: str = "info"
     log_file: str | None = None
     #: loaded from jwt_secret and jwt_public_key_files

@@ -47,6 +47,7 @@ class Options(usage.Options):
 def makeService(options: Options) -> Any:
     try:
         config = load_config(options.cli_values())
+        extensions = load_extensions(config.extensions)
     except ConfigError as e:
         # One line, then a non-zero exit: never start half-configured.
         sys.stderr.write(f"unrealon-ws: {e}\n")
@@ -58,4 +59,21 @@ def makeService(options: Options) -> Any:
     from unrealon.service import makeService as make_node
 
     start_file_logging(config)
-    return make_node(config, reactor)
+    return make_node(config, reactor, extensions)
+
+
+def load_extensions(names: tuple[str, ...]) -> tuple[Any, ...]:
+    """Import each C{module.path:function} named by UNREALON_EXTENSIONS."""
+    import importlib
+
+    found = []
+    for name in names:
+        module_name, _, attr = name.partition(":")
+        try:
+            found.append(getattr(importlib.import_module(module_name), attr))
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(
+                f"bad setting UNREALON_EXTENSIONS (--extensions): cannot load {name}: "
+                f"{type(e).__name__}"
+            ) from None
+    return tuple(found)
