@@ -201,26 +201,38 @@ def client_openrpc(registry: Registry, version: str) -> dict[str, Any]:
 
 
 def _admission(call: ClientCall, room: str, token: str | None) -> str:
-    """How this connection may join C{room}, else -32003."""
+    """
+    How this connection may join C{room}, else -32003.
+
+    A pattern of the connection token or a valid room token admits: either one is
+    enough (PROTOCOL.md section 4), so a bad room token shown next to a granting
+    pattern is no refusal.  A connection already in the room may join it again
+    (recovery), and keeps a room token's admission when it does so without one: that
+    admission survives a refresh that drops the pattern (section 2).
+    """
     session = call.session
     identity = session.identity
     assert identity is not None
-    if session.rooms.get(room) == "implicit" or room in (
-        f"user:{identity.user_id}",
-        "broadcast",
-    ):
+    if room in (f"user:{identity.user_id}", "broadcast"):
         return "implicit"
+    refused = "this token does not grant the room"
     if token is not None:
-        verifier = call.node.verifier
-        assert verifier is not None
         try:
-            grant = verifier.verify_room_token(token, identity.user_id, room)
+            if call.node.verifier is None:
+                raise AuthError("no key is configured")
+            grant = call.node.verifier.verify_room_token(token, identity.user_id, room)
         except AuthError as e:
-            raise RPCError(jsonrpc.FORBIDDEN, f"Forbidden: {e.reason}") from None
-        return f"token:{grant.expires_at}"
+            refused = e.reason
+        else:
+            return f"token:{grant.expires_at}"
+    current = session.rooms.get(room)
+    if current is not None and current.startswith("token:"):
+        return current
     if may_join(identity.room_patterns, room):
         return "pattern"
-    raise RPCError(jsonrpc.FORBIDDEN, "Forbidden: this token does not grant the room")
+    if current is not None:
+        return current
+    raise RPCError(jsonrpc.FORBIDDEN, f"Forbidden: {refused}")
 
 
 async def rooms_join(call: ClientCall, params: JoinParams) -> JoinResult:

@@ -14,10 +14,12 @@ only validates, dispatches and answers.
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import (
     PerMessageDeflateOffer,
@@ -52,8 +54,11 @@ CLOSE_TOKEN_EXPIRED = 4009
 CLOSE_RATE_ABUSE = 4029
 CLOSE_TOO_MANY_CONNECTIONS = 4030
 
-#: seconds over the rate limit, without a single call let through, before 4029
+#: seconds over the rate limit before 4029
 RATE_ABUSE_SECONDS = 10.0
+#: a connection stays "over the limit" while its refused calls come at most
+#: this many seconds apart (or two token periods, for very low limits)
+RATE_ABUSE_GAP = 1.0
 
 _conn_ids = itertools.count(1)
 
@@ -110,11 +115,78 @@ class _SendBudget:
         self.paused = True
 
 
+# -- keeping tokens out of Autobahn's logs ---------------------------------------
+
+_REDACTED = "[redacted]"
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+_SECRET_HEADER_LINE = re.compile(r"(?im)^((?:proxy-)?authorization|cookie)[ \t]*:[^\r\n]*")
+_TOKEN_PARAM = re.compile(r"(?i)([?&;]token=)[^&;#\s]*")
+
+
+def _scrub(value: Any) -> Any:
+    """
+    C{value} with handshake secrets blanked: the C{token} query parameter and the
+    C{Authorization}/C{Cookie} headers, in request text (str or bytes), header
+    dicts and lists of those.  Anything else is returned as it is.
+    """
+    if isinstance(value, str):
+        value = _TOKEN_PARAM.sub(r"\1" + _REDACTED, value)
+        return _SECRET_HEADER_LINE.sub(r"\1: " + _REDACTED, value)
+    if isinstance(value, (bytes, bytearray)):
+        return _scrub(bytes(value).decode("latin-1")).encode("latin-1")
+    if isinstance(value, dict):
+        return {
+            k: _REDACTED if isinstance(k, str) and k.lower() in _SECRET_HEADERS else _scrub(v)
+            for k, v in value.items()
+        }
+    if type(value) in (list, tuple):
+        return type(value)(_scrub(v) for v in value)
+    return value
+
+
+class _ScrubbedLog:
+    """
+    Autobahn's txaio logger for sessions, with handshake secrets blanked.
+
+    At debug level Autobahn logs the whole HTTP upgrade request, its request line
+    and its headers, so the C{?token=} query and the C{Authorization} header would
+    reach every log observer.  A log observer cannot take them back out (the
+    runner's own observers see the event first), so the values are scrubbed here,
+    before the event exists, whatever level is configured.
+    """
+
+    _EMITTERS = frozenset(
+        {"trace", "debug", "info", "warn", "error", "critical", "failure", "emit"}
+    )
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._inner, name)
+        # txaio binds the levels below the configured one to a no-op: keep it cheap
+        if name not in self._EMITTERS or getattr(method, "__name__", "") == "_no_op":
+            return method
+
+        def emit(*args: Any, **kwargs: Any) -> Any:
+            return method(
+                *(_scrub(a) for a in args), **{k: _scrub(v) for k, v in kwargs.items()}
+            )
+
+        return emit
+
+
 @implementer(IMember)
 class RPCSession(WebSocketServerProtocol):
     """One browser connection speaking JSON-RPC 2.0."""
 
     factory: RPCServerFactory
+    #: set by Autobahn from the factory's protocol options
+    maxMessagePayloadSize: int
+
+    #: Autobahn's logger (self.log) with tokens scrubbed; our own lines use the
+    #: module's C{log}, which never receives a token.
+    log = _ScrubbedLog(txaio.make_logger())  # type: ignore[attr-defined]
 
     def __init__(self) -> None:
         super().__init__()
@@ -133,6 +205,7 @@ class RPCSession(WebSocketServerProtocol):
         self._expiry_timer: IDelayedCall | None = None
         self._bucket: TokenBucket | None = None
         self._limited_since: float | None = None
+        self._last_refused = 0.0
         self._closing = False
         self._opened = False
         #: fires when the TCP connection is gone (graceful shutdown waits on it)
@@ -194,6 +267,13 @@ class RPCSession(WebSocketServerProtocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         try:
             super().connectionLost(reason)
+            # Autobahn leaves its closing-handshake timer running when the
+            # peer drops the TCP connection instead of answering our close;
+            # it would keep this protocol alive for handshake_timeout s.
+            timer = getattr(self, "closeHandshakeTimeoutCall", None)
+            if timer is not None:
+                self.closeHandshakeTimeoutCall = None
+                timer.cancel()
         finally:
             self.factory.connections.discard(self)
             if not self.closed.called:
@@ -370,11 +450,36 @@ class RPCSession(WebSocketServerProtocol):
     def send_json(self, message: Any) -> None:
         if self._closing:
             return
-        payload = jsonrpc.encode(message)
+        self.send_payload(jsonrpc.encode(message))
+
+    def send_payload(self, payload: bytes) -> None:
+        """Send one encoded JSON text message, within the send budget."""
+        if self._closing:
+            return
         if self._over_budget(len(payload)):
             return
         self.sendMessage(payload, isBinary=False)
         self.node.metrics.bytes_sent.inc(len(payload))
+
+    def sendMessage(
+        self,
+        payload: bytes,
+        isBinary: bool = False,
+        fragmentSize: int | None = None,
+        sync: bool = False,
+        doNotCompress: bool = False,
+    ) -> None:
+        """
+        Autobahn applies maxMessagePayloadSize to what we send as well (it
+        raises PayloadExceededError); UNREALON_MAX_MESSAGE_SIZE limits client
+        messages only, and an rpc.discover document or a rooms.join replay
+        may well be larger.
+        """
+        limit, self.maxMessagePayloadSize = self.maxMessagePayloadSize, 0
+        try:
+            super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)
+        finally:
+            self.maxMessagePayloadSize = limit
 
     def _over_budget(self, size: int) -> bool:
         budget = self._budget
@@ -454,13 +559,13 @@ class RPCSession(WebSocketServerProtocol):
 
     def _send_single(self, reply: Any, call: ClientCall) -> None:
         if reply is not None:
-            self.send_json(reply)
+            self.send_payload(_encode_reply(reply))
         call.run_after_reply()
 
     def _send_batch(self, replies: list[Any], calls: list[ClientCall]) -> None:
         answered = [r for r in replies if r is not None]
         if answered:
-            self.send_json(answered)
+            self.send_payload(_encode_reply(answered))
         for call in calls:
             call.run_after_reply()
 
@@ -514,17 +619,25 @@ class RPCSession(WebSocketServerProtocol):
         return node.registry.lookup(entry.method, Caller.CLIENT)
 
     def _rate_check(self) -> None:
+        """
+        Take a token or raise -32029.  The connection is "over the limit"
+        from its first refused call for as long as refusals keep coming, at
+        most L{RATE_ABUSE_GAP} seconds apart: a client flooding the bucket
+        still gets a call through whenever a token is back (every 1/rate s),
+        and that trickle must not restart the 10 s count towards 4029.
+        """
         assert self._bucket is not None
         wait = self._bucket.take()
         if wait <= 0:
-            self._limited_since = None
             return
         node = self.node
         node.metrics.rate_limited.inc()
         now = node.reactor.seconds()
-        if self._limited_since is None:
+        gap = max(RATE_ABUSE_GAP, 2.0 / node.config.rate_limit)
+        if self._limited_since is None or now - self._last_refused > gap:
             self._limited_since = now
-        elif now - self._limited_since >= RATE_ABUSE_SECONDS:
+        self._last_refused = now
+        if now - self._limited_since >= RATE_ABUSE_SECONDS:
             self.close_with(CLOSE_RATE_ABUSE, "rate limit exceeded")
         raise RPCError(
             jsonrpc.RATE_LIMITED, data={"retry_after_ms": max(1, int(wait * 1000 + 0.999))}
@@ -546,6 +659,22 @@ def _handshake_token(headers: Mapping[str, str], params: Mapping[str, list[str]]
     if values and values[0]:
         return values[0]
     return None
+
+
+def _encode_reply(reply: Any) -> bytes:
+    """
+    Encode a reply object or a batch's array of them.  A result JSON cannot
+    carry (a handler returned an object, NaN, a cycle) is a handler's bug:
+    that reply becomes a bare -32603, the rest of its batch goes as it is.
+    """
+    try:
+        return jsonrpc.encode(reply)
+    except (TypeError, ValueError, RecursionError):
+        if isinstance(reply, list):
+            return b"[" + b",".join(_encode_reply(r) for r in reply) + b"]"
+        log.failure("a result could not be encoded as JSON")
+        error = RPCError(jsonrpc.INTERNAL_ERROR)
+        return jsonrpc.encode(jsonrpc.error_response(reply.get("id"), error))
 
 
 def _quietly(d: Deferred[Any], what: str) -> None:
@@ -575,6 +704,10 @@ class RPCServerFactory(WebSocketServerFactory):
             allowNullOrigin=True,
             failByDrop=False,
             tcpNoDelay=True,
+            # Autobahn's default answers a plain GET (no Upgrade) with an HTML page
+            # naming its version that meta-refreshes to any ?redirect= URL: an open
+            # redirect on our port.  Off, such a request gets 426 Upgrade Required.
+            webStatus=False,
         )
         if config.compression:
             limit = config.max_message_size
