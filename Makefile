@@ -50,7 +50,7 @@ docker-build:
 	docker build -t unrealon-ws:latest .
 
 docker-run:
-	docker run --rm -p 8765:8765 -p 8766:8766 --env-file .env unrealon-ws:latest
+	docker run --rm --stop-timeout 30 -p 8765:8765 -p 127.0.0.1:8766:8766 --env-file .env unrealon-ws:latest
 
 generate-client:
 	$(PY) -m unrealon.codegen
