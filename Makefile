@@ -16,6 +16,7 @@ install:
 	$(PY) -m pip install --quiet --upgrade pip
 	# compat mode puts the checkout on sys.path, so twisted/plugins/ here is found
 	$(PY) -m pip install --quiet -e '.[dev,bench]' --config-settings editable_mode=compat
+	npm ci --no-audit --no-fund
 	$(PY) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	@$(TWIST) --help | grep -q unrealon-ws && echo "installed: twist unrealon-ws is available"
 
@@ -54,6 +55,9 @@ docker-run:
 
 generate-client:
 	$(PY) -m unrealon.codegen
+
+check-clients:
+	$(PY) -m unrealon.codegen --check
 
 lint:
 	$(VENV)/bin/ruff check unrealon tests twisted bench

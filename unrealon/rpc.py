@@ -14,6 +14,7 @@ cannot even learn backend method names.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import types
 import typing
@@ -193,12 +194,20 @@ def _check_constraints(field: attrs.Attribute, value: Any, path: str) -> None:  
             raise _Invalid([FieldError(path, f"must have length <= {meta['max_length']}")])
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str = "", extra: bool = False) -> Any:
+@functools.cache
+def _fields_of(cls: type) -> tuple[tuple[attrs.Attribute, ...], frozenset[str]]:  # type: ignore[type-arg]
+    """A params class's fields with their types resolved, once per class (hot path)."""
     attrs.resolve_types(cls)
     fields = attrs.fields(cls)
+    return tuple(fields), frozenset(f.name for f in fields)
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "", extra: bool = False) -> Any:
+    fields, names = _fields_of(cls)
+    if not raw and not fields:
+        return cls()
     errors: list[FieldError] = []
     kwargs: dict[str, Any] = {}
-    names = {f.name for f in fields}
     if not extra:
         for key in raw:
             if key not in names:
@@ -305,7 +314,8 @@ def schema_for(tp: Any, field: attrs.Attribute | None = None) -> dict[str, Any]:
         if meta.get("description"):
             schema["description"] = meta["description"]
         if meta.get("pattern") is not None:
-            schema["pattern"] = meta["pattern"].pattern
+            # JSON Schema patterns search; the server full-matches: anchor them
+            schema["pattern"] = f"^(?:{meta['pattern'].pattern})$"
         for key, name in (
             ("minimum", "minimum"),
             ("maximum", "maximum"),
@@ -321,10 +331,22 @@ def schema_for(tp: Any, field: attrs.Attribute | None = None) -> dict[str, Any]:
     return schema
 
 
-def object_schema(cls: type, additional: bool = False) -> dict[str, Any]:
+def object_schema(
+    cls: type, additional: bool = False, defaults_present: bool = False
+) -> dict[str, Any]:
+    """
+    The schema of an attrs class.  With C{defaults_present} (event data, which
+    carries every field that has a value) a field with a non-null default is
+    required too: it is always there.
+    """
     attrs.resolve_types(cls)
     props = {f.name: schema_for(f.type, f) for f in attrs.fields(cls)}
-    required = [f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING]
+    required = [
+        f.name
+        for f in attrs.fields(cls)
+        if f.default is attrs.NOTHING
+        or (defaults_present and f.default is not None and not isinstance(f.default, attrs.Factory))  # type: ignore[arg-type]
+    ]
     schema: dict[str, Any] = {
         "type": "object",
         "title": cls.__name__,
@@ -427,14 +449,19 @@ class Registry:
         )
 
     def dispatch(
-        self, spec: MethodSpec[Any], context: Any, raw_params: dict[str, Any]
+        self, spec: MethodSpec[Any], context: Any, raw_params: dict[str, Any] | list[Any]
     ) -> Deferred[Any]:
         """
         Validate params, run the handler, and give the JSON result.
 
-        Fails with L{RPCError} only: anything else a handler raises is logged
-        here and becomes -32603 with no detail.
+        Positional params (a list) are -32602: params are by name.  Fails
+        with L{RPCError} only: anything else a handler raises is logged here
+        and becomes -32603 with no detail.
         """
+        if not isinstance(raw_params, dict):
+            return _failed(
+                invalid_params([FieldError("params", "params must be given by name")])
+            )
         try:
             if spec.extra_params:
                 params: Any = validate_params_with_extras(spec.params, raw_params)
@@ -503,7 +530,7 @@ def openrpc_document(
             ],
             "result": {
                 "name": "result",
-                "schema": object_schema(spec.result) if spec.result else {},
+                "schema": object_schema(spec.result) if spec.result else {"type": "object"},
             },
         }
         if not spec.requires_auth:
@@ -519,7 +546,7 @@ def openrpc_document(
             "name": name,
             "summary": summary,
             "kind": kind,
-            "schema": object_schema(cls, additional=kind == "room"),
+            "schema": object_schema(cls, additional=kind == "room", defaults_present=True),
         }
         for name, cls, summary, kind in sorted(events, key=lambda e: e[0])
     ]
