@@ -10,12 +10,15 @@ that does not exist.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import attrs
 
 from unrealon import jsonrpc
 from unrealon.auth import ROOM_NAME_RE
+from unrealon.engine.interfaces import BackendUnavailable
 from unrealon.events import CATALOGUE, CatalogueEvent, Change, FileChanged, event_data
 from unrealon.jsonrpc import FieldError, RPCError, invalid_params
 from unrealon.node import Node
@@ -24,6 +27,28 @@ from unrealon.rpc import Caller, Registry, param
 #: room names, PROTOCOL.md section 4 (auth.ROOM_NAME_RE is the anchored form)
 ROOM_PATTERN = r"[A-Za-z0-9_.:@-]{1,200}"
 EVENT_NAME_PATTERN = r"[A-Za-z0-9_.:-]{1,100}"
+
+
+R = TypeVar("R")
+P = TypeVar("P")
+
+
+def store_errors(
+    handler: Callable[[BackendCall, P], Awaitable[R]],
+) -> Callable[[BackendCall, P], Awaitable[R]]:
+    """
+    Redis unreachable is -32011 (the ingress retries the entry), not an
+    internal error logged with a traceback.
+    """
+
+    @functools.wraps(handler)
+    async def wrapper(call: BackendCall, params: P) -> R:
+        try:
+            return await handler(call, params)
+        except (BackendUnavailable, ConnectionError):
+            raise RPCError(jsonrpc.BACKEND_UNAVAILABLE, data={"retryable": True}) from None
+
+    return wrapper
 
 
 @attrs.define
@@ -95,9 +120,10 @@ def _catalogue_handler(event: CatalogueEvent) -> Any:
         return Published(room=room, cursor=cursor)
 
     handle.__doc__ = event.summary
-    return handle
+    return store_errors(handle)
 
 
+@store_errors
 async def publish(call: BackendCall, params_and_extras: tuple[PublishParams, dict[str, Any]]) -> Published:
     """Publish any event to any room."""
     params, _ = params_and_extras  # other params are ignored (PROTOCOL.md)
@@ -107,6 +133,7 @@ async def publish(call: BackendCall, params_and_extras: tuple[PublishParams, dic
     return Published(room=params.room, cursor=cursor)
 
 
+@store_errors
 async def presence_list(call: BackendCall, params: PresenceListParams) -> dict[str, Any]:
     """Who is in a room, across the cluster."""
     users = await call.node.presence.list(params.room)
@@ -119,12 +146,14 @@ async def presence_list(call: BackendCall, params: PresenceListParams) -> dict[s
     }
 
 
+@store_errors
 async def presence_online(call: BackendCall, params: OnlineParams) -> OnlineResult:
     """Which of these users have a connection anywhere in the cluster."""
     online = await call.node.presence.online(params.user_ids)
     return OnlineResult(online=list(online))
 
 
+@store_errors
 async def connections_disconnect(call: BackendCall, params: DisconnectParams) -> DisconnectResult:
     """Close every connection of a user on every node with 4003."""
     await call.node.broker.disconnect_user(params.user_id, params.reason)

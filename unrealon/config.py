@@ -134,7 +134,7 @@ def _endpoint(text: str) -> str:
             raise ValueError("needs a numeric port, e.g. tcp:8765") from None
         if not 0 <= number <= 65535:
             raise ValueError("port must be 0..65535")
-    if kind == "unix" and not (args or kwargs.get("address")):
+    if kind == "unix" and not ((args and args[0]) or kwargs.get("address")):
         raise ValueError("needs a path, e.g. unix:/run/unrealon/ws.sock")
     return text
 
@@ -148,6 +148,14 @@ def _redis_url(text: str) -> str | None:
         raise ValueError("must start with redis:// or unix:// (put TLS in a local proxy)")
     if text.startswith("unix://") and len(text.split("?")[0]) <= len("unix://"):
         raise ValueError("unix:// needs a socket path")
+    # The full check (port, database, query, credentials) is the Redis
+    # client's own parser; its messages never contain the password.  It is
+    # imported here, when settings are loaded (the runner has chosen its
+    # reactor by then), not at module level: it imports txredisapi, which
+    # imports the reactor.
+    from unrealon.engine.redisclient import parse_redis_url
+
+    parse_redis_url(text)
     return text
 
 
@@ -230,6 +238,8 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds before a dead node's pending ingress entries are claimed"),
     Setting("max_deliveries", "UNREALON_MAX_DELIVERIES", "max-deliveries", "5", _positive_int,
             "deliveries before an ingress entry goes to the dead-letter stream"),
+    Setting("ingress_max_in_flight", "UNREALON_INGRESS_MAX_IN_FLIGHT", "ingress-max-in-flight",
+            "64", _positive_int, "ingress entries handled at once per node"),
     Setting("dead_letter_stream", "UNREALON_DEAD_LETTER_STREAM", "dead-letter-stream",
             "stream:requests:dead", _text, "dead-letter stream"),
     Setting("auth_timeout", "UNREALON_AUTH_TIMEOUT", "auth-timeout", "10", _positive_float,
@@ -291,6 +301,7 @@ class Config:
     ingress_group: str = "rpc_group"
     claim_idle: float = 30.0
     max_deliveries: int = 5
+    ingress_max_in_flight: int = 64
     dead_letter_stream: str = "stream:requests:dead"
     auth_timeout: float = 10.0
     presence_ttl: float = 30.0

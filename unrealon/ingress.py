@@ -35,6 +35,7 @@ from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succee
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from unrealon import jsonrpc
 from unrealon.backendapi import error_code_name
@@ -106,6 +107,18 @@ def parse_payload(fields: Mapping[str, str]) -> IngressRequest:
     ):
         raise Malformed("timeout is not a positive number")
     return IngressRequest(method, params, correlation_id, reply_to, timeout)
+
+
+def describe(error: RPCError) -> str:
+    """An error's message for a reply or a dead letter, naming the fields at fault."""
+    data = error.data if isinstance(error.data, dict) else {}
+    errors = data.get("errors")
+    if error.code == jsonrpc.INVALID_PARAMS and isinstance(errors, list) and errors:
+        details = "; ".join(
+            f"{e.get('field')}: {e.get('message')}" for e in errors[:10] if isinstance(e, dict)
+        )
+        return f"{error.message}: {details}"
+    return error.message
 
 
 def readable_reply_to(fields: Mapping[str, str]) -> tuple[str | None, str | None]:
@@ -195,12 +208,15 @@ class IngressConsumer:
         self._in_flight: dict[str, Deferred[None]] = {}
         self._slot: Deferred[None] | None = None
         self._loop: Deferred[None] | None = None
+        self._reader_id: int | None = None
+        #: where the read loop continues through this consumer's own pending
+        #: entries (an earlier life's), or None once they are all taken
+        self._backlog_from: str | None = None
         self.stats = IngressStats()
-        self._claimer = LoopingCall(self.claim)
-        self._claimer.clock = reactor
         self._watcher = LoopingCall(self.refresh_stats)
         self._watcher.clock = reactor
         self._claim_interval = max(0.2, min(claim_idle / 2, 10.0))
+        self._next_claim = 0.0
 
     def stopped(self) -> bool:
         # a method, not the attribute: mypy would narrow the attribute in loops
@@ -215,12 +231,12 @@ class IngressConsumer:
         self._running = True
         await self.ensure_group()
         self.stats.reading = True
-        await self.handle_own_pending()
+        self._backlog_from = "0"  # first take back what we read in an earlier life
+        self._next_claim = 0.0  # and claim what dead nodes left at once
+        await self.refresh_stats()  # /health has numbers from the start
+        self._reader_id = await self._reader_client_id()
         self._loop = Deferred.fromCoroutine(self._read_loop())
-        self._claimer.start(self._claim_interval, now=True).addErrback(
-            lambda f: log.failure("ingress claimer stopped", f)
-        )
-        self._watcher.start(2.0, now=True).addErrback(
+        self._watcher.start(2.0, now=False).addErrback(
             lambda f: log.failure("ingress stats stopped", f)
         )
 
@@ -230,11 +246,12 @@ class IngressConsumer:
 
     async def _stop(self) -> None:
         self._running = False
-        for loop in (self._claimer, self._watcher):
-            if loop.running:
-                loop.stop()
+        if self._watcher.running:
+            self._watcher.stop()
         if self._slot is not None and not self._slot.called:
             self._slot.callback(None)
+        if self._loop is not None and not self._loop.called:
+            await self._unblock_reader()
         if self._loop is not None:
             loop_d = self._loop
             loop_d.addTimeout(READ_BLOCK_MS / 1000 + 2, self._reactor)
@@ -257,22 +274,45 @@ class IngressConsumer:
 
     # -- reading -----------------------------------------------------------------------
 
+    def _free(self) -> int:
+        """How many more entries this node may take on now."""
+        return self._max_in_flight - len(self._in_flight)
+
     async def _read_loop(self) -> None:
+        # Reading, taking back our own backlog and claiming others' idle
+        # entries all happen here, one at a time, so together they never take
+        # on more than max_in_flight entries.
         delay = 0.1
         while self._running:
-            free = self._max_in_flight - len(self._in_flight)
+            free = self._free()
             if free <= 0:
                 self._slot = Deferred()
                 await self._slot
                 continue
+            now = self._reactor.seconds()
+            if self._backlog_from is None and now >= self._next_claim:
+                self._next_claim = now + self._claim_interval
+                await self.claim()
+                continue
+            if self._reader_id is None:
+                self._reader_id = await self._reader_client_id()
+            backlog = self._backlog_from
+            count = min(free, 100)
+            # wake up in time for the next claim pass
+            block_ms = max(1, min(READ_BLOCK_MS, int((self._next_claim - now) * 1000) + 1))
             try:
-                batches = await self._reader.xreadgroup(
-                    self.group,
-                    self.consumer,
-                    {self.stream: ">"},
-                    count=min(free, 100),
-                    block_ms=READ_BLOCK_MS,
-                )
+                if backlog is not None:
+                    # this consumer's own unacknowledged entries, from an
+                    # earlier life (same node id), oldest first, a batch at a time
+                    batches = await self._reader.xreadgroup(
+                        self.group, self.consumer, {self.stream: backlog},
+                        count=count, block_ms=None,
+                    )
+                else:
+                    batches = await self._reader.xreadgroup(
+                        self.group, self.consumer, {self.stream: ">"},
+                        count=count, block_ms=block_ms,
+                    )
             except txredisapi.ResponseError as e:
                 self.stats.reading = False
                 if redis_error_code(e) == "NOGROUP" and self._running:
@@ -286,6 +326,7 @@ class IngressConsumer:
                 continue
             except _REDIS_DOWN:
                 self.stats.reading = False
+                self._reader_id = None  # a new connection gets a new id
                 if self.stopped():
                     return
                 await deferLater(self._reactor, delay, lambda: None)
@@ -293,9 +334,51 @@ class IngressConsumer:
                 continue
             delay = 0.1
             self.stats.reading = True
-            for _, entries in batches:
+            entries = [entry for _, batch in batches for entry in batch]
+            if backlog is None:
                 for entry in entries:
                     self._spawn(entry, deliveries=1)
+                continue
+            self._backlog_from = entries[-1].id if entries else None
+            if entries:
+                # reading them again counted one more delivery; the PEL knows how many
+                counts = await self._deliveries(entries)
+                log.info("taking back {count} unacknowledged ingress entries",
+                         count=len(entries))
+                for entry in entries:
+                    self._spawn(entry, deliveries=counts.get(entry.id, 1))
+
+    async def _deliveries(self, entries: list[StreamEntry]) -> dict[str, int]:
+        """How many times each of these (our pending) entries was delivered."""
+        try:
+            pending = await self._streams.xpending_range(
+                self.stream, self.group, entries[0].id, entries[-1].id, count=len(entries),
+                consumer=self.consumer,
+            )
+        except Exception:
+            return {}
+        return {p.id: p.deliveries for p in pending}
+
+    async def _reader_client_id(self) -> int | None:
+        """The reader connection's CLIENT ID, so L{stop} can end its BLOCK early."""
+        try:
+            return int(await self._reader.redis.execute_command("CLIENT", "ID"))
+        except Exception:
+            return None  # not allowed (ACLs) or Redis away: stop waits for the BLOCK instead
+
+    async def _unblock_reader(self) -> None:
+        """
+        CLIENT UNBLOCK the reader's XREADGROUP: it returns as if its BLOCK
+        timed out (nothing read, nothing lost), so stopping is immediate.
+        """
+        if self._reader_id is None:
+            return
+        d = self._redis.execute_command("CLIENT", "UNBLOCK", self._reader_id)
+        d.addTimeout(1.0, self._reactor)
+        try:
+            await d
+        except Exception:
+            pass  # the read ends within READ_BLOCK_MS anyway
 
     async def _retry(self, action: Callable[[], Any]) -> None:
         try:
@@ -316,28 +399,25 @@ class IngressConsumer:
             if slot is not None and not slot.called:
                 slot.callback(None)
 
-        d.addErrback(lambda f: log.failure("handling ingress entry {id}", f, id=entry.id))
+        d.addErrback(self._handling_failed, entry.id)
         d.addBoth(done)
 
-    async def handle_own_pending(self) -> None:
-        """Entries this consumer read in an earlier life and never acknowledged."""
-        counts = {
-            p.id: p.deliveries
-            for p in await self._streams.xpending_range(
-                self.stream, self.group, count=1000, consumer=self.consumer
-            )
-        }
-        if not counts:
-            return
-        batches = await self._streams.xreadgroup(
-            self.group, self.consumer, {self.stream: "0"}, count=1000, block_ms=None
-        )
-        for _, entries in batches:
-            for entry in entries:
-                self._spawn(entry, deliveries=counts.get(entry.id, 1))
+    def _handling_failed(self, failure: Failure, entry_id: str) -> None:
+        if failure.check(*_REDIS_DOWN, TimeoutError):
+            # Redis went away mid-way: the entry is still pending (unacknowledged)
+            # and is claimed again after claim_idle, by this node or another.
+            log.warn("ingress entry {id} left pending: Redis unavailable ({error})",
+                     id=entry_id, error=failure.getErrorMessage())
+            self._count("retry")
+        else:
+            log.failure("handling ingress entry {id}", failure, id=entry_id)
 
     def claim(self) -> Deferred[None]:
-        """Take over entries idle longer than claim_idle (a dead node's)."""
+        """
+        Take over entries idle longer than claim_idle (a dead node's), as
+        many as there are free slots.  The read loop runs this every
+        claim_interval; it never fails (a failed pass is logged and retried).
+        """
         d = Deferred.fromCoroutine(self._claim())
         d.addErrback(
             lambda f: log.warn("ingress claim failed: {error}", error=f.getErrorMessage())
@@ -347,19 +427,15 @@ class IngressConsumer:
     async def _claim(self) -> None:
         start = "0-0"
         for _ in range(10):  # bounded per pass
-            free = self._max_in_flight - len(self._in_flight)
+            free = self._free()
             if not self._running or free <= 0:
                 return
             claimed = await self._streams.xautoclaim(
-                self.stream, self.group, self.consumer, self._claim_idle_ms, start, count=min(free, 100)
+                self.stream, self.group, self.consumer, self._claim_idle_ms, start,
+                count=min(free, 100),
             )
+            counts = await self._deliveries(claimed.entries) if claimed.entries else {}
             if claimed.entries:
-                first, last = claimed.entries[0].id, claimed.entries[-1].id
-                pending = await self._streams.xpending_range(
-                    self.stream, self.group, first, last, count=len(claimed.entries),
-                    consumer=self.consumer,
-                )
-                counts = {p.id: p.deliveries for p in pending}
                 log.info("claimed {count} idle ingress entries", count=len(claimed.entries))
                 for entry in claimed.entries:
                     self._spawn(entry, deliveries=counts.get(entry.id, 2))
@@ -393,25 +469,51 @@ class IngressConsumer:
         if request.timeout is not None:
             budget = max(0.001, request.timeout - age)
         d = maybeDeferred(self._dispatch, request.method, request.params, entry.id)
-        d.addTimeout(budget, self._reactor)
+        # Not d.addTimeout: the cancellation would reach us as whatever the
+        # dispatcher turned the CancelledError into (an internal error, which
+        # is retried), not as a timeout.
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            d.cancel()
+
+        timer = self._reactor.callLater(budget, expire)
         try:
             result = await d
-        except RPCError as e:
-            if e.code in RETRYABLE and deliveries < self._max_deliveries:
-                self._count("retry")
-                return  # stays pending; claimed again after claim_idle
-            reason = e.message if e.code not in RETRYABLE else f"failed {deliveries} times: {e.message}"
-            if request.reply_to is None:
-                await self._dead(entry, reason, deliveries)
-            await self._finish(entry, request, error=e.message, error_code=error_code_name(e))
-            self._count(error_code_name(e))
+        except Exception as e:
+            if expired:
+                await self._finish(entry, request, error="deadline exceeded",
+                                   error_code="deadline_exceeded")
+                self._count("deadline_exceeded")
+                return
+            if not isinstance(e, RPCError):
+                raise
+            await self._failed(entry, request, e, deliveries)
             return
-        except TimeoutError:
-            await self._finish(entry, request, error="deadline exceeded", error_code="deadline_exceeded")
-            self._count("deadline_exceeded")
-            return
+        finally:
+            if timer.active():
+                timer.cancel()
         await self._finish(entry, request, result=result)
         self._count("ok")
+
+    async def _failed(
+        self, entry: StreamEntry, request: IngressRequest, error: RPCError, deliveries: int
+    ) -> None:
+        message = describe(error)
+        code = error_code_name(error)
+        if error.code in RETRYABLE:
+            if deliveries < self._max_deliveries:
+                self._count("retry")
+                return  # stays pending; claimed again after claim_idle
+            # a poison entry: give up on it, for good and visibly
+            await self._dead(entry, f"failed {deliveries} times: {message}", deliveries,
+                             ack=False)
+        elif request.reply_to is None:
+            # refused, and nobody waits for a reply: keep it where someone can see it
+            await self._dead(entry, message, deliveries, ack=False)
+        await self._finish(entry, request, error=message, error_code=code)
+        self._count(code)
 
     async def _finish(
         self,
@@ -438,7 +540,9 @@ class IngressConsumer:
     async def _ack(self, entry: StreamEntry) -> None:
         await self._streams.xack(self.stream, self.group, entry.id)
 
-    async def _dead(self, entry: StreamEntry, reason: str, deliveries: int) -> None:
+    async def _dead(
+        self, entry: StreamEntry, reason: str, deliveries: int, *, ack: bool = True
+    ) -> None:
         payload = (entry.fields or {}).get("payload", "")
         await self._streams.xadd(
             self.dead_stream,
@@ -453,7 +557,8 @@ class IngressConsumer:
             maxlen=100_000,
         )
         log.warn("ingress entry {id} dead-lettered: {reason}", id=entry.id, reason=reason)
-        await self._ack(entry)
+        if ack:
+            await self._ack(entry)
 
     def _count(self, outcome: str) -> None:
         if self._metrics is not None:

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, TypeVar, Union
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -489,7 +489,9 @@ def _failed(error: RPCError) -> Deferred[Any]:
 
 
 def _internal_error(failure: Failure, method: str) -> Failure:
-    if failure.check(RPCError):
+    # A cancelled call (a caller's deadline) is the caller's business, not a
+    # handler failure: pass it on unlogged.
+    if failure.check(RPCError, CancelledError):
         return failure
     log.failure("handler for {method} failed", failure, method=method)
     return Failure(RPCError(INTERNAL_ERROR))

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -64,13 +64,20 @@ class NodeService(Service):
         self.ws_port: IListeningPort | None = None
         self.http_port: IListeningPort | None = None
         self.ready: Deferred[None] = Deferred()
+        self._starting: Deferred[None] | None = None
 
     def startService(self) -> None:
         super().startService()
-        d = Deferred.fromCoroutine(self._start())
-        d.addCallbacks(self.ready.callback, self._start_failed)
+        self._starting = Deferred.fromCoroutine(self._start())
+        self._starting.addCallbacks(self.ready.callback, self._start_failed)
 
     def _start_failed(self, failure: Any) -> None:
+        if self.node.stopping and failure.check(CancelledError):
+            # stopped while still starting (e.g. Redis unreachable): not a
+            # start failure, and the reactor is already stopping
+            log.info("node stopped before it had started")
+            self.ready.errback(failure)
+            return
         log.failure("node failed to start", failure)
         self.ready.errback(failure)
         reactor = self.node.reactor
@@ -107,6 +114,10 @@ class NodeService(Service):
         node.status = "stopping"
         deadline = reactor.seconds() + node.config.shutdown_timeout
         log.info("node {node_id} stopping", node_id=node.node_id)
+        if self._starting is not None and not self._starting.called:
+            # Still starting (waiting for Redis, say): give up on it, or the
+            # stop would wait for a start that may never come.
+            self._starting.cancel()
         try:
             await self.ready
         except Exception:
@@ -203,6 +214,7 @@ def makeService(
             stream=config.ingress_stream, group=config.ingress_group,
             consumer=config.node_id, dead_stream=config.dead_letter_stream,
             claim_idle=config.claim_idle, max_deliveries=config.max_deliveries,
+            max_in_flight=config.ingress_max_in_flight,
             metrics=metrics,
         )
         # stopped in this order (started in reverse)
