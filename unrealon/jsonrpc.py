@@ -10,6 +10,7 @@ only the fixed messages below and caller-chosen ``data``.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Union
 
 import attrs
@@ -88,12 +89,16 @@ class Request:
     """
     A well-formed request or notification.
 
-    ``params`` is always a dict: absent params become ``{}``; positional
-    params are refused during parsing (PROTOCOL.md: params are by name).
+    ``params`` is a dict (absent params become ``{}``), or the list of
+    positional params, which dispatch refuses with -32602 (PROTOCOL.md: params
+    are by name).  They are not refused here: a request with positional
+    params is still a request (it is rate limited, needs authentication, and
+    as a notification gets no reply), and a name clients may not call must
+    get -32601 whatever its params.
     """
 
     method: str
-    params: dict[str, Any]
+    params: dict[str, Any] | list[Any]
     id: RequestId = None
     is_notification: bool = False
 
@@ -146,12 +151,7 @@ def parse_entry(obj: Any) -> Entry:
     if not isinstance(method, str) or not method:
         return Invalid(RPCError(INVALID_REQUEST), echo_id)
     params = obj.get("params", {})
-    if isinstance(params, list):
-        return Invalid(
-            invalid_params([FieldError("params", "params must be given by name")]),
-            echo_id,
-        )
-    if not isinstance(params, dict):
+    if not isinstance(params, (dict, list)):
         return Invalid(RPCError(INVALID_REQUEST), echo_id)
     return Request(
         method=method, params=params, id=echo_id, is_notification="id" not in obj
@@ -160,15 +160,27 @@ def parse_entry(obj: Any) -> Entry:
 
 def decode_json(payload: bytes | str) -> Any:
     """
-    Decode JSON text strictly: no NaN/Infinity, which are not JSON.
+    Decode JSON text strictly: UTF-8 only (C{json.loads} would guess UTF-16
+    or UTF-32 from NUL bytes), no NaN/Infinity, which are not JSON, and no
+    number too large for a float (C{1e999} would become infinity, which no
+    reply could echo).
 
     Raises L{ValueError} (including L{UnicodeDecodeError}) on bad input.
     """
-    return json.loads(payload, parse_constant=_refuse_constant)
+    if isinstance(payload, bytes):
+        payload = payload.decode("utf-8")
+    return json.loads(payload, parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("number out of range")
+    return value
 
 
 def parse_message(payload: bytes | str) -> Incoming:
@@ -204,7 +216,18 @@ def notification(method: str, params: Any) -> dict[str, Any]:
 
 
 def encode(message: Any) -> bytes:
-    """Compact UTF-8 JSON, the one encoding used for every frame we send."""
-    return json.dumps(
-        message, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-    ).encode("utf-8")
+    """
+    Compact UTF-8 JSON, the one encoding used for every frame we send.
+
+    A string with a lone surrogate (JSON allows C{"\\ud800"}, and so an id
+    may hold one) cannot be UTF-8: such a message is written with C{\\u}
+    escapes instead, which still reads back as the very same string.
+    Raises L{TypeError} or L{ValueError} for values JSON cannot carry.
+    """
+    text = json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(
+            message, ensure_ascii=True, separators=(",", ":"), allow_nan=False
+        ).encode("ascii")

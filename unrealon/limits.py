@@ -24,7 +24,10 @@ class TokenBucket:
 
     def take(self) -> float:
         now = self._clock.seconds()
-        self._tokens = min(self._burst, self._tokens + (now - self._updated) * self._rate)
+        # reactor.seconds() is wall-clock time: when it steps back (NTP), no
+        # time has passed, rather than a debt that would lock the client out
+        elapsed = max(0.0, now - self._updated)
+        self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
         self._updated = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0

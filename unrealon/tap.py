@@ -8,10 +8,14 @@ L{makeService}, after the runner has installed the reactor).
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from typing import Any
 
+from twisted.internet.defer import CancelledError
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from unrealon.config import SETTINGS, ConfigError, load_config
 
@@ -59,7 +63,41 @@ def makeService(options: Options) -> Any:
     from unrealon.service import makeService as make_node
 
     start_file_logging(config)
-    return make_node(config, reactor, extensions)
+    service = make_node(config, reactor, extensions)
+    service.ready.addErrback(_exit_on_start_failure)
+    reactor.addSystemEventTrigger("after", "shutdown", _forget_sigterm, reactor)
+    return service
+
+
+def _exit_on_start_failure(failure: Failure) -> None:
+    """
+    A node that cannot start (a port in use, Redis refusing it) must not
+    linger half-started: under twistd the failure comes before the reactor
+    runs, so nothing would stop it, and twist would exit 0.  The service has
+    logged the traceback; say why in one line on stderr and exit 1.  A
+    start cancelled by a shutdown (SIGTERM while waiting for Redis) is not a
+    failure: the shutdown goes on and exits 0.
+    """
+    if failure.check(CancelledError):
+        return
+    lines = failure.getErrorMessage().strip().splitlines() or [""]
+    kind = type(failure.value).__name__
+    message = f"unrealon-ws: cannot start: {kind}: {lines[0]}\n"
+    for stream in (sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            stream.flush()
+    os.write(2, message.encode("utf-8", "replace"))
+    os._exit(1)
+
+
+def _forget_sigterm(reactor: Any) -> None:
+    """
+    twistd and twist re-raise the signal that stopped the reactor once it has
+    stopped, so after a complete graceful drain the process would still end
+    "killed by SIGTERM"; PROTOCOL.md section 7 asks for exit status 0.
+    """
+    if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
+        reactor._exitSignal = None
 
 
 def load_extensions(names: tuple[str, ...]) -> tuple[Any, ...]:

@@ -176,6 +176,32 @@ class _ScrubbedLog:
         return emit
 
 
+class _Joining:
+    """The joins of one room in progress on one connection."""
+
+    __slots__ = ("floor", "held", "pending", "succeeded", "was_member")
+
+    def __init__(self, was_member: bool) -> None:
+        #: whether the connection was in the room before the first of them
+        self.was_member = was_member
+        #: joins begun and not yet finished or aborted
+        self.pending = 0
+        #: whether one of them succeeded
+        self.succeeded = False
+        #: the highest cursor key their replies covered
+        self.floor: Any = None
+        #: live events held meanwhile: (event, prepared message, cursor key)
+        self.held: list[tuple[RoomEvent, Any, Any]] = []
+
+    def raise_floor(self, key: Any) -> None:
+        self.succeeded = True
+        if key is None:
+            return
+        # a later epoch replaces the floor; in one epoch the highest wins
+        if self.floor is None or key[0] != self.floor[0] or key > self.floor:
+            self.floor = key
+
+
 @implementer(IMember)
 class RPCSession(WebSocketServerProtocol):
     """One browser connection speaking JSON-RPC 2.0."""
@@ -196,7 +222,7 @@ class RPCSession(WebSocketServerProtocol):
         #: "pattern" or "token:<exp>")
         self.rooms: dict[str, str] = {}
         #: rooms being joined -> live events held until the join's reply
-        self._joining: dict[str, list[tuple[RoomEvent, Any, Any]]] = {}
+        self._joining: dict[str, _Joining] = {}
         #: rooms joined -> cursor key of the join's reply: live events at or
         #: before it were already in the reply (a node's feed may lag)
         self._floors: dict[str, Any] = {}
@@ -383,7 +409,12 @@ class RPCSession(WebSocketServerProtocol):
             self.rooms[room] = admitted
         elif self.rooms[room] != "implicit":
             self.rooms[room] = admitted
-        self._joining[room] = []
+        joining = self._joining.get(room)
+        if joining is None:
+            # a join while another of the same room waits shares its buffer:
+            # replacing it would lose the events held for the first
+            joining = self._joining[room] = _Joining(was_member=already)
+        joining.pending += 1
         self.node.hub.join(room, self)
         return already
 
@@ -393,21 +424,37 @@ class RPCSession(WebSocketServerProtocol):
         C{cursor} (the ones before it were in the reply's C{missed}), and
         drop later arrivals that are not after it either.
         """
-        held = self._joining.pop(room, None)
-        if held is None:
+        joining = self._joining.get(room)
+        if joining is None:
             return
-        floor = self.node.broker.cursor_key(cursor)
-        if floor is not None:
-            self._floors[room] = floor
-        for event, prepared, key in held:
-            self.send_event(event, prepared, key)
+        joining.raise_floor(self.node.broker.cursor_key(cursor))
+        self._end_join(room, joining)
 
     def abort_join(self, room: str, was_member: bool) -> None:
         """The join failed: undo L{begin_join}, resending held events if member."""
-        held = self._joining.pop(room, None) or []
-        if was_member:
-            for _, prepared, _ in held:
-                self.send_prepared(prepared)
+        joining = self._joining.get(room)
+        if joining is None:
+            return
+        self._end_join(room, joining)
+
+    def _end_join(self, room: str, joining: _Joining) -> None:
+        """
+        One join of C{room} is over.  While another is still waiting, keep
+        holding (its reply must come first); after the last, release what
+        was held: after the highest cursor the joins' replies covered if any
+        succeeded, else as before the joins (member) or not at all.
+        """
+        joining.pending -= 1
+        if joining.pending > 0:
+            return
+        del self._joining[room]
+        if joining.floor is not None:
+            self._floors[room] = joining.floor
+            for event, prepared, key in joining.held:
+                self.send_event(event, prepared, key)
+        elif joining.succeeded or joining.was_member:
+            for event, prepared, key in joining.held:
+                self.send_event(event, prepared, key)
         else:
             self.rooms.pop(room, None)
             self.node.hub.leave(room, self)
@@ -426,9 +473,9 @@ class RPCSession(WebSocketServerProtocol):
     # -- sending ---------------------------------------------------------------
 
     def send_event(self, event: RoomEvent, prepared: Any, key: Any) -> None:
-        held = self._joining.get(event.room)
-        if held is not None:
-            held.append((event, prepared, key))
+        joining = self._joining.get(event.room)
+        if joining is not None:
+            joining.held.append((event, prepared, key))
             return
         floor = self._floors.get(event.room)
         if floor is not None:
@@ -486,7 +533,16 @@ class RPCSession(WebSocketServerProtocol):
         if not budget.paused:
             return False
         budget.held += size
-        if budget.HIGH_WATER + budget.held > self.node.config.send_buffer_limit:
+        limit = self.node.config.send_buffer_limit
+        if budget.HIGH_WATER + budget.held > limit:
+            # The estimate only resets when the buffer empties completely; a
+            # reader that keeps up but never quite drains it (a steady stream
+            # near its link's speed) would be closed on bytes the kernel took
+            # long ago.  Before closing, ask the transport what it really holds.
+            backlog = _transport_backlog(self.transport)
+            if backlog is not None and backlog + size <= limit:
+                budget.held = max(0, backlog - budget.HIGH_WATER) + size
+                return False
             self.close_slow_consumer()
             return True
         return False
@@ -642,6 +698,18 @@ class RPCSession(WebSocketServerProtocol):
         raise RPCError(
             jsonrpc.RATE_LIMITED, data={"retry_after_ms": max(1, int(wait * 1000 + 0.999))}
         )
+
+
+def _transport_backlog(transport: Any) -> int | None:
+    """
+    Bytes a Twisted TCP transport holds in user space, not yet taken by the
+    kernel (FileDescriptor's buffers); None for transports without them.
+    """
+    try:
+        data = transport.dataBuffer
+        return len(data) - int(transport.offset) + int(transport._tempDataLen)
+    except (AttributeError, TypeError):
+        return None
 
 
 def presence_tracked(room: str) -> bool:
