@@ -152,7 +152,12 @@ class IPresence(Interface):
         """Record a connection in a room; emit presence.joined for a user's first."""
 
     def leave(room: str, user_id: str, conn_id: str) -> Deferred[None]:
-        """Forget a connection; emit presence.left for a user's last."""
+        """
+        Forget a connection; emit presence.left for a user's last.  A leave
+        that comes before the connection's join (the connection closed or left
+        while its rooms.join still waited on the store) cancels that join, so
+        a connection that is gone never stays present.
+        """
 
     def list(room: str) -> Deferred[Sequence[PresenceUser]]:
         """Users present in the room, with their connection counts."""

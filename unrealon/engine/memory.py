@@ -59,7 +59,8 @@ class RoomHistory:
 
 def _parse_cursor(cursor: str) -> tuple[str, int] | None:
     epoch, sep, seq = cursor.rpartition("-")
-    if not sep or not epoch or not seq.isdigit() or len(seq) > 19:
+    # isascii: str.isdigit() also accepts digits int() refuses ("²")
+    if not sep or not epoch or not (seq.isascii() and seq.isdigit()) or len(seq) > 19:
         return None
     return epoch, int(seq)
 
@@ -181,6 +182,8 @@ class MemoryPresence:
         # room -> user -> conn -> info
         self._rooms: dict[str, dict[str, dict[str, Mapping[str, Any]]]] = {}
         self._online: dict[str, set[str]] = {}
+        #: (room, user, conn) that left before joining: that join is dropped
+        self._cancelled: dict[tuple[str, str, str], bool] = {}
 
     def start(self) -> Deferred[None]:
         return succeed(None)
@@ -191,6 +194,8 @@ class MemoryPresence:
     def join(
         self, room: str, user_id: str, conn_id: str, info: Mapping[str, Any]
     ) -> Deferred[None]:
+        if self._cancelled.pop((room, user_id, conn_id), False):
+            return succeed(None)
         users = self._rooms.setdefault(room, {})
         first = user_id not in users
         users.setdefault(user_id, {})[conn_id] = info
@@ -210,6 +215,9 @@ class MemoryPresence:
         users = self._rooms.get(room)
         conns = users.get(user_id) if users else None
         if users is None or conns is None or conn_id not in conns:
+            self._cancelled[(room, user_id, conn_id)] = True
+            while len(self._cancelled) > 10_000:
+                del self._cancelled[next(iter(self._cancelled))]
             return succeed(None)
         del conns[conn_id]
         if conns:

@@ -9,10 +9,16 @@ hands each entry to its hub: events, presence notifications and disconnect
 orders all travel this one ordered stream, so all nodes see one order.
 
 A node that loses Redis for a moment resumes from its last id and misses
-nothing.  If it cannot -- the feed was trimmed past its position, or Redis
-came back empty -- it tells the hub to make every client recover (the
-clients rejoin with their cursors and get the replay or C{recovered: false});
-it never loses events silently.
+nothing.  If it cannot -- the feed was trimmed past its position, went back,
+or Redis came back empty (the feed's epoch key changed: ids alone cannot show
+it once another node has published into the new feed) -- it tells the hub to
+make every client recover (the clients rejoin with their cursors and get the
+replay or C{recovered: false}); it never loses events silently.  Continuity
+is proven after every failed read, before the next one.
+
+Feed entries have a single field (see L{RedisBroker._dispatch}) and are
+handed to the hub at most L{DISPATCH_SLICE} bytes per reactor turn; both are
+measured choices, explained in docs/cluster-design.md.
 
 Why a stream rather than Pub/Sub for the fan-out (ARCHITECTURE.md allows
 either): a stream keeps a position, so a reconnecting node knows exactly what
@@ -23,6 +29,7 @@ position check to detect loss.
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +55,7 @@ log = Logger(namespace="unrealon.engine.redisbroker")
 
 PREFIX = "unrealon:"
 FEED = PREFIX + "feed"
+FEED_EPOCH = PREFIX + "feed:epoch"
 #: entries kept in the feed: minutes of traffic, so a node that loses Redis
 #: for a moment finds its position still there
 FEED_MAXLEN = 100_000
@@ -56,6 +64,14 @@ IDEMPOTENCY_TTL = 86_400
 #: the feed read blocks at most this long, so stopping is prompt
 READ_BLOCK_MS = 1000
 READ_COUNT = 1000
+#: bytes of events handed to the hub per reactor turn.  A batch of the feed
+#: can hold megabytes; delivered in one turn, all of it would sit in every
+#: member's transport buffer at once (the kernel only takes data between
+#: turns, and Twisted hands it at most 128 KiB per connection per turn), and
+#: even readers that keep up would exceed UNREALON_SEND_BUFFER_LIMIT and be
+#: closed with 4008.  Yielding to the reactor every slice lets each turn's
+#: writes reach the kernel first, so only real slow readers accumulate.
+DISPATCH_SLICE = 64 * 1024
 
 #: Redis unreachable (txredisapi's TimeoutError is one of its ConnectionErrors);
 #: error replies (script bugs) are not this and stay loud
@@ -88,7 +104,8 @@ def split_notification(event: str, room: str, data: Mapping[str, Any]) -> tuple[
 def parse_cursor(cursor: str) -> tuple[str, int, int] | None:
     epoch, sep, stream_id = cursor.partition(":")
     ms, dash, seq = stream_id.partition("-")
-    if not (sep and dash and epoch and ms.isdigit() and seq.isdigit()):
+    # isascii: str.isdigit() also accepts digits int() refuses ("²")
+    if not (sep and dash and epoch and stream_id.isascii() and ms.isdigit() and seq.isdigit()):
         return None
     if len(ms) > 16 or len(seq) > 19:
         return None
@@ -122,6 +139,13 @@ class RedisBroker:
         self._size = history_size
         self._ttl = max(1, int(history_ttl))
         self._last_id = "0-0"
+        #: the feed's epoch when this node last proved continuity
+        self._feed_epoch = ""
+        #: set after a failed read: continuity must be checked before the
+        #: next one, and stays set until a check gets an answer
+        self._unverified = False
+        #: the reader connection's CLIENT ID, so stop() can end its BLOCK
+        self._reader_id: int | None = None
         self._running = False
         self._loop: Deferred[None] | None = None
         #: False while the feed cannot be read (for /health)
@@ -138,6 +162,7 @@ class RedisBroker:
 
     async def _start(self) -> None:
         self._running = True
+        self._feed_epoch = await self._current_feed_epoch()
         self._last_id = await self._feed_position()
         self.feed_ok = True
         self._loop = Deferred.fromCoroutine(self._read_feed())
@@ -147,85 +172,145 @@ class RedisBroker:
         loop = self._loop
         if loop is None:
             return succeed(None)
-        # the read in flight ends within READ_BLOCK_MS; don't cancel it
-        # (a cancelled XREAD could drop entries already sent to us)
+        # End the read in flight now (CLIENT UNBLOCK: it returns as if its
+        # BLOCK timed out); else it ends within READ_BLOCK_MS.  Don't cancel
+        # it: a cancelled XREAD could drop entries already sent to us.
+        if self._reader_id is not None and not loop.called:
+            unblock = self._redis.execute_command("CLIENT", "UNBLOCK", self._reader_id)
+            unblock.addTimeout(1.0, self._reactor)
+            unblock.addErrback(lambda _: None)
         loop.addTimeout(READ_BLOCK_MS / 1000 + 2, self._reactor)
         loop.addErrback(lambda _: None)
         return loop
+
+    async def _reader_client_id(self) -> int | None:
+        try:
+            return int(await self._reader.redis.execute_command("CLIENT", "ID"))
+        except Exception:
+            return None  # not allowed (ACLs): stop waits for the BLOCK instead
 
     async def _feed_position(self) -> str:
         last = await self._streams.xrevrange(FEED, count=1)
         return last[0].id if last else "0-0"
 
+    async def _current_feed_epoch(self) -> str:
+        epoch = await scripts.FEED_EPOCH(self._redis, [FEED_EPOCH], [secrets.token_hex(8)])
+        return str(epoch)
+
     async def _read_feed(self) -> None:
         delay = 0.1
         while self._running:
             try:
+                if self._unverified:
+                    await self._check_continuity()
+                    self._unverified = False
+                if self._reader_id is None:
+                    self._reader_id = await self._reader_client_id()
                 batches = await self._reader.xread(
                     {FEED: self._last_id}, count=READ_COUNT, block_ms=READ_BLOCK_MS
                 )
-            except (*_REDIS_ERRORS, txredisapi.ResponseError) as e:
+            except Exception as e:
                 if self.stopped():
                     return
                 self.feed_ok = False
-                log.warn("cluster feed read failed ({error}); retrying", error=type(e).__name__)
+                self._unverified = True
+                self._reader_id = None  # a new connection gets a new id
+                if isinstance(e, (*_REDIS_ERRORS, txredisapi.ResponseError)):
+                    log.warn(
+                        "cluster feed read failed ({error}); retrying", error=type(e).__name__
+                    )
+                else:
+                    log.failure("cluster feed read failed; retrying")
                 await deferLater(self._reactor, delay, lambda: None)
                 delay = min(delay * 2, 2.0)
-                await self._check_continuity()
                 continue
             delay = 0.1
             self.feed_ok = True
+            dispatched = 0
             for _, entries in batches:
                 for entry in entries:
                     self._last_id = entry.id
-                    self._dispatch(entry)
+                    dispatched += self._dispatch(entry)
+                    if dispatched >= DISPATCH_SLICE:
+                        dispatched = 0
+                        await deferLater(self._reactor, 0, lambda: None)
 
     async def _check_continuity(self) -> None:
         """
-        After an outage: is our position still in the feed?  If entries after
-        it are gone, or Redis lost the feed, clients must recover.
+        After a failed read: is our position still in the feed?  If Redis
+        lost its data (the feed's epoch changed), the feed went back, or
+        entries after our position were removed, clients must recover.
+        Raises while Redis cannot answer (the caller retries the check).
         """
+        epoch = await self._current_feed_epoch()
         try:
             info = await self._streams.redis.execute_command("XINFO", "STREAM", FEED)
         except txredisapi.ResponseError:
-            info = None  # no feed at all: Redis lost its data
-        except _REDIS_ERRORS:
-            return  # still down; the next read will tell
+            info = None  # no feed (yet): nothing was published since Redis lost it
         fields = dict(zip(info[::2], info[1::2], strict=False)) if info else {}
         last = str(fields.get("last-generated-id", "0-0"))
+        first = str(fields.get("recorded-first-entry-id", "0-0"))
         deleted = str(fields.get("max-deleted-entry-id", "0-0"))
-        if _id_key(last) < _id_key(self._last_id) or _id_key(deleted) > _id_key(self._last_id):
+        position = _id_key(self._last_id)
+        lost = (
+            epoch != self._feed_epoch
+            or _id_key(last) < position
+            or _id_key(deleted) > position
+            # trimmed past our position (trimming does not move max-deleted)
+            or (info is not None and _id_key(first) > position and _id_key(first) != (0, 0))
+        )
+        if lost:
             log.warn(
                 "cluster feed lost entries after {position}; making clients recover",
                 position=self._last_id,
             )
+            self._feed_epoch = epoch
             self._last_id = last
             self.sink.resync(None)
 
-    def _dispatch(self, entry: StreamEntry) -> None:
+    def _dispatch(self, entry: StreamEntry) -> int:
+        """
+        Hand one feed entry to the hub; returns the size of its message.
+
+        An entry has one field whose name is its kind and whose value packs
+        the rest, newline-separated (room names, cursors and user ids never
+        hold a newline; the message, last, may):
+
+        - C{e}: room, cursor, notification -- a room event
+        - C{p}: room, excluded user ("" for none), notification -- presence
+        - C{d}: user, reason -- connections.disconnect
+
+        One field rather than one per part because txredisapi parses every
+        bulk string of a reply in a reactor turn of its own: 3 bulk strings
+        per entry (id, name, value) instead of 9 triples the feed's rate.
+        """
         fields = entry.fields
-        if fields is None:
-            return
-        kind = fields.get("k")
+        if not fields:
+            return 0
         try:
-            if kind == "e":
-                self.sink.deliver(
-                    RoomEvent(room=fields["r"], cursor=fields["c"], message=fields["m"].encode())
-                )
-            elif kind == "p":
-                self.sink.deliver_ephemeral(
-                    EphemeralEvent(
-                        room=fields["r"],
-                        message=fields["m"].encode(),
-                        exclude_user=fields.get("x") or None,
+            for kind, value in fields.items():
+                if kind == "e":
+                    room, cursor, text = value.split("\n", 2)
+                    message = text.encode()
+                    self.sink.deliver(RoomEvent(room=room, cursor=cursor, message=message))
+                    return len(message)
+                if kind == "p":
+                    room, user, text = value.split("\n", 2)
+                    message = text.encode()
+                    self.sink.deliver_ephemeral(
+                        EphemeralEvent(room=room, message=message, exclude_user=user or None)
                     )
-                )
-            elif kind == "d":
-                self.sink.disconnect_user(fields["u"], fields.get("m", ""))
-        except KeyError:
+                    return len(message)
+                if kind == "d":
+                    user, _, reason = value.partition("\n")
+                    self.sink.disconnect_user(user, reason)
+                    return 0
+            log.warn("unknown cluster feed entry {id}", id=entry.id)
+        except ValueError:
             log.warn("malformed cluster feed entry {id}", id=entry.id)
         except Exception:
             log.failure("delivering cluster feed entry {id} failed", id=entry.id)
+        return 0
 
     # -- IBroker -----------------------------------------------------------------
 
@@ -276,14 +361,14 @@ class RedisBroker:
 
     def publish_ephemeral(self, event: EphemeralEvent) -> Deferred[None]:
         args: list[str | bytes | int] = [
-            FEED_MAXLEN, "k", "p", "r", event.room, "m", event.message,
-            "x", event.exclude_user or "",
+            FEED_MAXLEN, "p",
+            f"{event.room}\n{event.exclude_user or ''}\n".encode() + event.message,
         ]
         d = scripts.FEED(self._redis, [FEED], args)
         return d.addCallbacks(lambda _: None, _unavailable)
 
     def disconnect_user(self, user_id: str, reason: str) -> Deferred[None]:
-        d = scripts.FEED(self._redis, [FEED], [FEED_MAXLEN, "k", "d", "u", user_id, "m", reason])
+        d = scripts.FEED(self._redis, [FEED], [FEED_MAXLEN, "d", f"{user_id}\n{reason}"])
         return d.addCallbacks(lambda _: None, _unavailable)
 
     def healthy(self) -> Deferred[Mapping[str, Any] | None]:

@@ -13,7 +13,21 @@ Entries are written to expire 3/4 of the TTL after each heartbeat and the
 sweep runs every tenth of it, so a crashed node's users leave within the TTL
 while a live node's entries always keep a margin of about 40% of the TTL
 against a late heartbeat.  Expiry times use Redis' clock (scripts call
-TIME), so nodes' clocks need not agree.
+TIME), so nodes' clocks need not agree.  The arithmetic, with T the TTL: a
+node dies at most T/3 after its last heartbeat, so its entries expire at
+most 3T/4 after the crash; the sweep lock lives 2T/10 (a dead sweeper's lock
+is gone before then) and sweeps come every T/10, so the users are removed
+and announced within 3T/4 + T/10 = 0.85 T, plus the feed's delivery.
+
+Entries are members C{<user>|<conn>@<node token>}: connection ids repeat
+across nodes, the token makes them cluster-unique.  Two failure modes are
+handled on purpose: a connection that leaves before its join reached the
+engine (the join is dropped, see L{IPresence.leave}), and a node whose
+entries were swept while it could not heartbeat -- a Redis outage, a long
+pause -- which puts them back at its next heartbeat (announcing the user
+again) rather than staying invisible.  And when no sweep at all ran for 4T/10
+(Redis hung or restarted, or every node was away), expired entries get one
+more lifetime instead of a presence.left storm followed by a joined storm.
 
 The same structures under the reserved room C{__online__} answer
 C{presence.online} (is a user connected anywhere) without announcements.
@@ -26,7 +40,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -43,7 +57,24 @@ log = Logger(namespace="unrealon.engine.redispresence")
 P = PREFIX + "p:"
 ONLINE = "__online__"
 SWEEP_LOCK = P + "sweeper"
+SWEPT = P + "swept"
 HEARTBEAT_BATCH = 500
+
+
+#: cancelled joins remembered at most (oldest forgotten first): only a join
+#: still waiting on something when its connection left makes one
+MAX_CANCELLED = 10_000
+
+
+def _cancel(cancelled: dict[Any, bool], key: Any) -> None:
+    cancelled[key] = True
+    while len(cancelled) > MAX_CANCELLED:
+        del cancelled[next(iter(cancelled))]
+
+
+def _user_of(member: str) -> str:
+    """C{<user>|<conn>}: user ids may contain "|" (auth0|123), connection ids never."""
+    return member.rpartition("|")[0]
 
 
 def _keys(room: str) -> tuple[str, str, str]:
@@ -59,9 +90,14 @@ class RedisPresence:
         self._redis = redis
         self._ttl = ttl
         self._lifetime_ms = int(ttl * 750)
-        #: this node's live entries, refreshed by the heartbeat: room -> members
-        self._local: dict[str, set[str]] = {}
+        self._sweep_interval = max(0.1, ttl / 10)
+        #: this node's live entries, refreshed (and restored if swept) by the
+        #: heartbeat: room -> member -> info json
+        self._local: dict[str, dict[str, str]] = {}
         self._token = secrets.token_hex(8)
+        #: connections that left a room before their join came: that join is
+        #: dropped (see IPresence.leave)
+        self._cancelled: dict[tuple[str, str], bool] = {}
         self._heartbeat = LoopingCall(self.heartbeat)
         self._heartbeat.clock = reactor
         self._sweeper = LoopingCall(self.sweep)
@@ -71,7 +107,7 @@ class RedisPresence:
         self._heartbeat.start(self._ttl / 3, now=False).addErrback(
             lambda f: log.failure("presence heartbeat stopped", f)
         )
-        self._sweeper.start(max(0.1, self._ttl / 10), now=True).addErrback(
+        self._sweeper.start(self._sweep_interval, now=True).addErrback(
             lambda f: log.failure("presence sweeper stopped", f)
         )
         return succeed(None)
@@ -85,30 +121,60 @@ class RedisPresence:
     # -- periodic work -------------------------------------------------------
 
     def heartbeat(self) -> Deferred[None]:
-        """Push back the expiry of every local entry (errors are logged, not raised)."""
-        pairs = [(room, member) for room, members in self._local.items() for member in members]
-        d = Deferred.fromCoroutine(self._heartbeat_batches(pairs))
+        """
+        Push back the expiry of every local entry, restoring any that was
+        swept (errors are logged, not raised).
+
+        Every batch is sent now, in one go: a leave made after this call
+        reaches Redis after the batch that holds its entry, so a heartbeat
+        never restores a connection that has left.
+        """
+        triples = [
+            (room, member, info)
+            for room, members in self._local.items()
+            for member, info in members.items()
+        ]
+        batches = []
+        for start in range(0, len(triples), HEARTBEAT_BATCH):
+            args: list[Any] = [P, self._lifetime_ms, FEED_MAXLEN]
+            for triple in triples[start : start + HEARTBEAT_BATCH]:
+                args += triple
+            batches.append(scripts.PRESENCE_HEARTBEAT(self._redis, [FEED], args))
+        d: Deferred[Any] = gatherResults(batches, consumeErrors=True)
+        d.addCallback(self._restored)
         d.addErrback(self._log_quietly, "heartbeat")
         return d
 
-    async def _heartbeat_batches(self, pairs: list[tuple[str, str]]) -> None:
-        for start in range(0, len(pairs), HEARTBEAT_BATCH):
-            args: list[Any] = [P, self._lifetime_ms]
-            for room, member in pairs[start : start + HEARTBEAT_BATCH]:
-                args += [room, member]
-            await scripts.PRESENCE_HEARTBEAT(self._redis, [], args)
+    def _restored(self, counts: list[Any]) -> None:
+        restored = sum(int(n) for n in counts)
+        if restored:
+            log.warn("presence heartbeat restored {count} swept entries", count=restored)
 
     def sweep(self) -> Deferred[None]:
         """Remove expired entries cluster-wide, if this node holds the sweep lock."""
-        lock_ms = int(max(0.1, self._ttl / 10) * 3000)
+        interval_ms = int(self._sweep_interval * 1000)
         d = scripts.PRESENCE_SWEEP(
             self._redis,
-            [SWEEP_LOCK],
-            [P, 0, self._token, lock_ms, FEED, FEED_MAXLEN],
+            [SWEEP_LOCK, SWEPT],
+            # The holder renews the lock every interval; 2 intervals of
+            # validity leave one for a late timer, and a dead holder's lock
+            # is gone within 2, so a sweep still runs within 3 intervals and
+            # "no sweep for 4 intervals" means Redis (or everyone) was away.
+            [P, self._lifetime_ms, self._token, 2 * interval_ms, FEED, FEED_MAXLEN,
+             4 * interval_ms],
         )
-        d.addCallback(lambda _: None)
+        d.addCallback(self._swept)
         d.addErrback(self._log_quietly, "sweep")
         return d
+
+    def _swept(self, reply: Any) -> None:
+        _removed, extended = (int(n) for n in reply)
+        if extended:
+            log.warn(
+                "presence sweep found no sweep for a while (Redis away?): gave {count} "
+                "expired entries one more lifetime instead of removing them",
+                count=extended,
+            )
 
     def _log_quietly(self, failure: Any, what: str) -> None:
         # Redis being away is reported by /health; don't stop the loop.
@@ -116,23 +182,37 @@ class RedisPresence:
 
     # -- membership ------------------------------------------------------------
 
+    def _member(self, user_id: str, conn_id: str) -> str:
+        """
+        The connection's entry: C{<user>|<conn>@<node token>}.  Connection ids
+        are only unique within a process (every node has a "c1"), so the
+        node's random token makes them unique in the cluster; without it two
+        nodes' connections of one user would be one entry, and the first to
+        leave would announce presence.left for both.
+        """
+        return f"{user_id}|{conn_id}@{self._token}"
+
     def _join(self, room: str, user_id: str, conn_id: str, info: Mapping[str, Any], message: bytes | str) -> Deferred[None]:
-        member = f"{user_id}|{conn_id}"
-        self._local.setdefault(room, set()).add(member)
+        member = self._member(user_id, conn_id)
+        if self._cancelled.pop((room, member), False):
+            return succeed(None)  # it left (or closed) while its join was on its way
+        info_json = json.dumps(dict(info), separators=(",", ":"))
+        self._local.setdefault(room, {})[member] = info_json
         members, counts, infos = _keys(room)
         d = scripts.PRESENCE_JOIN(
             self._redis,
             [members, counts, infos, P + "rooms", FEED],
-            [room, user_id, member, self._lifetime_ms,
-             json.dumps(dict(info), separators=(",", ":")), message, FEED_MAXLEN],
+            [room, user_id, member, self._lifetime_ms, info_json, message, FEED_MAXLEN],
         )
         return d.addCallbacks(lambda _: None, _unavailable)
 
     def _leave(self, room: str, user_id: str, conn_id: str, message: bytes | str) -> Deferred[None]:
-        member = f"{user_id}|{conn_id}"
+        member = self._member(user_id, conn_id)
         local = self._local.get(room)
-        if local is not None:
-            local.discard(member)
+        if local is None or member not in local:
+            _cancel(self._cancelled, (room, member))
+        else:
+            del local[member]
             if not local:
                 del self._local[room]
         members, counts, infos = _keys(room)
@@ -175,7 +255,7 @@ class RedisPresence:
             counts: dict[str, int] = {}
             infos: dict[str, Any] = {}
             for member, info in pairs:
-                user = member.split("|", 1)[0]
+                user = _user_of(member)
                 counts[user] = counts.get(user, 0) + 1
                 if user not in infos:
                     try:
@@ -188,7 +268,7 @@ class RedisPresence:
 
     def count(self, room: str) -> Deferred[PresenceCount]:
         def tally(pairs: list[tuple[str, str]]) -> PresenceCount:
-            users = {member.split("|", 1)[0] for member, _ in pairs}
+            users = {_user_of(member) for member, _ in pairs}
             return PresenceCount(users=len(users), connections=len(pairs))
 
         return self._live(room).addCallback(tally)

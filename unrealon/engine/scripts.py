@@ -51,13 +51,19 @@ if not epoch then
   epoch = new_epoch()
   redis.call('DEL', KEYS[1])
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'h', ARGV[1], 't', ARGV[2])
+-- keep at least size + 1 entries (trimming is approximate, from the head):
+-- the entry at a cursor with at most `size` events after it is then still
+-- there, which is what lets RECOVER prove a replay complete by counting
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', tonumber(ARGV[3]) + 1, '*',
+                      'h', ARGV[1], 't', ARGV[2])
 local ttl = tonumber(ARGV[4])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('SET', KEYS[2], epoch, 'EX', ttl)
 local cursor = epoch .. ':' .. id
+-- feed entry: one field (see redisbroker: one bulk string per value is what
+-- txredisapi parses slowly): "e" = room, cursor, notification (newline-separated)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*',
-           'k', 'e', 'r', ARGV[7], 'c', cursor, 'm', ARGV[1] .. cursor .. ARGV[2])
+           'e', ARGV[7] .. '\\n' .. cursor .. '\\n' .. ARGV[1] .. cursor .. ARGV[2])
 if KEYS[4] ~= '' then
   redis.call('SET', KEYS[4], cursor, 'EX', tonumber(ARGV[6]))
 end
@@ -94,6 +100,10 @@ local since = ARGV[2]
 if id_less(last, since) or id_less(since, deleted) then
   return {epoch, last, 0, {}}
 end
+-- Complete or nothing: PUBLISH keeps at least size + 1 entries and trims
+-- only from the head, so if any entry after `since` was trimmed, every
+-- retained one (size + 1 or more) is after `since` and the count below is
+-- over `size`.  (max-deleted-entry-id above only covers XDEL, not trimming.)
 local size = tonumber(ARGV[3])
 local entries = redis.call('XRANGE', KEYS[1], '(' .. since, '+', 'COUNT', size + 1)
 if #entries > size then
@@ -124,14 +134,37 @@ return redis.call(unpack(args))
 """
 )
 
+#: KEYS: feed epoch key
+#: ARGV: a fresh token
+#: The feed's epoch: set once, kept for ever (no TTL).  A node remembers it;
+#: finding another one after an outage means Redis lost its data (a restart
+#: without persistence), so entries the node had not read yet are gone even
+#: if the feed's ids look continuous.
+FEED_EPOCH = LuaScript(
+    """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[1], epoch)
+end
+return epoch
+"""
+)
+
 _PRESENCE = """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- a member is "<user>|<conn>": user ids may contain "|" (e.g. "auth0|123"),
+-- connection ids never do, so the user is everything before the last bar
+local function user_of(member)
+  return string.match(member, '^(.*)|')
+end
 local function announce(feed, maxlen, room, message, user)
   if message ~= '' then
-    redis.call('XADD', feed, 'MAXLEN', '~', maxlen, '*', 'k', 'p', 'r', room, 'm', message, 'x', user)
+    -- feed entry "p" = room, excluded user, notification (newline-separated)
+    redis.call('XADD', feed, 'MAXLEN', '~', maxlen, '*', 'p', room .. '\\n' .. user .. '\\n' .. message)
   end
 end
 """
@@ -174,53 +207,88 @@ return 0
 """
 )
 
-#: KEYS: none
-#: ARGV: key prefix, lifetime (ms), then room/member pairs
-#: Pushes the expiry of this node's live connections (only those still present).
+#: KEYS: feed
+#: ARGV: key prefix, lifetime (ms), feed maxlen, then room/member/info-json triples
+#: Pushes the expiry of this node's live connections.  A connection that is
+#: missing (swept while this node could not heartbeat -- a Redis outage, a
+#: long pause -- or lost by a Redis restart) is put back, with its user's
+#: count and info, and a user who so comes back is announced again
+#: (presence.joined), so a live connection never stays invisible.  Returns
+#: how many connections were put back.
 PRESENCE_HEARTBEAT = LuaScript(
     _PRESENCE
     + """
-local prefix, expires = ARGV[1], now_ms() + tonumber(ARGV[2])
-for i = 3, #ARGV, 2 do
-  redis.call('ZADD', prefix .. ARGV[i] .. ':m', 'XX', expires, ARGV[i + 1])
+local prefix, expires, restored = ARGV[1], now_ms() + tonumber(ARGV[2]), 0
+for i = 4, #ARGV, 3 do
+  local room, member, info = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local zkey = prefix .. room .. ':m'
+  if redis.call('ZSCORE', zkey, member) then
+    redis.call('ZADD', zkey, 'XX', expires, member)
+  else
+    restored = restored + 1
+    local user = user_of(member)
+    redis.call('ZADD', zkey, expires, member)
+    redis.call('SADD', prefix .. 'rooms', room)
+    redis.call('HSET', prefix .. room .. ':i', user, info)
+    if redis.call('HINCRBY', prefix .. room .. ':u', user, 1) == 1
+        and string.sub(room, 1, 2) ~= '__' then
+      local message = '{"jsonrpc":"2.0","method":"presence.joined","params":{"room":'
+        .. cjson.encode(room) .. ',"user_id":' .. cjson.encode(user) .. ',"info":' .. info .. '}}'
+      announce(KEYS[1], ARGV[3], room, message, user)
+    end
+  end
 end
-return 1
+return restored
 """
 )
 
-#: KEYS: sweeper lock
-#: ARGV: key prefix, (unused), lock token, lock ttl (ms), feed, feed maxlen
+#: KEYS: sweeper lock, last sweep time
+#: ARGV: key prefix, entry lifetime (ms), lock token, lock ttl (ms), feed,
+#:       feed maxlen, stall (ms)
 #: The cluster's one expiry sweep: only the lock holder sweeps.  Removes
 #: expired connections of every room and announces presence.left for users
 #: with none left.  The left notification is built here (JSON-escaped by
 #: cjson) because the node that wrote the entry is gone.
+#: When no sweep ran for longer than `stall` (Redis was away or hung, or the
+#: whole cluster was), entries expired because no node could heartbeat, not
+#: because their nodes died: instead of announcing everyone left (and joined
+#: again at the next heartbeat) it gives the expired entries one more lifetime.
+#: Returns {removed, extended}.
 PRESENCE_SWEEP = LuaScript(
     _PRESENCE
     + """
 local prefix, now = ARGV[1], now_ms()
 local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[3] then return -1 end
+if holder and holder ~= ARGV[3] then return {-1, 0} end
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+redis.call('SET', KEYS[2], now)
+local grace = last > 0 and now - last > tonumber(ARGV[7])
 local rooms = redis.call('SMEMBERS', prefix .. 'rooms')
-local removed = 0
+local removed, extended = 0, 0
 for _, room in ipairs(rooms) do
   local zkey = prefix .. room .. ':m'
   local ukey = prefix .. room .. ':u'
   local ikey = prefix .. room .. ':i'
   local expired = redis.call('ZRANGEBYSCORE', zkey, '-inf', now)
+  if grace then
+    for _, member in ipairs(expired) do
+      redis.call('ZADD', zkey, 'XX', now + tonumber(ARGV[2]), member)
+      extended = extended + 1
+    end
+    expired = {}
+  end
   for _, member in ipairs(expired) do
     redis.call('ZREM', zkey, member)
     removed = removed + 1
-    local bar = string.find(member, '|', 1, true)
-    local user = string.sub(member, 1, bar - 1)
+    local user = user_of(member)
     if redis.call('HINCRBY', ukey, user, -1) <= 0 then
       redis.call('HDEL', ukey, user)
       redis.call('HDEL', ikey, user)
       if string.sub(room, 1, 2) ~= '__' then
         local message = cjson.encode({jsonrpc = '2.0', method = 'presence.left',
                                       params = {room = room, user_id = user}})
-        redis.call('XADD', ARGV[5], 'MAXLEN', '~', ARGV[6], '*',
-                   'k', 'p', 'r', room, 'm', message, 'x', user)
+        announce(ARGV[5], ARGV[6], room, message, user)
       end
     end
   end
@@ -229,7 +297,7 @@ for _, room in ipairs(rooms) do
     redis.call('SREM', prefix .. 'rooms', room)
   end
 end
-return removed
+return {removed, extended}
 """
 )
 
@@ -242,8 +310,7 @@ PRESENCE_LIST = LuaScript(
 local members = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now_ms(), '+inf')
 local out = {}
 for _, member in ipairs(members) do
-  local bar = string.find(member, '|', 1, true)
-  local user = string.sub(member, 1, bar - 1)
+  local user = user_of(member)
   out[#out + 1] = member
   out[#out + 1] = redis.call('HGET', KEYS[2], user) or ''
 end
