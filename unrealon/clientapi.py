@@ -240,17 +240,26 @@ async def rooms_join(call: ClientCall, params: JoinParams) -> JoinResult:
     session, node, room = call.session, call.node, params.room
     admitted = _admission(call, room, params.token)
     was_member = session.begin_join(room, admitted)
+    identity = session.identity
+    track = not was_member and presence_tracked(room) and identity is not None
     try:
         recovery = await bounded(call, node.broker.recover(room, params.since))
+        if track:
+            assert identity is not None
+            await bounded(
+                call, node.presence.join(room, identity.user_id, session.conn_id, identity.info)
+            )
     except BaseException:
+        # Nothing half-done: an error reply means the connection is not in the
+        # room, and a presence entry that may have been written is withdrawn.
         session.abort_join(room, was_member)
+        if track:
+            assert identity is not None
+            node.presence.leave(room, identity.user_id, session.conn_id).addErrback(
+                lambda _: None
+            )
         raise
     call.after_reply(lambda: session.finish_join(room, recovery.cursor))
-    if not was_member and presence_tracked(room) and session.identity is not None:
-        await bounded(
-            call,
-            node.presence.join(room, session.identity.user_id, session.conn_id, session.identity.info),
-        )
     return JoinResult(
         room=room,
         cursor=recovery.cursor,
