@@ -10,6 +10,7 @@ time, so the hot path only ever increments counters.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -71,6 +72,15 @@ class Metrics:
             "unrealon_ingress_dead_letters", "Entries in the dead-letter stream", registry=r
         )
         self.redis_up = Gauge("unrealon_redis_up", "1 when Redis answers", registry=r)
+        self._call_children: dict[tuple[str, str], Any] = {}
+
+    def call_outcome(self, method: str, outcome: str) -> None:
+        """Count one call; the labelled child is looked up once per pair (hot path)."""
+        child = self._call_children.get((method, outcome))
+        if child is None:
+            child = self.calls.labels(method=method, outcome=outcome)
+            self._call_children[(method, outcome)] = child
+        child.inc()
 
     def watch(
         self,

@@ -448,38 +448,44 @@ class Registry:
             key=lambda s: s.name,
         )
 
+    def invoke(
+        self, spec: MethodSpec[Any], context: Any, raw_params: dict[str, Any] | list[Any]
+    ) -> Any:
+        """
+        Validate params and run the handler: the JSON result at once for a
+        synchronous handler, else a Deferred of it.
+
+        Raises (or fails with) L{RPCError} only.  Positional params (a list)
+        are -32602: params are by name.  Anything else a handler raises is
+        logged here and becomes -32603 with no detail.  Synchronous handlers
+        never touch a Deferred: this is the per-call hot path.
+        """
+        if not isinstance(raw_params, dict):
+            raise invalid_params([FieldError("params", "params must be given by name")])
+        if spec.extra_params:
+            params: Any = validate_params_with_extras(spec.params, raw_params)
+        else:
+            params = validate_params(spec.params, raw_params)
+        try:
+            out = spec.handler(context, params)
+        except RPCError:
+            raise
+        except Exception:
+            log.failure("handler for {method} failed", method=spec.name)
+            raise RPCError(INTERNAL_ERROR) from None
+        if isinstance(out, typing.Coroutine):
+            out = ensureDeferred(out)
+        if isinstance(out, Deferred):
+            out.addCallback(to_json)
+            out.addErrback(_internal_error, spec.name)
+            return out
+        return to_json(out)
+
     def dispatch(
         self, spec: MethodSpec[Any], context: Any, raw_params: dict[str, Any] | list[Any]
     ) -> Deferred[Any]:
-        """
-        Validate params, run the handler, and give the JSON result.
-
-        Positional params (a list) are -32602: params are by name.  Fails
-        with L{RPCError} only: anything else a handler raises is logged here
-        and becomes -32603 with no detail.
-        """
-        if not isinstance(raw_params, dict):
-            return _failed(
-                invalid_params([FieldError("params", "params must be given by name")])
-            )
-        try:
-            if spec.extra_params:
-                params: Any = validate_params_with_extras(spec.params, raw_params)
-            else:
-                params = validate_params(spec.params, raw_params)
-        except RPCError as e:
-            return _failed(e)
-
-        def call() -> Any:
-            out = spec.handler(context, params)
-            if isinstance(out, typing.Coroutine):
-                return ensureDeferred(out)
-            return out
-
-        d = maybeDeferred(call)
-        d.addCallback(to_json)
-        d.addErrback(_internal_error, spec.name)
-        return d
+        """L{invoke}, always as a Deferred."""
+        return maybeDeferred(self.invoke, spec, context, raw_params)
 
 
 def _failed(error: RPCError) -> Deferred[Any]:

@@ -605,13 +605,23 @@ class RPCSession(WebSocketServerProtocol):
             return
         calls = [ClientCall(self) for _ in incoming.entries]
         replies = [self._handle(entry, call) for entry, call in zip(incoming.entries, calls, strict=True)]
-        if incoming.is_batch:
-            d = gatherResults(replies, consumeErrors=True)
+        if not incoming.is_batch:
+            # the common case, and synchronous handlers answer without a Deferred
+            reply = replies[0]
+            if isinstance(reply, Deferred):
+                reply.addCallback(self._send_single, calls[0])
+                reply.addErrback(self._reply_failed)
+            else:
+                self._send_single(reply, calls[0])
+        elif any(isinstance(r, Deferred) for r in replies):
+            d = gatherResults(
+                [r if isinstance(r, Deferred) else succeed(r) for r in replies],
+                consumeErrors=True,
+            )
             d.addCallback(self._send_batch, calls)
+            d.addErrback(self._reply_failed)
         else:
-            d = replies[0]
-            d.addCallback(self._send_single, calls[0])
-        d.addErrback(self._reply_failed)
+            self._send_batch(replies, calls)
 
     def _send_single(self, reply: Any, call: ClientCall) -> None:
         if reply is not None:
@@ -628,36 +638,42 @@ class RPCSession(WebSocketServerProtocol):
     def _reply_failed(self, failure: Failure) -> None:
         log.failure("sending a reply failed", failure)
 
-    def _handle(self, entry: jsonrpc.Entry, call: ClientCall) -> Deferred[Any]:
-        """One entry: its reply object, or None for a notification."""
+    def _handle(self, entry: jsonrpc.Entry, call: ClientCall) -> Any:
+        """One entry: its reply object (None for a notification), or a Deferred of it."""
         if isinstance(entry, jsonrpc.Invalid):
-            return succeed(jsonrpc.error_response(entry.id, entry.error))
-        node = self.node
+            return jsonrpc.error_response(entry.id, entry.error)
+        metrics = self.node.metrics
         started = time.perf_counter()
         try:
             spec = self._admit(entry)
         except RPCError as e:
-            node.metrics.calls.labels(method="-", outcome=str(e.code)).inc()
-            return succeed(None if entry.is_notification else jsonrpc.error_response(entry.id, e))
-        d = node.registry.dispatch(spec, call, entry.params)
+            metrics.call_outcome("-", str(e.code))
+            return None if entry.is_notification else jsonrpc.error_response(entry.id, e)
 
         def done(result: Any) -> Any:
-            node.metrics.calls.labels(method=spec.name, outcome="ok").inc()
-            node.metrics.call_seconds.observe(time.perf_counter() - started)
+            metrics.call_outcome(spec.name, "ok")
+            metrics.call_seconds.observe(time.perf_counter() - started)
             if entry.is_notification:
                 return None
             return jsonrpc.result_response(entry.id, result)
 
         def failed(failure: Failure) -> Any:
             error = failure.value if failure.check(RPCError) else RPCError(jsonrpc.INTERNAL_ERROR)
-            assert isinstance(error, RPCError)
-            node.metrics.calls.labels(method=spec.name, outcome=str(error.code)).inc()
+            return refused(error)
+
+        def refused(error: Any) -> Any:
+            metrics.call_outcome(spec.name, str(error.code))
             if entry.is_notification:
                 return None
             return jsonrpc.error_response(entry.id, error)
 
-        d.addCallbacks(done, failed)
-        return d
+        try:
+            result = self.node.registry.invoke(spec, call, entry.params)
+        except RPCError as e:
+            return refused(e)
+        if isinstance(result, Deferred):
+            return result.addCallbacks(done, failed)
+        return done(result)
 
     def _admit(self, entry: jsonrpc.Request) -> Any:
         """Rate limit, authentication gate and lookup, in that order."""
