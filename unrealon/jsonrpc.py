@@ -169,7 +169,7 @@ def decode_json(payload: bytes | str) -> Any:
     """
     if isinstance(payload, bytes):
         payload = payload.decode("utf-8")
-    return json.loads(payload, parse_constant=_refuse_constant, parse_float=_finite_float)
+    return _DECODER.decode(payload)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -181,6 +181,12 @@ def _finite_float(text: str) -> float:
     if math.isinf(value):
         raise ValueError("number out of range")
     return value
+
+
+# Built once: json.loads/dumps with options build a new coder per call (hot path).
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_ASCII_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 
 
 def parse_message(payload: bytes | str) -> Incoming:
@@ -224,10 +230,8 @@ def encode(message: Any) -> bytes:
     escapes instead, which still reads back as the very same string.
     Raises L{TypeError} or L{ValueError} for values JSON cannot carry.
     """
-    text = json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = _ENCODER.encode(message)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
-        return json.dumps(
-            message, ensure_ascii=True, separators=(",", ":"), allow_nan=False
-        ).encode("ascii")
+        return _ASCII_ENCODER.encode(message).encode("ascii")
