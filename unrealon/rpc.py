@@ -262,12 +262,22 @@ def validate_params_with_extras(
     return instance, {k: v for k, v in raw.items() if k not in names}
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
+@functools.cache
+def _attrs_names(cls: type) -> tuple[str, ...] | None:
+    """The field names of an attrs class (None for any other type), once per type."""
+    return tuple(f.name for f in attrs.fields(cls)) if attrs.has(cls) else None
+
+
 def to_json(value: Any) -> Any:
     """Turn a result (attrs instances, enums, tuples) into JSON values."""
-    if attrs.has(type(value)):
-        return {
-            f.name: to_json(getattr(value, f.name)) for f in attrs.fields(type(value))
-        }
+    if isinstance(value, _SCALARS):
+        return value
+    names = _attrs_names(value.__class__)
+    if names is not None:
+        return {name: to_json(getattr(value, name)) for name in names}
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, (list, tuple)):
