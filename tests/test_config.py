@@ -121,7 +121,7 @@ class ContractTests(SynchronousTestCase):
 
     def test_secrets_not_in_repr(self) -> None:
         """The JWT secret and the Redis URL (it may hold a password) are not in the config's repr."""
-        config = load(environ={"JWT_SECRET": KEY, "REDIS_URL": "redis://:hunter2@localhost:6379/0"})
+        config = load(environ={"JWT_SECRET": KEY, "REDIS_URL": "redis://:hunter2@localhost:16379/0"})
         self.assertNotIn(KEY, repr(config))
         self.assertNotIn("hunter2", repr(config))
 
@@ -211,7 +211,7 @@ class DotenvTests(SynchronousTestCase):
             "F=a=b=c\n"
             "G=\n"
             "H=\"unbalanced\n"
-            "REDIS_URL=redis://:p%40ss@host:6379/0?db=0\n"
+            "REDIS_URL=redis://:p%40ss@host:16379/0?db=0\n"
         )
         self.assertEqual(
             read_dotenv(path),
@@ -224,7 +224,7 @@ class DotenvTests(SynchronousTestCase):
                 "F": "a=b=c",
                 "G": "",
                 "H": '"unbalanced',
-                "REDIS_URL": "redis://:p%40ss@host:6379/0?db=0",
+                "REDIS_URL": "redis://:p%40ss@host:16379/0?db=0",
             },
         )
 
@@ -326,13 +326,13 @@ class BadSettingTests(SynchronousTestCase):
         without a path -- are refused without showing the password.
         """
         for value in (
-            "http://:hunter2pw@localhost:6379/0",
-            "rediss://:hunter2pw@localhost:6379/0",
+            "http://:hunter2pw@localhost:16379/0",
+            "rediss://:hunter2pw@localhost:16379/0",
             "redis://:hunter2pw@localhost:notaport/0",
-            "redis://:hunter2pw@localhost:6379/db0",
-            "redis://:hunter2pw@localhost:6379/0?bogus=1",
+            "redis://:hunter2pw@localhost:16379/db0",
+            "redis://:hunter2pw@localhost:16379/0?bogus=1",
             "unix://",
-            "localhost:6379",
+            "localhost:16379",
         ):
             self.assert_refused("redis_url", value, secret="hunter2pw")
 
@@ -360,7 +360,7 @@ class BadSettingTests(SynchronousTestCase):
         self.assertEqual(config.allowed_origins, ("https://app.example.com", "http://localhost:3000"))
         self.assertEqual(config.jwt_algorithms, ("HS256", "HS512"))
         self.assertEqual(config.rate_limit, 0.5)
-        load({"redis_url": "redis://:pw@localhost:6379/3", "ws_endpoint": "tcp6:8765:interface=\\:\\:"},
+        load({"redis_url": "redis://:pw@localhost:16379/3", "ws_endpoint": "tcp6:8765:interface=\\:\\:"},
              {"JWT_SECRET": KEY})
 
 

@@ -18,6 +18,7 @@ from twisted.trial import unittest
 
 from tests.helpers.redis_server import RedisServer, RedisServerError, start_redis
 from unrealon.engine.redisclient import (
+    DEFAULT_PORT,
     REPLY_SCRIPT,
     AutoClaim,
     LuaScript,
@@ -57,10 +58,10 @@ def wait_until_ping(client: StreamClient, attempts: int = 40) -> Gen:
 class ParseRedisURLTests(unittest.SynchronousTestCase):
     def test_defaults(self) -> None:
         a = parse_redis_url("redis://")
-        self.assertEqual(a, RedisAddress(kind="tcp", host="localhost", port=6379, db=0))
+        self.assertEqual(a, RedisAddress(kind="tcp", host="localhost", port=DEFAULT_PORT, db=0))
         self.assertEqual(
             parse_redis_url("redis://cache.internal"),
-            RedisAddress(kind="tcp", host="cache.internal", port=6379),
+            RedisAddress(kind="tcp", host="cache.internal", port=DEFAULT_PORT),
         )
 
     def test_full_tcp(self) -> None:
@@ -102,7 +103,7 @@ class ParseRedisURLTests(unittest.SynchronousTestCase):
     def test_errors(self) -> None:
         bad = [
             "http://h",
-            "localhost:6379",
+            "localhost:16379",
             "rediss://:s3cret@h",
             "redis://:s3cret@h:notaport",
             "redis://:s3cret@h:70000",

@@ -7,7 +7,6 @@ handlers and the HTTP resources, so none of them reaches for globals.
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import attrs
@@ -54,7 +53,3 @@ class Node:
     def uptime(self) -> float:
         clock: IReactorTime = self.reactor
         return max(0.0, clock.seconds() - self.started_at)
-
-
-def host_name() -> str:
-    return socket.gethostname()
