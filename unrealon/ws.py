@@ -36,6 +36,7 @@ from zope.interface import implementer
 from unrealon import jsonrpc
 from unrealon.auth import AuthError, Identity
 from unrealon.engine.interfaces import RoomEvent
+from unrealon.frames import DirectFrames
 from unrealon.hub import IMember
 from unrealon.jsonrpc import RPCError
 from unrealon.limits import TokenBucket
@@ -203,7 +204,8 @@ class _Joining:
 
 
 @implementer(IMember)
-class RPCSession(WebSocketServerProtocol):
+# (misc: with two bases mypy re-checks Autobahn's own adapter/protocol clash)
+class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
     """One browser connection speaking JSON-RPC 2.0."""
 
     factory: RPCServerFactory
@@ -306,6 +308,7 @@ class RPCSession(WebSocketServerProtocol):
                 self.closed.callback(None)
 
     def onOpen(self) -> None:
+        self.enable_direct_frames()
         node = self.node
         self._opened = True
         node.metrics.connections_opened.inc()
@@ -492,7 +495,7 @@ class RPCSession(WebSocketServerProtocol):
         size = len(prepared.payloadHybi)
         if self._over_budget(size):
             return
-        self.sendPreparedMessage(prepared)
+        self.write_prepared(prepared)
 
     def send_json(self, message: Any) -> None:
         if self._closing:
@@ -505,7 +508,7 @@ class RPCSession(WebSocketServerProtocol):
             return
         if self._over_budget(len(payload)):
             return
-        self.sendMessage(payload, isBinary=False)
+        self.send_text(payload)
         self.node.metrics.bytes_sent.inc(len(payload))
 
     def sendMessage(
@@ -603,17 +606,19 @@ class RPCSession(WebSocketServerProtocol):
         if incoming.error is not None:
             self.send_json(jsonrpc.error_response(None, incoming.error))
             return
-        calls = [ClientCall(self) for _ in incoming.entries]
-        replies = [self._handle(entry, call) for entry, call in zip(incoming.entries, calls, strict=True)]
         if not incoming.is_batch:
             # the common case, and synchronous handlers answer without a Deferred
-            reply = replies[0]
+            call = ClientCall(self)
+            reply = self._handle(incoming.entries[0], call)
             if isinstance(reply, Deferred):
-                reply.addCallback(self._send_single, calls[0])
+                reply.addCallback(self._send_single, call)
                 reply.addErrback(self._reply_failed)
             else:
-                self._send_single(reply, calls[0])
-        elif any(isinstance(r, Deferred) for r in replies):
+                self._send_single(reply, call)
+            return
+        calls = [ClientCall(self) for _ in incoming.entries]
+        replies = [self._handle(entry, call) for entry, call in zip(incoming.entries, calls, strict=True)]
+        if any(isinstance(r, Deferred) for r in replies):
             d = gatherResults(
                 [r if isinstance(r, Deferred) else succeed(r) for r in replies],
                 consumeErrors=True,
