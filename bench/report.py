@@ -39,7 +39,8 @@ COLUMNS: dict[str, tuple[list[tuple[str, str]], str, bool]] = {
     "ai_stream": ([("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("completeness_pct", "complete %"),
                    ("out_of_order", "out of order"), ("server_cpu_us_per_op", "srv CPU µs/chunk")],
                   "p99_ms", False),
-    "idle_memory": ([("rss_per_conn_kib", "RSS KiB/conn"), ("kernel_tcp_kib_per_conn", "kernel KiB/conn"),
+    "idle_memory": ([("connected", "held"), ("alive_after_hold", "alive after hold"),
+                     ("rss_per_conn_kib", "RSS KiB/conn"), ("kernel_tcp_kib_per_conn", "kernel KiB/conn"),
                      ("rss_after_mib", "RSS MiB"), ("idle_cpu_pct", "idle CPU %")],
                     "rss_per_conn_kib", False),
     "connect_rate": ([("conns_per_s", "conns/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
@@ -49,6 +50,9 @@ COLUMNS: dict[str, tuple[list[tuple[str, str]], str, bool]] = {
                          ("members", "members")], "time_to_all_s", False),
 }
 
+
+# Counts shown exactly: "19.0k" would hide one dropped connection of 19,000.
+EXACT = {"connected", "alive_after_hold"}
 
 _PCT = re.compile(r"(\d+)%")
 _PER_RUN = ("machine busy", "client-bound")  # about the measurement, one per run
@@ -104,10 +108,11 @@ def _fmt(v: float | None) -> str:
     return f"{v:.2f}"
 
 
-def _cell(m: dict[str, Any] | None) -> str:
+def _cell(m: dict[str, Any] | None, exact: bool = False) -> str:
     if not m or m.get("median") is None:
         return NONE
-    s = _fmt(m["median"])
+    v = m["median"]
+    s = (f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}") if exact else _fmt(v)
     if m.get("iqr") is not None:
         s += " ±" + _fmt(m["iqr"] / 2)
     return s
@@ -176,7 +181,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             if r["ok_runs"] < r["runs"]:
                 notes = f"{r['ok_runs']}/{r['runs']} runs ok; " + notes
             out.append("| {} | {} | {} | {} | {} | {} |".format(
-                r["case"], r["server"], " | ".join(_cell(r["metrics"].get(k)) for k, _ in present),
+                r["case"], r["server"], " | ".join(_cell(r["metrics"].get(k), k in EXACT) for k, _ in present),
                 _ratio(r, ceil, head, higher), _ratio(r, inc, head, higher), notes))
         out.append("")
     return "\n".join(out)

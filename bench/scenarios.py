@@ -11,13 +11,16 @@ a deadline.
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness import ClientProc, Window, finish_all, per_op_us, start_all
-from servers import RunningServer
+from role_conns import FD_RESERVE
+from servers import Ports, RunningServer, free_port
 from stats import merged
 
 FULL: dict[str, Any] = {
@@ -30,7 +33,10 @@ FULL: dict[str, Any] = {
     # sessions over (a backend publishes through many workers, not one socket)
     "ai_stream": {"sessions": 50, "chunks_per_s": 50, "duration_s": 5.0, "publisher_conns": 10},
     # quiet_s: pause after the warm-up connections closed, before the baseline
-    "idle_memory": {"conns": 10000, "hold_s": 3.0, "settle_s": 1.0, "quiet_s": 1.0},
+    # conns: one case per size, each against one server process (19,000: the
+    # issue's "19,000 connections in one process"); a fresh server per case
+    "idle_memory": {"conns": [10000, 19000], "hold_s": 3.0, "settle_s": 1.0, "quiet_s": 1.0,
+                    "connect_deadline_s": 240.0, "ping_timeout_s": 30.0, "fresh_server": True},
     "connect_rate": {"total": 3000, "concurrency": 200},
     "reconnect_storm": {"members": 1000, "rate": 20, "duration_s": 8.0, "drop_at_s": 3.0},
     "grace_s": 10.0,
@@ -42,7 +48,8 @@ SMOKE: dict[str, Any] = {
     "fanout": [(100, 20, 0.6, 1)],
     "xadd_latency": {"rooms": 10, "members_per_room": 1, "rate": 200, "duration_s": 0.5},
     "ai_stream": {"sessions": 5, "chunks_per_s": 20, "duration_s": 0.6, "publisher_conns": 2},
-    "idle_memory": {"conns": 200, "hold_s": 0.2, "settle_s": 0.2, "quiet_s": 0.1},
+    "idle_memory": {"conns": [200, 300], "hold_s": 0.2, "settle_s": 0.2, "quiet_s": 0.1,
+                    "connect_deadline_s": 30.0, "ping_timeout_s": 10.0, "fresh_server": True},
     "connect_rate": {"total": 200, "concurrency": 50},
     "reconnect_storm": {"members": 50, "rate": 20, "duration_s": 1.2, "drop_at_s": 0.4},
     "grace_s": 3.0,
@@ -300,40 +307,150 @@ async def sc_ai(ctx: Ctx, srv: RunningServer) -> list[dict[str, Any]]:
 
 
 # 5. idle memory -------------------------------------------------------------
-async def sc_idle(ctx: Ctx, srv: RunningServer) -> list[dict[str, Any]]:
-    """RSS per idle connection (delta over a warmed-up baseline)."""
-    sz = ctx.sizes["idle_memory"]
-    name = f"n{sz['conns']}"
+SERVER_FD_RESERVE = 64  # a server's own fds besides client sockets (listeners, log, Redis, epoll)
 
-    async def body() -> dict[str, Any]:
-        spec = {**_base(srv), "role": "idle", "conns": sz["conns"], "hold_s": sz["hold_s"],
-                "quiet_s": sz["quiet_s"], "max_s": 300}
-        (cp,) = await start_all([spec], ctx.logdir, "idle")
-        try:
-            await cp.phase(60)
-            base = srv.snapshot()
-            cp.go()
-            conn = await cp.phase(200)
-            await asyncio.sleep(sz["settle_s"])
-            after = srv.snapshot()
-            win = Window(srv, [cp])
-            cp.go()
-            done = (await cp.phase(sz["hold_s"] + 60))["result"]
-            w = win.close()
-        finally:
-            await finish_all([cp])
-        n = conn["connected"]
-        checks = [f"connect failures {conn['failures']}"] if conn["failures"] else []
-        if done["alive_after_hold"] < n:
-            checks.append(f"{n - done['alive_after_hold']} connections dropped while idle")
-        per = ((after["rss_kib"] or 0) - (base["rss_kib"] or 0)) / n if n else None
-        tcp = ((after["tcp_mem_pages"] or 0) - (base["tcp_mem_pages"] or 0)) * 4.0 / n if n else None
-        return case("idle_memory", name, dict(sz), {
-            "rss_per_conn_kib": per, "rss_base_mib": (base["rss_kib"] or 0) / 1024,
-            "rss_after_mib": (after["rss_kib"] or 0) / 1024, "kernel_tcp_kib_per_conn": tcp,
-            "connected": n, "connect_s": conn["connect_s"],
-            "idle_cpu_pct": (w["server_util"] or 0) * 100}, checks=checks)
-    return [await _guarded("idle_memory", name, dict(sz), body)]
+
+def _proc_fd_limit(pid: int) -> int | None:
+    """Soft ``Max open files`` of a process, from /proc/<pid>/limits."""
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    v = line.split()[3]
+                    return None if v == "unlimited" else int(v)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _proc_fds(pid: int) -> int | None:
+    """File descriptors a process has open now (None if /proc is unreadable)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def _client_fd_limit() -> int | None:
+    """Hard RLIMIT_NOFILE: what a client process can raise its soft limit to."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return None if hard == resource.RLIM_INFINITY else hard
+
+
+async def _fresh_server(srv: RunningServer) -> None:
+    """Restart the server (and its private Redis) on new ports: a clean RSS baseline."""
+    srv.stop()
+    srv.ports = Ports(ws=free_port(), http=free_port())
+    await srv.start()
+
+
+def _count(xs: list[dict[str, Any]], key: str) -> int:
+    return sum(int(x[key]) for x in xs)
+
+
+def _sum_kinds(xs: list[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for x in xs:
+        for k, v in x.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+async def _idle_case(ctx: Ctx, srv: RunningServer, n: int, sz: dict[str, Any],
+                     params: dict[str, Any]) -> dict[str, Any]:
+    """Hold ``n`` idle connections to one server process; RSS growth per connection."""
+    name = f"n{n}"
+    pid = srv.proc.pid if srv.proc else -1
+    limit = _proc_fd_limit(pid)
+    if limit is not None and n + SERVER_FD_RESERVE > limit:
+        return case("idle_memory", name, params, status="failed",
+                    reason=f"server fd limit {limit} is below {n} connections + {SERVER_FD_RESERVE}")
+    procs = params["client_procs"]
+    share = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+    deadline = sz["connect_deadline_s"]
+    specs = [{**_base(srv), "role": "idle", "conns": share[i], "hold_s": sz["hold_s"],
+              "quiet_s": sz["quiet_s"], "warmup_conns": 20 if i == 0 else 0,
+              "connect_deadline_s": deadline, "ping_timeout_s": sz["ping_timeout_s"],
+              "max_s": 120 + deadline + sz["hold_s"] + sz["ping_timeout_s"]}
+             for i in range(procs)]
+    cps = await start_all(specs, ctx.logdir, f"idle{n}")
+    try:
+        await asyncio.gather(*(p.phase(90) for p in cps))
+        base = srv.snapshot()
+        for p in cps:
+            p.go()
+        conns = await asyncio.gather(*(p.phase(deadline + 60) for p in cps))
+        await asyncio.sleep(sz["settle_s"])
+        after = srv.snapshot()
+        server_fds = _proc_fds(pid)
+        win = Window(srv, cps)
+        for p in cps:
+            p.go()
+        await asyncio.gather(*(p.phase(sz["hold_s"] + 60) for p in cps))
+        w = win.close()
+        for p in cps:
+            p.go()
+        dones = [d["result"] for d in
+                 await asyncio.gather(*(p.phase(sz["ping_timeout_s"] + 60) for p in cps))]
+    finally:
+        await finish_all(cps)
+    held = _count(conns, "connected")
+    alive = _count(dones, "alive_after_hold")
+    fails = _sum_kinds([c["failures"] for c in conns])
+    problems = []
+    if held < n:
+        problems.append(f"held {held} of {n} (connect failures {fails})")
+    if alive < held:
+        closed = _sum_kinds([d["closed_codes"] for d in dones])
+        problems.append(f"{held - alive} of {held} did not answer a ping after the "
+                        f"{sz['hold_s']:g}s hold (closed, by code: {closed})")
+    per = ((after["rss_kib"] or 0) - (base["rss_kib"] or 0)) / held if held else None
+    tcp = ((after["tcp_mem_pages"] or 0) - (base["tcp_mem_pages"] or 0)) * 4.0 / held if held else None
+    return case("idle_memory", name, params, {
+        "rss_per_conn_kib": per, "rss_base_mib": (base["rss_kib"] or 0) / 1024,
+        "rss_after_mib": (after["rss_kib"] or 0) / 1024, "kernel_tcp_kib_per_conn": tcp,
+        "connected": held, "alive_after_hold": alive,
+        "connect_s": max(c["connect_s"] for c in conns),
+        "ping_check_s": max(d["ping_check_s"] for d in dones),
+        "server_fds": server_fds, "server_fd_limit": limit,
+        "client_fds_max": max((c.get("client_fds") or 0) for c in conns),
+        "idle_cpu_pct": (w["server_util"] or 0) * 100},
+        status="failed" if problems else "ok", reason="; ".join(problems))
+
+
+async def sc_idle(ctx: Ctx, srv: RunningServer) -> list[dict[str, Any]]:
+    """RSS per idle connection (delta over a warmed-up baseline), one case per size.
+
+    Each case holds all its connections against the one server process, split
+    over as few client processes as the fd limit allows (each still on the
+    client core), then checks every connection still answers a ping. With
+    ``fresh_server``, every case after the first restarts the server so no
+    allocator carry-over from the previous case lowers the delta.
+    """
+    sz = ctx.sizes["idle_memory"]
+    out: list[dict[str, Any]] = []
+    budget = _client_fd_limit()
+    for i, n in enumerate(sz["conns"]):
+        name = f"n{n}"
+        procs = max(1, -(-n // (budget - FD_RESERVE))) if budget else 1
+        params = {"conns": n, "client_procs": procs, "hold_s": sz["hold_s"],
+                  "settle_s": sz["settle_s"], "connect_deadline_s": sz["connect_deadline_s"]}
+
+        if not srv.alive() and not sz.get("fresh_server"):
+            out.append(case("idle_memory", name, params, status="failed",
+                            reason="not run: the server died in an earlier case"))
+            continue
+
+        async def body(i: int = i, n: int = n, params: dict[str, Any] = params) -> dict[str, Any]:
+            if i > 0 and sz.get("fresh_server"):
+                await _fresh_server(srv)
+            return await _idle_case(ctx, srv, n, sz, params)
+        c = await _guarded("idle_memory", name, params, body)
+        if not srv.alive():
+            c["status"] = "failed" if c["status"] == "ok" else c["status"]
+            c["reason"] = "; ".join(x for x in ("server process died", c["reason"]) if x)
+        out.append(c)
+    return out
 
 
 # 6. connect rate ------------------------------------------------------------
