@@ -11,6 +11,8 @@ from collections.abc import Generator
 from typing import Any
 
 import txredisapi
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock, deferLater
@@ -26,6 +28,7 @@ from unrealon.engine.redisclient import (
     StreamClient,
     StreamEntry,
     UnexpectedReply,
+    _LeanEncodingProtocol,
     connect,
     parse_redis_url,
     push_reply,
@@ -695,3 +698,32 @@ class RedisServerTests(unittest.TestCase):
         )
         self.addCleanup(server.close)
         return self.assertFailure(server.start(), RedisServerError)
+
+
+class LeanEncoderTests(unittest.SynchronousTestCase):
+    """Our command encoder writes exactly the bytes txredisapi's own would."""
+
+    @settings(deadline=None, derandomize=True, max_examples=300)
+    @given(st.lists(st.one_of(
+        st.text(), st.binary(), st.integers(), st.floats(allow_nan=False), st.booleans(),
+    ), max_size=12))
+    def test_same_bytes_as_txredisapi(self, args: list[Any]) -> None:
+        lean = _LeanEncodingProtocol(charset="utf-8", convertNumbers=False)
+        plain = txredisapi.BaseRedisProtocol(charset="utf-8", convertNumbers=False)
+        try:
+            expected = plain._build_command(*args)
+        except txredisapi.InvalidData:
+            self.assertRaises(txredisapi.InvalidData, lean._build_command, *args)
+        else:
+            self.assertEqual(lean._build_command(*args), expected)
+
+
+class LeanEncoderInUseTests(RedisTestCase):
+    @inlineCallbacks
+    def test_connections_use_the_lean_encoder(self) -> Gen:
+        """Every handler connect() makes speaks through it, and Redis understands it."""
+        yield self.redis.execute_command("SET", "k", "héllo ☃")
+        self.assertEqual((yield self.redis.execute_command("GET", "k")), "héllo ☃")
+        self.assertIs(self.redis._factory.protocol, _LeanEncodingProtocol)
+        connection = yield self.redis._factory.getConnection()
+        self.assertIsInstance(connection, _LeanEncodingProtocol)

@@ -253,6 +253,34 @@ def parse_redis_url(url: str) -> RedisAddress:
 # -------------------------------------------------------------- connections
 
 
+class _LeanEncodingProtocol(txredisapi.RedisProtocol):
+    """
+    txredisapi's protocol (hiredis replies) with a leaner command encoder.
+
+    Its own C{_build_command} grows a bytearray a token at a time and formats
+    every length through C{str().format()}: 8.5 us for the publish script's
+    EVALSHA of eleven arguments, against 2.7 us here, and every ingress entry
+    sends one.  The bytes are identical; anything but C{str}, C{bytes} and
+    C{int} (and a C{str} that is not valid UTF-8, so the error stays
+    txredisapi's C{InvalidData}) goes through txredisapi's own encoder.
+    """
+
+    def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
+        out = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            if type(arg) is str:
+                try:
+                    arg = arg.encode()
+                except UnicodeEncodeError:
+                    arg = self._encode_value(arg)
+            elif type(arg) is int:
+                arg = b"%d" % arg
+            elif type(arg) is not bytes:
+                arg = self._encode_value(arg)
+            out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+        return b"".join(out)
+
+
 def connect(
     address: RedisAddress,
     *,
@@ -296,6 +324,7 @@ def connect(
         handler = txredisapi.lazyUnixConnectionPool(address.path, **options)
     else:
         handler = txredisapi.lazyConnectionPool(address.host, address.port, **options)
+    handler._factory.protocol = _LeanEncodingProtocol  # before any connection is made
     # The factory's "pool complete" Deferred is meant for non-lazy callers;
     # nobody waits on it here.  When AUTH or SELECT fails, txredisapi errbacks
     # it (and logs the message itself), which would otherwise end up as an
