@@ -119,7 +119,16 @@ def _type_name(tp: Any) -> str:
     return "a valid value"
 
 
+#: declared types a JSON value of exactly that type satisfies as it is
+_PLAIN_TYPES = frozenset({str, int, float, bool})
+
+#: typing.get_origin, cached per declared type
+_origin: Callable[[Any], Any] = functools.cache(typing.get_origin)
+
+
+@functools.cache
 def _is_optional(tp: Any) -> tuple[bool, Any]:
+    # cached: validation asks this of the same few declared types on every call
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -131,6 +140,8 @@ def _is_optional(tp: Any) -> tuple[bool, Any]:
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
     """Check C{value} against type C{tp}; return the typed value."""
+    if type(value) is tp and tp in _PLAIN_TYPES:
+        return value  # the common case, first
     if tp is Any or tp is object:
         return value
     optional, inner = _is_optional(tp)
@@ -138,7 +149,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if value is None:
             return None
         return _convert(inner, value, path)
-    origin = typing.get_origin(tp)
+    origin = _origin(tp)
     if tp is str:
         if isinstance(value, str):
             return value
