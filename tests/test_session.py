@@ -858,3 +858,33 @@ class HandshakeTests(TestCase):
             head = yield handshake_head(running.ws_port, handshake_request(path=path))
             self.assertEqual(status_of(head), 404, path)
 
+
+
+class LazyOptionsLogTests(SynchronousTestCase):
+    """Autobahn's per-connection options dump is formatted only when someone logs it."""
+
+    def test_options_dump_is_lazy_and_still_complete(self) -> None:
+        import pprint
+
+        import txaio
+        from autobahn.websocket import protocol as autobahn_protocol
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        previous = txaio.get_global_log_level()
+        txaio.set_global_log_level("debug")
+        self.addCleanup(txaio.set_global_log_level, previous)
+
+        service = build_node(self)
+        session = SyncSession(service, mint_token("alice"))
+        self.addCleanup(session.lose)
+
+        self.assertIs(autobahn_protocol.pformat, pprint.pformat)
+        dumps = [e for e in events if e.get("log_format") == "\n{attrs}"]
+        self.assertEqual(len(dumps), 1)
+        self.assertNotIsInstance(dumps[0]["attrs"], str)  # not formatted on the way in
+        text = formatEvent(dumps[0])
+        self.assertIn("'maxMessagePayloadSize'", text)
+        self.assertIn("'autoPingInterval'", text)
