@@ -850,3 +850,33 @@ class RoomPatternTests(SynchronousTestCase):
         reference = ".*".join(re.escape(piece) for piece in pattern.split("*"))
         expected = re.fullmatch(reference, room, re.DOTALL) is not None
         self.assertEqual(room_pattern_matches(pattern, room), expected)
+
+
+class VettedSecretTests(SynchronousTestCase):
+    """The HS* algorithms vet a secret once, and still refuse asymmetric keys every time."""
+
+    def test_a_secret_is_vetted_once(self) -> None:
+        from jwt.algorithms import HMACAlgorithm
+
+        from unrealon.auth import _VettedSecretHMAC
+
+        vetted: list[Any] = []
+        original = HMACAlgorithm.prepare_key
+
+        def counting(algorithm: Any, key: Any) -> bytes:
+            vetted.append(key)
+            return original(algorithm, key)
+
+        self.patch(HMACAlgorithm, "prepare_key", counting)
+        algorithm = _VettedSecretHMAC(HMACAlgorithm.SHA256)
+        secret = "a-long-enough-hmac-secret-for-hs256!"
+        for _ in range(3):
+            self.assertEqual(algorithm.prepare_key(secret), secret.encode())
+        self.assertEqual(vetted, [secret])
+
+        public_pem = rsa_key(0).public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        for _ in range(2):
+            self.assertRaises(jwt.InvalidKeyError, algorithm.prepare_key, public_pem)
+        self.assertEqual(vetted, [secret, public_pem, public_pem])
