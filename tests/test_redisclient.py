@@ -727,3 +727,13 @@ class LeanEncoderInUseTests(RedisTestCase):
         self.assertIs(self.redis._factory.protocol, _LeanEncodingProtocol)
         connection = yield self.redis._factory.getConnection()
         self.assertIsInstance(connection, _LeanEncodingProtocol)
+
+    @inlineCallbacks
+    def test_commands_go_straight_to_the_live_connection(self) -> Gen:
+        """No pool lookup per command while the connection is up (the stock path is slow)."""
+        yield self.redis.execute_command("PING")
+        stock: list[bool] = []
+        self.patch(self.redis._factory, "getConnection",
+                   lambda peek=False: stock.append(peek) or defer.fail(AssertionError("stock")))
+        self.assertEqual((yield self.redis.execute_command("ECHO", "x")), "x")
+        self.assertEqual(stock, [])
