@@ -155,15 +155,10 @@ class Metrics:
                  self.ingress_handled]
             )
         )
-        self._call_children: dict[tuple[str, str], ReactorCounter] = {}
 
     def call_outcome(self, method: str, outcome: str) -> None:
-        """Count one call; the labelled child is looked up once per pair (hot path)."""
-        child = self._call_children.get((method, outcome))
-        if child is None:
-            child = self.calls.labels(method=method, outcome=outcome)
-            self._call_children[(method, outcome)] = child
-        child.inc()
+        """Count one call (C{calls.labels} keeps each pair's child)."""
+        self.calls.labels(method=method, outcome=outcome).inc()
 
     def watch(
         self,
