@@ -19,7 +19,7 @@ import json
 import struct
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -39,12 +39,7 @@ from tests.helpers.session import (
 from unrealon.frames import text_frame, unmask
 from unrealon.service import NodeService
 
-PROFILE = settings(
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    max_examples=200,
-)
+PROFILE = settings(max_examples=200)  # on top of the suite's profile (tests/__init__.py)
 
 #: small enough that hypothesis reaches it, large enough for the 16-bit length
 MAX_MESSAGE = 3000

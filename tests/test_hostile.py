@@ -19,7 +19,7 @@ import json
 import re
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -38,12 +38,7 @@ from tests.helpers.session import (
 )
 from unrealon.service import NodeService
 
-PROFILE = settings(
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    max_examples=150,
-)
+PROFILE = settings(max_examples=150)  # on top of the suite's profile (tests/__init__.py)
 
 #: what a leaked exception looks like
 LEAK_TEXT = ("Traceback", "Error(", 'File "', "Exception(")

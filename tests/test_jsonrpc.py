@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -32,10 +32,7 @@ from unrealon.jsonrpc import (
     result_response,
 )
 
-PROFILE = settings(
-    deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow],
-    max_examples=100,
-)
+PROFILE = settings(max_examples=100)  # on top of the suite's profile (tests/__init__.py)
 
 #: text with lone surrogates too (legal in JSON as \u escapes); built from
 #: characters because st.text() never yields surrogates

@@ -703,7 +703,7 @@ class RedisServerTests(unittest.TestCase):
 class LeanEncoderTests(unittest.SynchronousTestCase):
     """Our command encoder writes exactly the bytes txredisapi's own would."""
 
-    @settings(deadline=None, derandomize=True, max_examples=300)
+    @settings(max_examples=300)
     @given(st.lists(st.one_of(
         st.text(), st.binary(), st.integers(), st.floats(allow_nan=False), st.booleans(),
     ), max_size=12))

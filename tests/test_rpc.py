@@ -9,7 +9,7 @@ import enum
 from typing import Any, Literal
 
 import attrs
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
@@ -26,8 +26,6 @@ from unrealon.rpc import (
     validate_params_with_extras,
 )
 from unrealon.service import build_registry
-
-PROFILE = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 class Color(enum.Enum):
@@ -132,7 +130,7 @@ class ValidationTests(SynchronousTestCase):
         self.assertEqual(value, Inner("n"))
         self.assertEqual(extras, {"a": 1, "b": [2]})
 
-    @settings(PROFILE, max_examples=200)
+    @settings(max_examples=200)
     @given(st.dictionaries(st.text(max_size=8), st.recursive(
         st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
         lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
