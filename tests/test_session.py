@@ -22,12 +22,11 @@ from autobahn.twisted.websocket import WebSocketClientFactory
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.helpers.node import ClientProtocol, WSClient, mint_token, start_node
+from tests.helpers.node import ClientProtocol, WSClient, mint_token, raw_handshake, start_node
 from tests.helpers.session import OP_CLOSE, OP_TEXT, SyncSession, build_node
 from unrealon.limits import TokenBucket
 from unrealon.rpc import Registry
@@ -79,37 +78,6 @@ def assert_error(testcase: Any, reply: Any, code: int, request_id: Any = None) -
     testcase.assertIsInstance(error["message"], str)
     testcase.assertTrue(set(error) <= {"code", "message", "data"}, error)
     return error
-
-
-@inlineCallbacks
-def handshake_head(port: int, request: bytes, timeout: float = 5.0) -> Any:
-    """
-    Send raw handshake bytes; return the response head (status line and
-    headers) as soon as it is complete, then drop the connection.
-    """
-
-    class Head(Protocol):
-        def __init__(self) -> None:
-            self.data = b""
-            self.done: Deferred[bytes] = Deferred()
-
-        def dataReceived(self, data: bytes) -> None:
-            self.data += data
-            if b"\r\n\r\n" in self.data and not self.done.called:
-                self.done.callback(self.data.split(b"\r\n\r\n", 1)[0])
-                self.transport.abortConnection()  # type: ignore[union-attr]
-
-        def connectionLost(self, reason: Any = None) -> None:
-            if not self.done.called:
-                self.done.callback(self.data)
-
-    proto = Head()
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
-    yield connectProtocol(endpoint, proto)
-    proto.transport.write(request)  # type: ignore[union-attr]
-    proto.done.addTimeout(timeout, reactor)
-    head = yield proto.done
-    return head
 
 
 def connect_compressed(port: int, token: str) -> Deferred[WSClient]:
@@ -781,7 +749,7 @@ class HandshakeTests(TestCase):
         running = yield start_node(self, allowed_origins="https://app.example.com,http://localhost:3000")
         port = running.ws_port
         for origin in ("https://app.example.com", "http://localhost:3000", None):
-            head = yield handshake_head(port, handshake_request(origin=origin))
+            head = yield raw_handshake(port, handshake_request(origin=origin), head_only=True)
             self.assertEqual(status_of(head), 101, (origin, head))
         for origin in (
             "https://evil.example.com",
@@ -790,7 +758,7 @@ class HandshakeTests(TestCase):
             "http://localhost:3001",
             "null",
         ):
-            head = yield handshake_head(port, handshake_request(origin=origin))
+            head = yield raw_handshake(port, handshake_request(origin=origin), head_only=True)
             self.assertEqual(status_of(head), 403, (origin, head))
 
     @inlineCallbacks
@@ -812,7 +780,7 @@ class HandshakeTests(TestCase):
     def test_any_origin_by_default(self) -> Any:
         """The default allow-list is *: any Origin upgrades."""
         running = yield start_node(self)
-        head = yield handshake_head(running.ws_port, handshake_request(origin="https://any.example"))
+        head = yield raw_handshake(running.ws_port, handshake_request(origin="https://any.example"), head_only=True)
         self.assertEqual(status_of(head), 101)
 
     @inlineCallbacks
@@ -820,11 +788,11 @@ class HandshakeTests(TestCase):
         """A permessage-deflate offer is not accepted unless compression is configured."""
         offer = ("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",)
         running = yield start_node(self)
-        head = yield handshake_head(running.ws_port, handshake_request(extra=offer))
+        head = yield raw_handshake(running.ws_port, handshake_request(extra=offer), head_only=True)
         self.assertEqual(status_of(head), 101)
         self.assertNotIn(b"permessage-deflate", head.lower())
         running = yield start_node(self, compression=1)
-        head = yield handshake_head(running.ws_port, handshake_request(extra=offer))
+        head = yield raw_handshake(running.ws_port, handshake_request(extra=offer), head_only=True)
         self.assertEqual(status_of(head), 101)
         self.assertIn(b"permessage-deflate", head.lower())
 
@@ -855,7 +823,7 @@ class HandshakeTests(TestCase):
         """A handshake on a path other than /ws gets HTTP 404."""
         running = yield start_node(self)
         for path in ("/other", "/", "/ws/x"):
-            head = yield handshake_head(running.ws_port, handshake_request(path=path))
+            head = yield raw_handshake(running.ws_port, handshake_request(path=path), head_only=True)
             self.assertEqual(status_of(head), 404, path)
 
 

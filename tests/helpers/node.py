@@ -265,8 +265,13 @@ def connect(
 
 
 @inlineCallbacks
-def raw_handshake(port: int, request: bytes) -> Any:
-    """Send raw HTTP bytes to the WebSocket port; return the first response bytes."""
+def raw_handshake(port: int, request: bytes, *, head_only: bool = False) -> Any:
+    """
+    Send raw HTTP bytes to the WebSocket port; return what comes back until
+    the server closes (or 3 s pass).  With C{head_only}, return just the
+    response head (status line and headers) as soon as it is complete and
+    drop the connection: an accepted upgrade is never closed by the server.
+    """
     from twisted.internet.protocol import Protocol
 
     class Collect(Protocol):
@@ -276,6 +281,9 @@ def raw_handshake(port: int, request: bytes) -> Any:
 
         def dataReceived(self, data: bytes) -> None:
             self.data += data
+            if head_only and b"\r\n\r\n" in self.data and not self.done.called:
+                self.done.callback(self.data.split(b"\r\n\r\n", 1)[0])
+                self.transport.abortConnection()  # type: ignore[union-attr]
 
         def connectionLost(self, reason: Any = None) -> None:
             if not self.done.called:
