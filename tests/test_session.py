@@ -27,8 +27,15 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.helpers.node import ClientProtocol, WSClient, mint_token, raw_handshake, start_node
-from tests.helpers.session import OP_CLOSE, OP_TEXT, SyncSession, build_node
-from unrealon.limits import TokenBucket
+from tests.helpers.session import (
+    OP_CLOSE,
+    OP_TEXT,
+    FakeTransport,
+    SyncSession,
+    build_node,
+    client_frame,
+)
+from unrealon.limits import RateGuard, TokenBucket, Verdict
 from unrealon.rpc import Registry
 
 PARSE_ERROR = -32700
@@ -511,9 +518,10 @@ class RateLimitTests(TestCase):
     @inlineCallbacks
     def test_burst_then_limited(self) -> Any:
         """
-        With rate_limit=5 a burst of 10 calls passes, the 11th is -32029 with a
-        positive integer data.retry_after_ms; auth.* calls are not limited
-        and never counted.
+        With rate_limit=5 a burst of 10 messages passes and the next ones are
+        -32029 with a positive integer data.retry_after_ms.  auth.* calls
+        count like any other message (PROTOCOL.md section 3): 3 of them and
+        7 pings make the burst, and the auth calls are refused past it too.
         """
         running = yield start_node(self, rate_limit=5)
         client = yield running.connect(mint_token("alice"))
@@ -522,24 +530,22 @@ class RateLimitTests(TestCase):
         for i in range(3):
             client.send({"jsonrpc": "2.0", "id": f"auth{i}", "method": "auth.authenticate",
                          "params": {"token": token}})
-        for i in range(11):
+        for i in range(8):
             client.send(ping(i))
+        client.send({"jsonrpc": "2.0", "id": "late", "method": "auth.refresh",
+                     "params": {"token": token}})
         replies = []
-        for _ in range(14):
+        for _ in range(12):
             replies.append((yield client.next()))
         for reply in replies[:3]:
             self.assertIn("result", reply, reply)
-        for reply in replies[3:13]:
+        for reply in replies[3:10]:
             self.assertIs(reply["result"]["pong"], True)
-        error = assert_error(self, replies[13], RATE_LIMITED, 10)
+        error = assert_error(self, replies[10], RATE_LIMITED, 7)
         retry = error["data"]["retry_after_ms"]
         self.assertIsInstance(retry, int)
         self.assertTrue(0 < retry <= 1000, retry)
-        # auth.* still answers while limited
-        reply = yield client.request("auth.refresh", {"token": token})
-        self.assertIn("result", reply)
-        reply = yield client.request("auth.authenticate", {"token": token})
-        self.assertIn("result", reply)
+        assert_error(self, replies[11], RATE_LIMITED, "late")
 
     @inlineCallbacks
     def test_batch_entries_and_notifications_count(self) -> Any:
@@ -856,3 +862,159 @@ class LazyOptionsLogTests(SynchronousTestCase):
         text = formatEvent(dumps[0])
         self.assertIn("'maxMessagePayloadSize'", text)
         self.assertIn("'autoPingInterval'", text)
+
+
+class RateGuardTests(SynchronousTestCase):
+    """L{RateGuard}: the per-message verdicts of PROTOCOL.md section 3, on a clock."""
+
+    def test_more_than_ten_times_the_limit_within_a_second_closes(self) -> None:
+        """
+        With a limit of 5/s, 50 messages within one second are refused, not
+        closed; the 51st in that second closes.
+        """
+        clock = Clock()
+        guard = RateGuard(5, clock)
+        verdicts = []
+        for _ in range(50):
+            verdicts.append(guard.admit())
+            clock.advance(0.019)
+        self.assertEqual(verdicts[:10], [Verdict.HANDLE] * 10)
+        self.assertNotIn(Verdict.CLOSE, verdicts)
+        self.assertEqual(guard.admit(), Verdict.CLOSE)
+
+    def test_the_window_slides(self) -> None:
+        """
+        400 messages at the end of one second and 400 at the start of the
+        next are 800 within one second: closed, although neither fixed
+        window holds more than 500.
+        """
+        clock = Clock()
+        guard = RateGuard(50, clock)
+        clock.advance(0.9)
+        for _ in range(400):
+            self.assertNotEqual(guard.admit(), Verdict.CLOSE)
+        clock.advance(0.2)
+        verdicts = [guard.admit() for _ in range(400)]
+        self.assertIn(Verdict.CLOSE, verdicts)
+        self.assertLess(verdicts.index(Verdict.CLOSE), 300)
+
+    def test_twice_the_limit_for_ten_seconds_closes(self) -> None:
+        clock = Clock()
+        guard = RateGuard(5, clock)
+        verdicts = []
+        for _ in range(14 * 10):
+            verdicts.append(guard.admit())
+            clock.advance(0.1)
+        # refused from about 2 s on (the burst of 10 is gone), closed 10 s later
+        first_refused = verdicts.index(Verdict.REFUSE)
+        self.assertNotIn(Verdict.CLOSE, verdicts[: first_refused + 99])
+        # (which message it is depends on which of them the bucket refuses)
+        self.assertLessEqual(abs(verdicts.index(Verdict.CLOSE) - (first_refused + 100)), 2)
+
+    def test_retry_after(self) -> None:
+        clock = Clock()
+        guard = RateGuard(4, clock)
+        for _ in range(8):
+            self.assertEqual(guard.admit(), Verdict.HANDLE)
+        self.assertEqual(guard.admit(), Verdict.REFUSE)
+        self.assertEqual(guard.retry_after_ms(), 250)
+
+    def test_a_limit_below_one_per_second_still_admits(self) -> None:
+        clock = Clock()
+        guard = RateGuard(0.2, clock)
+        self.assertEqual(guard.admit(), Verdict.HANDLE)
+        self.assertEqual(guard.admit(), Verdict.REFUSE)
+        clock.advance(5)
+        self.assertEqual(guard.admit(), Verdict.HANDLE)
+
+
+class CountingTransport(FakeTransport):
+    """Counts writes: what the kernel would see as sends."""
+
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+class RefusalTests(SynchronousTestCase):
+    """Refused messages are not handled, and the replies they get stay small."""
+
+    def test_refused_calls_are_not_handled(self) -> None:
+        """Past the burst, a method's handler is never run, whatever the message."""
+        ran = []
+
+        def extension(registry: Registry) -> None:
+            registry.method("test.count")(lambda call, params: ran.append(1) or {"n": len(ran)})
+
+        service = build_node(self, (extension,), rate_limit=5)
+        session = SyncSession(service, mint_token("alice"))
+        for _ in range(10):  # the burst, spent on notifications
+            self.assertEqual(session.call({"jsonrpc": "2.0", "method": "test.count"}), [])
+        replies = []
+        for i in range(20):
+            replies += session.call({"jsonrpc": "2.0", "id": i, "method": "test.count"})
+            session.call({"jsonrpc": "2.0", "method": "test.count"})
+        self.assertEqual(len(ran), 10)
+        self.assertEqual([r["id"] for r in replies], list(range(20)))
+        for reply in replies:
+            self.assertEqual(reply["error"]["code"], -32029)
+            self.assertEqual(set(reply["error"]["data"]), {"retry_after_ms"})
+        session.lose()
+
+    def test_invalid_params_errors_capped_and_reply_bounded(self) -> None:
+        """
+        A request with 500 unknown params gets at most 20 entries in
+        data.errors, and no error reply is larger than its message plus 1 KiB.
+        """
+        service = build_node(self, rate_limit=1000, max_message_size=1_000_000)
+        session = SyncSession(service, mint_token("alice"))
+        for width in (1, 40, 300):
+            params = {f"{'k' * width}{i}": i for i in range(500)}
+            message = json.dumps({"jsonrpc": "2.0", "id": "x" * 100, "method": "system.ping",
+                                  "params": params})
+            [frame] = session.send(message)
+            reply = frame.json()
+            self.assertEqual(reply["error"]["code"], -32602)
+            self.assertLessEqual(len(reply["error"]["data"]["errors"]), 20)
+            self.assertGreater(len(reply["error"]["data"]["errors"]), 0)
+            self.assertLessEqual(len(frame.payload), len(message.encode()) + 1024)
+        # field paths built from a client's keys are cut, so even one huge key is small
+        message = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "system.ping",
+                              "params": {"k" * 5000: 1}})
+        [frame] = session.send(message)
+        self.assertLess(len(frame.payload), 600)
+        session.lose()
+
+    def test_replies_to_one_read_leave_in_one_write(self) -> None:
+        """Ten requests arriving in one read are answered with one write to the transport."""
+        service = build_node(self, rate_limit=1000)
+        session = SyncSession(service, mint_token("alice"))
+        counting = CountingTransport()
+        session.protocol.transport = counting
+        session.transport = counting
+        data = b"".join(client_frame(json.dumps(ping(i)).encode()) for i in range(10))
+        frames = session.feed(data)
+        self.assertEqual([f.json()["id"] for f in frames], list(range(10)))
+        self.assertEqual(counting.writes, 1)
+        session.lose()
+
+    def test_events_of_one_turn_leave_in_one_write(self) -> None:
+        """Events delivered outside a read are written once, at the end of the turn."""
+        service = build_node(self)
+        session = SyncSession(service, mint_token("alice", rooms=["*"]))
+        session.call({"jsonrpc": "2.0", "id": 1, "method": "rooms.join",
+                      "params": {"room": "workspace:1"}})
+        counting = CountingTransport()
+        session.protocol.transport = counting
+        session.transport = counting
+        broker = service.node.broker
+        for seq in range(5):
+            broker.publish("workspace:1", "test.event", {"seq": seq})
+        self.assertEqual(counting.writes, 0)
+        session.clock.advance(0)
+        self.assertEqual(counting.writes, 1)
+        events = [f.json()["params"]["data"]["seq"] for f in session.take()]
+        self.assertEqual(events, list(range(5)))
+        session.lose()

@@ -263,6 +263,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_connections_per_user", "UNREALON_MAX_CONNECTIONS_PER_USER",
             "max-connections-per-user", "100", _positive_int,
             "connections one user may hold on this node"),
+    Setting("max_unauthenticated", "UNREALON_MAX_UNAUTHENTICATED", "max-unauthenticated", "5000",
+            _positive_int, "connections open and not yet authenticated on this node"),
     Setting("ping_interval", "UNREALON_PING_INTERVAL", "ping-interval", "20", _positive_float,
             "seconds between WebSocket pings"),
     Setting("ping_timeout", "UNREALON_PING_TIMEOUT", "ping-timeout", "10", _positive_float,
@@ -313,6 +315,7 @@ class Config:
     allowed_origins: tuple[str, ...] = ("*",)
     shutdown_timeout: float = 10.0
     max_connections_per_user: int = 100
+    max_unauthenticated: int = 5000
     ping_interval: float = 20.0
     ping_timeout: float = 10.0
     handshake_timeout: float = 5.0

@@ -160,11 +160,16 @@ class DirectFrames:
 
     # -- sending ----------------------------------------------------------------
 
+    def queue_frame(self, frame: bytes) -> None:
+        """Write one complete frame; the session overrides this to coalesce writes."""
+        ws: Any = self
+        ws.transport.write(frame)
+
     def send_text(self, payload: bytes) -> None:
-        """Send one text message: a single frame written straight to the transport."""
+        """Send one text message: a single frame, written by L{queue_frame}."""
         ws: Any = self
         if self._direct and ws.state == _OPEN and not ws.send_queue:
-            ws.transport.write(text_frame(payload))
+            self.queue_frame(text_frame(payload))
         else:
             ws.sendMessage(payload, isBinary=False)
 
@@ -172,6 +177,6 @@ class DirectFrames:
         """Send a message framed once by C{factory.prepareMessage} (fan-out)."""
         ws: Any = self
         if self._direct and ws.state == _OPEN and not ws.send_queue:
-            ws.transport.write(prepared.payloadHybi)
+            self.queue_frame(prepared.payloadHybi)
         else:
             ws.sendPreparedMessage(prepared)

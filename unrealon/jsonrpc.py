@@ -42,6 +42,10 @@ MESSAGES: dict[int, str] = {
 }
 
 MAX_BATCH = 100
+#: entries of C{data.errors} at most (PROTOCOL.md section 3: errors stay small)
+MAX_ERRORS = 20
+#: characters of a field path shown in C{data.errors}; longer ones are cut
+MAX_FIELD = 200
 
 RequestId = Union[str, int, float, None]
 
@@ -78,10 +82,20 @@ class FieldError:
 
 
 def invalid_params(errors: list[FieldError]) -> RPCError:
+    """-32602 listing the first L{MAX_ERRORS} problems (field paths cut at L{MAX_FIELD})."""
     return RPCError(
         INVALID_PARAMS,
-        data={"errors": [{"field": e.field, "message": e.message} for e in errors]},
+        data={
+            "errors": [
+                {"field": _cut(e.field), "message": e.message} for e in errors[:MAX_ERRORS]
+            ]
+        },
     )
+
+
+def _cut(field: str) -> str:
+    # a field path may hold a client's key: keep the reply small whatever it sent
+    return field if len(field) <= MAX_FIELD else field[: MAX_FIELD - 3] + "..."
 
 
 @attrs.frozen
@@ -130,7 +144,8 @@ class Incoming:
     error: RPCError | None = None
 
 
-def _valid_id(value: Any) -> bool:
+def valid_id(value: Any) -> bool:
+    """Whether C{value} may be a JSON-RPC id (and so is echoed)."""
     # bool is an int subclass but not a valid JSON-RPC id.
     return value is None or (
         isinstance(value, (str, int, float)) and not isinstance(value, bool)
@@ -142,10 +157,10 @@ def parse_entry(obj: Any) -> Entry:
     if not isinstance(obj, dict):
         return Invalid(RPCError(INVALID_REQUEST))
     raw_id = obj.get("id")
-    echo_id = raw_id if _valid_id(raw_id) else None
+    echo_id = raw_id if valid_id(raw_id) else None
     if obj.get("jsonrpc") != JSONRPC:
         return Invalid(RPCError(INVALID_REQUEST), echo_id)
-    if not _valid_id(raw_id):
+    if not valid_id(raw_id):
         return Invalid(RPCError(INVALID_REQUEST), None)
     method = obj.get("method")
     if not isinstance(method, str) or not method:
@@ -215,6 +230,25 @@ def result_response(request_id: RequestId, result: Any) -> dict[str, Any]:
 
 def error_response(request_id: RequestId, error: RPCError) -> dict[str, Any]:
     return {"jsonrpc": JSONRPC, "id": request_id, "error": error.to_error()}
+
+
+_RATE_LIMITED_HEAD = b'{"jsonrpc":"2.0","id":'
+_RATE_LIMITED_TAIL = b',"error":{"code":-32029,"message":"Rate limited","data":{"retry_after_ms":%d}}}'
+
+
+def rate_limited_reply(request_id: RequestId, retry_after_ms: int) -> bytes:
+    """
+    The encoded -32029 reply, built from a template: refusing a message must
+    cost far less than handling one (PROTOCOL.md section 3), and this is the
+    reply a flood gets.
+    """
+    if type(request_id) is int:
+        text = b"%d" % request_id
+    elif request_id is None:
+        text = b"null"
+    else:
+        text = encode(request_id)
+    return _RATE_LIMITED_HEAD + text + _RATE_LIMITED_TAIL % retry_after_ms
 
 
 def notification(method: str, params: Any) -> dict[str, Any]:

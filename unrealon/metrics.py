@@ -129,8 +129,9 @@ class Metrics:
             "JSON-RPC call handling time",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
-        self.rate_limited = Counter(
-            "unrealon_rate_limited", "Calls refused by the rate limit", registry=r
+        # counted on the refusal path, which a flood takes: no lock
+        self.rate_limited = ReactorCounter(
+            "unrealon_rate_limited", "Messages refused by the rate limit"
         )
         self.events_delivered = ReactorCounter(
             "unrealon_events_delivered", "Room events sent to local connections"
@@ -152,7 +153,7 @@ class Metrics:
         r.register(
             _ReactorMetrics(
                 [self.calls, self.call_seconds, self.events_delivered, self.bytes_sent,
-                 self.ingress_handled]
+                 self.ingress_handled, self.rate_limited]
             )
         )
 

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 
 from unrealon.jsonrpc import (
     INTERNAL_ERROR,
+    MAX_ERRORS,
     METHOD_NOT_FOUND,
     FieldError,
     RPCError,
@@ -224,6 +225,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "", extra: bool = False
         for key in raw:
             if key not in names:
                 errors.append(FieldError(prefix + str(key), "unknown parameter"))
+                if len(errors) >= MAX_ERRORS:
+                    break  # more would not be shown (data.errors is capped)
     for f in fields:
         path = prefix + f.name
         if f.name not in raw:

@@ -13,6 +13,7 @@ only validates, dispatches and answers.
 
 from __future__ import annotations
 
+import http
 import itertools
 import pprint
 import re
@@ -29,7 +30,7 @@ from autobahn.websocket.compress import (
 )
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,8 +42,9 @@ from unrealon.engine.interfaces import RoomEvent
 from unrealon.frames import DirectFrames
 from unrealon.hub import IMember
 from unrealon.jsonrpc import RPCError
-from unrealon.limits import TokenBucket
+from unrealon.limits import RateGuard, Verdict
 from unrealon.node import Node
+from unrealon.outbox import IConnection, Outbox, WriteCoalescer
 from unrealon.rpc import Caller
 
 log = Logger(namespace="unrealon.ws")
@@ -57,11 +59,11 @@ CLOSE_TOKEN_EXPIRED = 4009
 CLOSE_RATE_ABUSE = 4029
 CLOSE_TOO_MANY_CONNECTIONS = 4030
 
-#: seconds over the rate limit before 4029
-RATE_ABUSE_SECONDS = 10.0
-#: a connection stays "over the limit" while its refused calls come at most
-#: this many seconds apart (or two token periods, for very low limits)
-RATE_ABUSE_GAP = 1.0
+#: an error reply is never larger than the message that caused it plus this
+#: (PROTOCOL.md section 3)
+ERROR_REPLY_ALLOWANCE = 1024
+#: seconds a client refused for too many unauthenticated connections should wait
+RETRY_AFTER_UNAUTHENTICATED = 5
 
 _conn_ids = itertools.count(1)
 
@@ -104,33 +106,17 @@ class _LazyPformat:
         return pprint.pformat(self.value)
 
 
-@implementer(IPushProducer)
-class _SendBudget:
+class HandshakeRefused(Exception):
     """
-    Watches the transport's send buffer through Twisted's producer API.
-
-    The transport pauses us once its buffer holds more than its high-water
-    mark (64 KiB) and resumes us when the kernel has taken it.  Bytes we write
-    while paused are what a slow reader makes us hold; past the budget the
-    session is closed with 4008 instead of buffering without bound.
+    A refused opening handshake: the HTTP status, a short plain-text body
+    saying why (never the token), and extra response headers.
     """
 
-    #: Twisted's FileDescriptor.bufferSize: the buffer already held when paused
-    HIGH_WATER = 2**16
-
-    def __init__(self) -> None:
-        self.paused = False
-        self.held = 0
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self.held = 0
-
-    def stopProducing(self) -> None:
-        self.paused = True
+    def __init__(self, code: int, why: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(code, why)
+        self.code = code
+        self.why = why
+        self.headers = headers
 
 
 # -- keeping tokens out of Autobahn's logs ---------------------------------------
@@ -220,7 +206,7 @@ class _Joining:
             self.floor = key
 
 
-@implementer(IMember)
+@implementer(IMember, IConnection)
 # (misc: with two bases mypy re-checks Autobahn's own adapter/protocol clash)
 class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
     """One browser connection speaking JSON-RPC 2.0."""
@@ -245,12 +231,18 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
         #: rooms joined -> cursor key of the join's reply: live events at or
         #: before it were already in the reply (a node's feed may lag)
         self._floors: dict[str, Any] = {}
-        self._budget = _SendBudget()
+        #: what this connection writes, coalesced per turn (set on connect)
+        self._outbox: Outbox | None = None
+        #: the message rate limit, made on the first message (idle ones never need it)
+        self._guard: RateGuard | None = None
+        #: size of the message being handled plus the allowance: error replies fit in it
+        self._reply_limit = 0
+        #: counted in the factory's unauthenticated connections
+        self._unauthenticated = False
+        #: why the handshake was refused, for the HTTP answer's body
+        self._refusal: HandshakeRefused | None = None
         self._auth_timer: IDelayedCall | None = None
         self._expiry_timer: IDelayedCall | None = None
-        self._bucket: TokenBucket | None = None
-        self._limited_since: float | None = None
-        self._last_refused = 0.0
         self._closing = False
         self._opened = False
         #: fires when the TCP connection is gone (graceful shutdown waits on it)
@@ -270,43 +262,75 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
         node = self.node
         try:
             self._check_handshake(request)
-        except ConnectionDeny as deny:
-            node.metrics.handshakes_refused.labels(reason=str(deny.code)).inc()
-            raise
+        except HandshakeRefused as refused:
+            node.metrics.handshakes_refused.labels(reason=str(refused.code)).inc()
+            self._refusal = refused
+            raise ConnectionDeny(refused.code, _status_phrase(refused.code)) from None
         except Exception:
             # Never let Autobahn put exception text in the HTTP answer.
             log.failure("handshake check failed")
-            raise ConnectionDeny(500, "Internal server error") from None
+            self._refusal = HandshakeRefused(500, "internal server error")
+            raise ConnectionDeny(500, "Internal Server Error") from None
 
     def _check_handshake(self, request: ConnectionRequest) -> None:
         node = self.node
         if request.path != "/ws":
-            raise ConnectionDeny(404, "Not Found")
+            raise HandshakeRefused(404, "not found: the WebSocket endpoint is /ws")
         if node.stopping:
-            raise ConnectionDeny(503, "Server shutting down")
+            raise HandshakeRefused(503, "server shutting down", (("Retry-After", "1"),))
         origin = request.headers.get("origin")
         allowed = node.config.allowed_origins
         if origin is not None and "*" not in allowed and origin not in allowed:
-            raise ConnectionDeny(403, "Origin not allowed")
+            raise HandshakeRefused(403, "origin not allowed")
         token = _handshake_token(request.headers, request.params)
         if token is None:
+            if self.factory.unauthenticated >= node.config.max_unauthenticated:
+                raise HandshakeRefused(
+                    503,
+                    "too many unauthenticated connections: send a token in the handshake, "
+                    "or retry later",
+                    (("Retry-After", str(RETRY_AFTER_UNAUTHENTICATED)),),
+                )
             return
         verifier = node.verifier
         if verifier is None:
-            raise ConnectionDeny(401, "Unauthorized")
+            raise HandshakeRefused(401, "unauthorized: no key is configured", _BEARER)
         try:
             identity = verifier.verify_connection_token(token)
         except AuthError as e:
             log.info("handshake refused: {reason}", reason=e.reason, peer=request.peer)
-            raise ConnectionDeny(401, "Unauthorized") from None
+            raise HandshakeRefused(401, f"unauthorized: {e.reason}", _BEARER) from None
         if node.hub.user_connections(identity.user_id) >= node.config.max_connections_per_user:
-            raise ConnectionDeny(429, "Too many connections for this user")
+            raise HandshakeRefused(429, "too many connections for this user")
         self.identity = identity
+
+    def sendHttpErrorResponse(
+        self, code: int, reason: str, responseHeaders: Any = None
+    ) -> None:
+        """
+        Autobahn's refusal answers with a status line and no body; ours says
+        why in a short plain-text body (PROTOCOL.md section 2), with the
+        headers the refusal needs (C{Retry-After}, C{WWW-Authenticate}).
+        """
+        refused = self._refusal or HandshakeRefused(code, reason)
+        body = (refused.why + "\n").encode("utf-8")
+        lines = [
+            f"HTTP/1.1 {code} {_status_phrase(code)}",
+            f"Server: {self.factory.server}",
+            "Content-Type: text/plain; charset=utf-8",
+            f"Content-Length: {len(body)}",
+            "Cache-Control: no-store",
+            "Connection: close",
+        ]
+        lines += [f"{name}: {value}" for name, value in (*refused.headers, *(responseHeaders or ()))]
+        self.sendData("\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body)
 
     # -- lifecycle ------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.factory.connections.add(self)
+        factory = self.factory
+        factory.connections.add(self)
+        self._outbox = Outbox(self, factory.coalescer, self.node.config.send_buffer_limit)
         super().connectionMade()
 
     def _connectionMade(self) -> None:
@@ -340,15 +364,13 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
         node = self.node
         self._opened = True
         node.metrics.connections_opened.inc()
-        self._bucket = TokenBucket(
-            node.config.rate_limit, 2 * node.config.rate_limit, node.reactor
-        )
-        self.registerProducer(self._budget, True)
         node.hub.add(self)
         identity, self.identity = self.identity, None
         if identity is not None:
             self.authenticated(identity)
         else:
+            self._unauthenticated = True
+            self.factory.unauthenticated += 1
             self._auth_timer = node.reactor.callLater(
                 node.config.auth_timeout, self._auth_timed_out
             )
@@ -358,6 +380,7 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
             return
         self._opened = False
         self._closing = True
+        self._count_authenticated()
         for timer in (self._auth_timer, self._expiry_timer):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -372,6 +395,12 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
             _quietly(node.presence.disconnect(user, self.conn_id), "presence.disconnect")
         self.rooms.clear()
 
+    def _count_authenticated(self) -> None:
+        """Leave the factory's count of unauthenticated connections (once)."""
+        if self._unauthenticated:
+            self._unauthenticated = False
+            self.factory.unauthenticated -= 1
+
     def _auth_timed_out(self) -> None:
         self._auth_timer = None
         if self.identity is None:
@@ -385,6 +414,7 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
         if self._auth_timer is not None and self._auth_timer.active():
             self._auth_timer.cancel()
         self._auth_timer = None
+        self._count_authenticated()
         self.identity = identity
         node.hub.bind_user(self, identity.user_id)
         for room in (f"user:{identity.user_id}", "broadcast"):
@@ -520,9 +550,6 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
     def send_prepared(self, prepared: Any) -> None:
         if self._closing:
             return
-        size = len(prepared.payloadHybi)
-        if self._over_budget(size):
-            return
         self.write_prepared(prepared)
 
     def send_json(self, message: Any) -> None:
@@ -531,13 +558,38 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
         self.send_payload(jsonrpc.encode(message))
 
     def send_payload(self, payload: bytes) -> None:
-        """Send one encoded JSON text message, within the send budget."""
+        """Send one encoded JSON text message."""
         if self._closing:
-            return
-        if self._over_budget(len(payload)):
             return
         self.send_text(payload)
         self.node.metrics.bytes_sent.inc(len(payload))
+
+    def queue_frame(self, frame: bytes) -> None:
+        """A complete frame of the direct path: written at the end of this turn."""
+        outbox = self._outbox
+        assert outbox is not None
+        outbox.add(frame)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """
+        Autobahn's own writes (handshake answers, control frames, messages
+        it frames itself) go straight to the transport: whatever this turn
+        queued goes first, so nothing overtakes a reply.
+        """
+        if self._outbox is not None:
+            self._outbox.flush()
+        super().sendData(data, sync, chopsize)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Handle one read; everything it makes us send leaves in one write at its end."""
+        outbox = self._outbox
+        assert outbox is not None
+        outbox.reading = True
+        try:
+            super().dataReceived(data)
+        finally:
+            outbox.reading = False
+            outbox.flush()
 
     def sendMessage(
         self,
@@ -551,32 +603,21 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
         Autobahn applies maxMessagePayloadSize to what we send as well (it
         raises PayloadExceededError); UNREALON_MAX_MESSAGE_SIZE limits client
         messages only, and an rpc.discover document or a rooms.join replay
-        may well be larger.
+        may well be larger.  Messages Autobahn frames itself (compression)
+        are judged against the send budget like the direct path's.
         """
         limit, self.maxMessagePayloadSize = self.maxMessagePayloadSize, 0
         try:
             super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)
         finally:
             self.maxMessagePayloadSize = limit
+        if self._outbox is not None:
+            self._outbox.judge()
 
-    def _over_budget(self, size: int) -> bool:
-        budget = self._budget
-        if not budget.paused:
-            return False
-        budget.held += size
-        limit = self.node.config.send_buffer_limit
-        if budget.HIGH_WATER + budget.held > limit:
-            # The estimate only resets when the buffer empties completely; a
-            # reader that keeps up but never quite drains it (a steady stream
-            # near its link's speed) would be closed on bytes the kernel took
-            # long ago.  Before closing, ask the transport what it really holds.
-            backlog = _transport_backlog(self.transport)
-            if backlog is not None and backlog + size <= limit:
-                budget.held = max(0, backlog - budget.HIGH_WATER) + size
-                return False
-            self.close_slow_consumer()
-            return True
-        return False
+    def sendPreparedMessage(self, preparedMsg: Any) -> None:
+        super().sendPreparedMessage(preparedMsg)
+        if self._outbox is not None:
+            self._outbox.judge()
 
     def close_slow_consumer(self) -> None:
         """
@@ -584,12 +625,27 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
         the reader has not taken; Autobahn drops the TCP connection when the
         closing handshake times out, so memory stays bounded either way.
         """
+        if self._closing:
+            return
         log.info(
             "closing slow consumer {conn_id} of {user}",
             conn_id=self.conn_id,
             user=self.user_id,
         )
+        if self._outbox is not None:
+            self._outbox.drop()
         self.close_with(CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    def dropConnection(self, abort: bool = False) -> None:
+        """
+        End the TCP connection.  Autobahn aborts it (a reset, discarding
+        unsent bytes) after every closing handshake a server completes,
+        including the one where it answers a protocol violation with 1002 or
+        1007; the contract asks for FIN there (PROTOCOL.md section 3).  A
+        reset stays for peers that are not clean: no answer to our close in
+        time, no pong, no finished opening handshake.
+        """
+        super().dropConnection(abort=abort and not self.wasClean)
 
     def close_with(self, code: int, reason: str) -> None:
         """Close with an application code (1000 or 4000-4999)."""
@@ -630,22 +686,59 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
             self.node.metrics.closes.labels(code=str(CLOSE_UNSUPPORTED)).inc()
             self.sendCloseFrame(CLOSE_UNSUPPORTED, b"binary messages are not supported")
             return
+        guard = self._guard
+        if guard is None:
+            guard = self._guard = RateGuard(self.node.config.rate_limit, self.node.reactor)
+        # the message's own token (a batch's first entry: the others take theirs)
+        verdict = guard.admit()
+        if verdict is not Verdict.HANDLE and self._refused_cheaply(payload, verdict):
+            return
+        self._reply_limit = len(payload) + ERROR_REPLY_ALLOWANCE
         incoming = jsonrpc.parse_message(payload)
         if incoming.error is not None:
-            self.send_json(jsonrpc.error_response(None, incoming.error))
+            # not JSON, or not a usable batch: one message
+            if verdict is Verdict.HANDLE:
+                self.send_json(jsonrpc.error_response(None, incoming.error))
+            else:
+                self._refuse(None, False, verdict)
             return
         if not incoming.is_batch:
             # the common case, and synchronous handlers answer without a Deferred
+            entry = incoming.entries[0]
             call = ClientCall(self)
-            reply = self._handle(incoming.entries[0], call)
+            reply = self._handle(entry, call)
             if isinstance(reply, Deferred):
                 reply.addCallback(self._send_single, call)
                 reply.addErrback(self._reply_failed)
             else:
                 self._send_single(reply, call)
             return
-        calls = [ClientCall(self) for _ in incoming.entries]
-        replies = [self._handle(entry, call) for entry, call in zip(incoming.entries, calls, strict=True)]
+        self._handle_batch(incoming.entries, guard, verdict)
+
+    def _handle_batch(
+        self, entries: tuple[jsonrpc.Entry, ...], guard: RateGuard, first: Verdict
+    ) -> None:
+        """A batch: each entry counts on its own; refused ones are answered -32029 in place."""
+        calls: list[ClientCall] = []
+        replies: list[Any] = []
+        abuse = False
+        for i, entry in enumerate(entries):
+            verdict = guard.admit() if i else first
+            if verdict is Verdict.HANDLE:
+                call = ClientCall(self)
+                calls.append(call)
+                replies.append(self._handle(entry, call))
+                continue
+            self.node.metrics.rate_limited.inc()
+            abuse = abuse or verdict is Verdict.CLOSE
+            if not _is_notification(entry):
+                error = RPCError(
+                    jsonrpc.RATE_LIMITED, data={"retry_after_ms": guard.retry_after_ms()}
+                )
+                replies.append(jsonrpc.error_response(entry.id, error))
+        if abuse:
+            calls.append(ClientCall(self))
+            calls[-1].after_reply(self._close_for_abuse)
         if any(isinstance(r, Deferred) for r in replies):
             d = gatherResults(
                 [r if isinstance(r, Deferred) else succeed(r) for r in replies],
@@ -655,6 +748,52 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
             d.addErrback(self._reply_failed)
         else:
             self._send_batch(replies, calls)
+
+    def _refused_cheaply(self, payload: bytes, verdict: Verdict) -> bool:
+        """
+        Refuse a single message over the rate limit, reading no more of it
+        than its id: no entry objects, no lookup, no params.  A batch is
+        not refused here (each entry counts and is answered on its own):
+        returns False for one.
+        """
+        start = payload[:1]
+        if start.isspace():
+            start = payload.lstrip()[:1]
+        if start == b"[":
+            return False
+        request_id: jsonrpc.RequestId = None
+        if start == b"{":
+            try:
+                message = jsonrpc.decode_json(payload)
+            except (ValueError, RecursionError):
+                message = None
+            if isinstance(message, dict):
+                if "id" in message:
+                    raw = message["id"]
+                    request_id = raw if jsonrpc.valid_id(raw) else None
+                elif message.get("jsonrpc") == "2.0" and isinstance(message.get("method"), str):
+                    self._refuse(None, True, verdict)  # a notification: dropped
+                    return True
+        self._refuse(request_id, False, verdict)
+        return True
+
+    def _refuse(self, request_id: jsonrpc.RequestId, notification: bool, verdict: Verdict) -> None:
+        """
+        A message over the rate limit: -32029 unless it is a notification,
+        then 4029 if the guard says so.  Nothing else is done for it: this
+        is the path a flood takes, and it must stay cheap.
+        """
+        self.node.metrics.rate_limited.inc()
+        if not notification:
+            assert self._guard is not None
+            self.send_payload(jsonrpc.rate_limited_reply(request_id, self._guard.retry_after_ms()))
+        if verdict is Verdict.CLOSE:
+            self._close_for_abuse()
+
+    def _close_for_abuse(self) -> None:
+        log.info("closing {conn_id} of {user}: rate limit abuse",
+                 conn_id=self.conn_id, user=self.user_id)
+        self.close_with(CLOSE_RATE_ABUSE, "rate limit exceeded")
 
     def _send_single(self, reply: Any, call: ClientCall) -> None:
         if reply is not None:
@@ -698,7 +837,7 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
             metrics.call_outcome(spec.name, str(error.code))
             if entry.is_notification:
                 return None
-            return jsonrpc.error_response(entry.id, error)
+            return _fit(jsonrpc.error_response(entry.id, error), self._reply_limit)
 
         try:
             result = self.node.registry.invoke(spec, call, entry.params)
@@ -709,10 +848,8 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
         return done(result)
 
     def _admit(self, entry: jsonrpc.Request) -> Any:
-        """Rate limit, authentication gate and lookup, in that order."""
+        """Authentication gate and lookup, in that order."""
         node = self.node
-        if not entry.method.startswith("auth."):
-            self._rate_check()
         if self.identity is None:
             spec = node.registry.lookup(entry.method, Caller.CLIENT) if entry.method in (
                 "auth.authenticate",
@@ -723,42 +860,37 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
             return spec
         return node.registry.lookup(entry.method, Caller.CLIENT)
 
-    def _rate_check(self) -> None:
-        """
-        Take a token or raise -32029.  The connection is "over the limit"
-        from its first refused call for as long as refusals keep coming, at
-        most L{RATE_ABUSE_GAP} seconds apart: a client flooding the bucket
-        still gets a call through whenever a token is back (every 1/rate s),
-        and that trickle must not restart the 10 s count towards 4029.
-        """
-        assert self._bucket is not None
-        wait = self._bucket.take()
-        if wait <= 0:
-            return
-        node = self.node
-        node.metrics.rate_limited.inc()
-        now = node.reactor.seconds()
-        gap = max(RATE_ABUSE_GAP, 2.0 / node.config.rate_limit)
-        if self._limited_since is None or now - self._last_refused > gap:
-            self._limited_since = now
-        self._last_refused = now
-        if now - self._limited_since >= RATE_ABUSE_SECONDS:
-            self.close_with(CLOSE_RATE_ABUSE, "rate limit exceeded")
-        raise RPCError(
-            jsonrpc.RATE_LIMITED, data={"retry_after_ms": max(1, int(wait * 1000 + 0.999))}
-        )
+
+def _is_notification(entry: jsonrpc.Entry) -> bool:
+    return isinstance(entry, jsonrpc.Request) and entry.is_notification
 
 
-def _transport_backlog(transport: Any) -> int | None:
-    """
-    Bytes a Twisted TCP transport holds in user space, not yet taken by the
-    kernel (FileDescriptor's buffers); None for transports without them.
-    """
+def _status_phrase(code: int) -> str:
     try:
-        data = transport.dataBuffer
-        return len(data) - int(transport.offset) + int(transport._tempDataLen)
-    except (AttributeError, TypeError):
-        return None
+        return http.HTTPStatus(code).phrase
+    except ValueError:
+        return "Error"
+
+
+#: the challenge of a 401 answer (RFC 6750)
+_BEARER = (("WWW-Authenticate", 'Bearer realm="unrealon-ws"'),)
+
+
+def _fit(reply: dict[str, Any], limit: int) -> dict[str, Any]:
+    """
+    An error reply within C{limit} bytes (PROTOCOL.md section 3): entries of
+    C{data.errors} are dropped from the end until it fits.  Only
+    C{data.errors} grows with what the client sent; the rest is the echoed
+    id and fixed text.
+    """
+    error = reply.get("error")
+    data = error.get("data") if isinstance(error, dict) else None
+    errors = data.get("errors") if isinstance(data, dict) else None
+    if not errors:
+        return reply
+    while errors and len(_encode_reply(reply)) > limit:
+        del errors[len(errors) // 2 if len(errors) > 1 else 0 :]
+    return reply
 
 
 def presence_tracked(room: str) -> bool:
@@ -808,6 +940,10 @@ class RPCServerFactory(WebSocketServerFactory):
         self.node = node
         #: every connection, from TCP accept to close (handshakes included)
         self.connections: set[RPCSession] = set()
+        #: connections open and not yet authenticated (UNREALON_MAX_UNAUTHENTICATED)
+        self.unauthenticated = 0
+        #: writes made outside a connection's own read leave at the end of the turn
+        self.coalescer = WriteCoalescer(node.reactor)
         config = node.config
         options: dict[str, Any] = dict(
             maxMessagePayloadSize=config.max_message_size,
@@ -819,7 +955,11 @@ class RPCServerFactory(WebSocketServerFactory):
             # Origin is checked in onConnect (a missing Origin is allowed).
             allowedOrigins=["*"],
             allowNullOrigin=True,
+            # a protocol violation is answered with its close frame (1002,
+            # 1007) and a clean close, not a dropped connection
             failByDrop=False,
+            # the server answers a client's close with the same code
+            echoCloseCodeReason=True,
             tcpNoDelay=True,
             # Autobahn's default answers a plain GET (no Upgrade) with an HTML page
             # naming its version that meta-refreshes to any ?redirect= URL: an open

@@ -1,0 +1,111 @@
+"""
+L{unrealon._compat}: one test per private access, against the installed
+Twisted and Autobahn, so a release that changes one of them fails here
+first (the import-time check fails the server's start).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from unrealon import _compat
+from unrealon._compat import IncompatibleDependency
+
+
+class _Accepted(Protocol):
+    def __init__(self, ready: Deferred[Protocol]) -> None:
+        self.ready = ready
+
+    def connectionMade(self) -> None:
+        self.ready.callback(self)
+
+
+class TransportTests(TestCase):
+    """The send-buffer accesses, on a real TCP connection."""
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        accepted: Deferred[Protocol] = Deferred()
+        factory = Factory.forProtocol(lambda: _Accepted(accepted))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        self.peer = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(self.peer.close)
+        self.peer.setblocking(False)
+        server = yield accepted
+        self.transport = server.transport
+        self.addCleanup(self.transport.loseConnection)
+
+    def received(self) -> bytes:
+        data = b""
+        while True:
+            try:
+                chunk = self.peer.recv(1 << 20)
+            except BlockingIOError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+    def test_unsent_counts_buffered_bytes(self) -> None:
+        """What transport.write buffers until the reactor's next turn is unsent."""
+        self.transport.write(b"x" * 1000)
+        self.transport.write(b"y" * 10)
+        self.assertEqual(_compat.unsent(self.transport), 1010)
+        self.assertEqual(self.received(), b"")
+
+    def test_write_through_hands_bytes_to_the_kernel_at_once(self) -> None:
+        """With nothing buffered, the bytes reach the peer without a reactor turn."""
+        _compat.write_through(self.transport, b"hello")
+        self.assertEqual(_compat.unsent(self.transport), 0)
+        self.assertEqual(self.received(), b"hello")
+
+    def test_write_through_never_overtakes_buffered_bytes(self) -> None:
+        self.transport.write(b"first ")
+        _compat.write_through(self.transport, b"second")
+        self.assertEqual(self.received(), b"")
+        self.assertEqual(_compat.unsent(self.transport), 12)
+        _compat.try_send(self.transport)
+        self.assertEqual(self.received(), b"first second")
+
+    def test_try_send_leaves_what_the_kernel_refuses(self) -> None:
+        """Past the kernel's buffers, try_send leaves the rest buffered (and unsent says so)."""
+        self.transport.write(b"z" * (16 << 20))
+        _compat.try_send(self.transport)
+        left = _compat.unsent(self.transport)
+        self.assertGreater(left, 0)
+        self.assertLess(left, 16 << 20)
+
+    def test_unsent_of_other_transports(self) -> None:
+        self.assertEqual(_compat.unsent(object()), 0)
+
+
+class CheckTests(SynchronousTestCase):
+    def test_installed_versions_pass(self) -> None:
+        _compat.check()
+
+    def test_a_missing_internal_names_package_and_version(self) -> None:
+        class Stand:
+            pass
+
+        with self.assertRaises(IncompatibleDependency) as caught:
+            _compat._require("twisted", Stand, ("_tempDataLen",))
+        message = str(caught.exception)
+        self.assertIn("_tempDataLen", message)
+        self.assertIn("twisted", message)
+        from importlib.metadata import version
+
+        self.assertIn(version("twisted"), message)
+
+    def test_registered_close_codes_are_accepted(self) -> None:
+        for code in _compat.REGISTERED_CLOSE_CODES:
+            self.assertIn(code, WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED)
+        for code in (1004, 1005, 1006, 1015):
+            self.assertNotIn(code, WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED)
