@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import struct
 import subprocess
 import sys
@@ -73,25 +72,14 @@ def in_process(messages: int) -> dict[str, float]:
         service = build_node(holder, rate_limit=rate)
         session = SyncSession(service, mint_token("bench", rooms=["*"]))
         frame = client_frame(payload)
-        protocol = session.protocol
         # The clock stands still (no token comes back), and the guard's two
         # abuse rules are set back every 100 messages (a bench-only poke at
         # its counters), so what is measured is the refusal path itself,
         # not the close.
 
-        def feed(count: int) -> None:
-            for i in range(count):
-                protocol.dataReceived(frame)
-                if i % 100 == 0:
-                    session.transport.clear()
-                    guard = protocol._guard
-                    if guard is not None:
-                        guard._limited_since = None
-                        guard._window = guard._previous = 0
-
-        feed(2_000)  # warm up (and spend the burst)
+        _feed(session, frame, 2_000)  # warm up (and spend the burst)
         started = time.process_time()
-        feed(messages)
+        _feed(session, frame, messages)
         elapsed = time.process_time() - started
         assert not session.disconnecting, name
         results[name] = 1e6 * elapsed / messages
@@ -99,6 +87,18 @@ def in_process(messages: int) -> dict[str, float]:
     for cleanup in reversed(holder._cleanups):
         cleanup[0](*cleanup[1], **cleanup[2])
     return results
+
+
+def _feed(session: Any, frame: bytes, count: int) -> None:
+    protocol = session.protocol
+    for i in range(count):
+        protocol.dataReceived(frame)
+        if i % 100 == 0:
+            session.transport.clear()
+            guard = protocol._guard
+            if guard is not None:
+                guard._limited_since = None
+                guard._window = guard._previous = 0
 
 
 # -- part 2: real sockets ---------------------------------------------------------------
@@ -133,7 +133,7 @@ async def _open(port: int, user: str) -> tuple[asyncio.StreamReader, asyncio.Str
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> bytes:
-    b0, b1 = await reader.readexactly(2)
+    _, b1 = await reader.readexactly(2)
     n = b1 & 0x7F
     if n == 126:
         n = struct.unpack("!H", await reader.readexactly(2))[0]
@@ -243,7 +243,6 @@ def main() -> int:
     print(f"- flood: {result['flood_sent']} messages sent; node CPU {result['cpu_s']:.2f} s "
           f"= {1e6 * result['cpu_s'] / max(1, result['flood_sent']):.1f} us per flood message "
           f"(syscalls and the healthy client's pings included)")
-    statistics.median(alone)
     return 0
 
 
