@@ -542,6 +542,7 @@ class ClockSession:
         self._next_id += 1
         message = {"jsonrpc": "2.0", "id": self._next_id, "method": method, "params": params}
         self.session.dataReceived(client_frame(json.dumps(message).encode()))
+        self.clock.advance(0)  # the turn ends: its writes go out
         for opcode, payload in reversed(server_frames(self.transport.value())):
             if opcode == 1:
                 reply = json.loads(payload)

@@ -156,6 +156,7 @@ class DirectPathDifferentialTests(SynchronousTestCase):
         for end in sorted({min(c, len(stream)) for c in cuts} | {len(stream)}):
             if end > start:
                 session.protocol.dataReceived(stream[start:end])
+                session.clock.advance(0)  # the turn ends: what it wrote goes out
                 written += session.transport.value()
                 session.transport.clear()
                 start = end

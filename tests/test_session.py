@@ -988,14 +988,16 @@ class RefusalTests(SynchronousTestCase):
         session.lose()
 
     def test_replies_to_one_read_leave_in_one_write(self) -> None:
-        """Ten requests arriving in one read are answered with one write to the transport."""
+        """Ten requests arriving in one read are answered with one write, at the end of the turn."""
         service = build_node(self, rate_limit=1000)
         session = SyncSession(service, mint_token("alice"))
         counting = CountingTransport()
         session.protocol.transport = counting
         session.transport = counting
         data = b"".join(client_frame(json.dumps(ping(i)).encode()) for i in range(10))
-        frames = session.feed(data)
+        session.protocol.dataReceived(data)
+        self.assertEqual(counting.writes, 0)
+        frames = session.take()
         self.assertEqual([f.json()["id"] for f in frames], list(range(10)))
         self.assertEqual(counting.writes, 1)
         session.lose()

@@ -580,17 +580,6 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
             self._outbox.flush()
         super().sendData(data, sync, chopsize)
 
-    def dataReceived(self, data: bytes) -> None:
-        """Handle one read; everything it makes us send leaves in one write at its end."""
-        outbox = self._outbox
-        assert outbox is not None
-        outbox.reading = True
-        try:
-            super().dataReceived(data)
-        finally:
-            outbox.reading = False
-            outbox.flush()
-
     def sendMessage(
         self,
         payload: bytes,

@@ -180,6 +180,8 @@ class SyncSession:
         return [f.json() for f in self.send(json.dumps(message)) if f.opcode == OP_TEXT]
 
     def take(self) -> list[Frame]:
+        # the node writes what a turn produced at the end of the turn
+        self.clock.advance(0)
         data = self.transport.value()
         self.transport.clear()
         return parse_server_frames(data)
