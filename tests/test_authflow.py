@@ -35,8 +35,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from tests.helpers.node import SECRET, mint_token, raw_handshake, start_node, test_config
+from unrealon.authstate import AuthState
+from unrealon.closecodes import TOO_MANY_CONNECTIONS as CLOSE_TOO_MANY_CONNECTIONS
 from unrealon.service import makeService
-from unrealon.ws import CLOSE_TOO_MANY_CONNECTIONS
 
 UNAUTHENTICATED = -32001
 FORBIDDEN = -32003
@@ -389,9 +390,9 @@ class FirstMessageTests(NodeTestCase):
         self.assertEqual(result["expires_at"], jwt.decode(token, SECRET, ["HS256"])["exp"])
         rooms = yield client.call("rooms.list")
         self.assertEqual(sorted(rooms["rooms"]), ["broadcast", "user:alice"])
-        # the auth timer is gone: the connection outlives the timeout
-        self.assertEqual(len(session_of(running, "alice")), 1)
-        self.assertIsNone(session_of(running, "alice")[0]._auth_timer)
+        # authenticated: the auth timer is replaced by the token's expiry
+        [session] = session_of(running, "alice")
+        self.assertIs(session.auth.state, AuthState.AUTHENTICATED)
 
     @inlineCallbacks
     def test_bad_token_keeps_connection_until_timeout(self):

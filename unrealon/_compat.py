@@ -21,13 +21,30 @@ Accesses here:
     (C{WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED}) lacks 1014 ("bad
     gateway", in the IANA registry since 2016), so a client closing with it
     would get 1002.  L{allow_registered_close_codes} adds it.
+  - Autobahn's C{_connectionMade} pretty-prints all ~40 protocol options
+    for a debug line whether or not it is logged: a quarter of the server's
+    CPU per connection in the connect benchmark.  L{lazy_options_dump} swaps
+    the module's C{pformat} for a lazy one for that call.  Upstream: format
+    lazily (the log call already takes the value as a field).
+  - Autobahn leaves its closing-handshake timer (C{closeHandshakeTimeoutCall})
+    running when the peer drops TCP instead of answering our close; it
+    keeps the protocol alive for the handshake timeout.
+    L{cancel_close_handshake_timer}.  Upstream: cancel it in
+    C{_connectionLost}, as it does the other timers.
+  - Autobahn applies C{maxMessagePayloadSize} to outgoing messages too;
+    the limit is for client messages only.  L{outgoing_size_unlimited}
+    lifts it around one send.  Upstream: separate in/out limits.
 """
 
 from __future__ import annotations
 
+import pprint
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from typing import Any
 
+from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import abstract, tcp
 from twisted.internet.interfaces import ISSLTransport
@@ -55,7 +72,12 @@ def check() -> None:
     probe = abstract.FileDescriptor(reactor=object())  # type: ignore[arg-type]
     _require("twisted", probe, ("dataBuffer", "offset", "_tempDataLen", "_tempDataBuffer"))
     _require("twisted", tcp.Connection, ("writeSomeData", "doWrite", "write", "TLS"))
-    _require("autobahn", WebSocketProtocol, ("CLOSE_STATUS_CODES_ALLOWED",))
+    _require("autobahn", WebSocketProtocol, ("CLOSE_STATUS_CODES_ALLOWED", "_connectionMade"))
+    if "maxMessagePayloadSize" not in getattr(WebSocketProtocol, "CONFIG_ATTRS_COMMON", ()):
+        raise IncompatibleDependency(
+            f"autobahn {version('autobahn')}: maxMessagePayloadSize is no longer a protocol option"
+        )
+    _require("autobahn", autobahn_protocol, ("pformat",))
     if not isinstance(WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED, list):
         raise IncompatibleDependency(
             f"autobahn {version('autobahn')}: CLOSE_STATUS_CODES_ALLOWED is no longer a list"
@@ -126,6 +148,49 @@ def try_send(transport: Any) -> None:
 
 
 # -- Autobahn ------------------------------------------------------------------------
+
+
+class _LazyPformat:
+    """C{pprint.pformat(value)}, computed only when a log observer formats it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __format__(self, spec: str) -> str:
+        return format(pprint.pformat(self.value), spec)
+
+    def __str__(self) -> str:
+        return pprint.pformat(self.value)
+
+
+@contextmanager
+def lazy_options_dump() -> Iterator[None]:
+    """Within the block, Autobahn's protocol module formats its options dump lazily."""
+    autobahn_protocol.pformat = _LazyPformat  # type: ignore[attr-defined,assignment]
+    try:
+        yield
+    finally:
+        autobahn_protocol.pformat = pprint.pformat  # type: ignore[attr-defined]
+
+
+def cancel_close_handshake_timer(protocol: Any) -> None:
+    """Cancel Autobahn's closing-handshake timer of a connection that is gone."""
+    timer = getattr(protocol, "closeHandshakeTimeoutCall", None)
+    if timer is not None:
+        protocol.closeHandshakeTimeoutCall = None
+        timer.cancel()
+
+
+@contextmanager
+def outgoing_size_unlimited(protocol: Any) -> Iterator[None]:
+    """Within the block, Autobahn does not apply the incoming size limit to what we send."""
+    limit, protocol.maxMessagePayloadSize = protocol.maxMessagePayloadSize, 0
+    try:
+        yield
+    finally:
+        protocol.maxMessagePayloadSize = limit
 
 
 def allow_registered_close_codes() -> None:

@@ -1,10 +1,10 @@
 """
 The methods browser clients may call (PROTOCOL.md section 4).
 
-Each handler takes a L{unrealon.ws.ClientCall} and validated params, and
-returns a typed result; the session does the JSON-RPC around it.  Calls that
-need the engine's store are bounded by L{BACKEND_DEADLINE} so a client hears
--32011 instead of waiting on a Redis that is gone.
+Each handler takes a L{unrealon.dispatch.ClientCall} and validated params,
+and returns a typed result; the dispatcher does the JSON-RPC around it.
+Calls that need the engine's store are bounded (L{unrealon.deadlines}) so a
+client hears -32011 instead of waiting on a Redis that is gone.
 """
 
 from __future__ import annotations
@@ -12,31 +12,25 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, TimeoutError
 
-from unrealon import jsonrpc
+from unrealon import closecodes, jsonrpc
 from unrealon.auth import AuthError, may_join
-from unrealon.engine.interfaces import BackendUnavailable
+from unrealon.deadlines import within_deadline
+from unrealon.dispatch import ClientCall
 from unrealon.jsonrpc import RPCError
+from unrealon.membership import (
+    IMPLICIT,
+    PATTERN,
+    Admission,
+    implicit_rooms,
+    presence_tracked,
+    room_token,
+)
+from unrealon.node import PROTOCOL_VERSION
 from unrealon.rpc import Caller, Registry, openrpc_document, param
-from unrealon.ws import CLOSE_TOO_MANY_CONNECTIONS, ClientCall, presence_tracked
-
-#: longest a client call waits on the engine's store before -32011
-BACKEND_DEADLINE = 5.0
 
 #: room names, PROTOCOL.md section 4 (auth.ROOM_NAME_RE is the anchored form)
 ROOM_PATTERN = r"[A-Za-z0-9_.:@-]{1,200}"
-
-
-async def bounded(call: ClientCall, d: Deferred[Any]) -> Any:
-    """Wait for an engine call at most L{BACKEND_DEADLINE} seconds."""
-    d.addTimeout(BACKEND_DEADLINE, call.node.reactor)
-    try:
-        return await d
-    except (TimeoutError, BackendUnavailable, ConnectionError):
-        raise RPCError(
-            jsonrpc.BACKEND_UNAVAILABLE, data={"retryable": True}
-        ) from None
 
 
 # -- params and results -------------------------------------------------------
@@ -150,11 +144,11 @@ def auth_authenticate(call: ClientCall, params: TokenParams) -> AuthResult:
     if node.hub.user_connections(identity.user_id) >= node.config.max_connections_per_user:
         call.after_reply(
             lambda: session.close_with(
-                CLOSE_TOO_MANY_CONNECTIONS, "too many connections for this user"
+                closecodes.TOO_MANY_CONNECTIONS, "too many connections for this user"
             )
         )
         raise RPCError(jsonrpc.FORBIDDEN, "Forbidden: too many connections for this user")
-    session.authenticated(identity)
+    session.authenticate(identity)
     return AuthResult(user_id=identity.user_id, expires_at=identity.expires_at)
 
 
@@ -165,7 +159,7 @@ def auth_refresh(call: ClientCall, params: TokenParams) -> RefreshResult:
     assert session.identity is not None
     if identity.user_id != session.identity.user_id:
         raise RPCError(jsonrpc.FORBIDDEN, "Forbidden: the token is for another user")
-    session.refreshed(identity)
+    session.refresh(identity)
     return RefreshResult(expires_at=identity.expires_at)
 
 
@@ -177,8 +171,6 @@ def system_ping(call: ClientCall, params: object) -> PingResult:
 def system_info(call: ClientCall, params: object) -> InfoResult:
     """Server version, protocol version, node id and features."""
     node = call.node
-    from unrealon.node import PROTOCOL_VERSION
-
     return InfoResult(
         version=node.version,
         protocol=PROTOCOL_VERSION,
@@ -200,7 +192,7 @@ def client_openrpc(registry: Registry, version: str) -> dict[str, Any]:
     )
 
 
-def _admission(call: ClientCall, room: str, token: str | None) -> str:
+def _admission(call: ClientCall, room: str, token: str | None) -> Admission:
     """
     How this connection may join C{room}, else -32003.
 
@@ -213,8 +205,8 @@ def _admission(call: ClientCall, room: str, token: str | None) -> str:
     session = call.session
     identity = session.identity
     assert identity is not None
-    if room in (f"user:{identity.user_id}", "broadcast"):
-        return "implicit"
+    if room in implicit_rooms(identity.user_id):
+        return IMPLICIT
     refused = "this token does not grant the room"
     if token is not None:
         try:
@@ -224,12 +216,12 @@ def _admission(call: ClientCall, room: str, token: str | None) -> str:
         except AuthError as e:
             refused = e.reason
         else:
-            return f"token:{grant.expires_at}"
-    current = session.rooms.get(room)
-    if current is not None and current.startswith("token:"):
+            return room_token(grant.expires_at)
+    current: Admission | None = session.membership.rooms.get(room)
+    if current is not None and current.kind == "token":
         return current
     if may_join(identity.room_patterns, room):
-        return "pattern"
+        return PATTERN
     if current is not None:
         return current
     raise RPCError(jsonrpc.FORBIDDEN, f"Forbidden: {refused}")
@@ -237,31 +229,12 @@ def _admission(call: ClientCall, room: str, token: str | None) -> str:
 
 async def rooms_join(call: ClientCall, params: JoinParams) -> JoinResult:
     """Join a room; with `since`, receive every event after that cursor first."""
-    session, node, room = call.session, call.node, params.room
-    admitted = _admission(call, room, params.token)
-    was_member = session.begin_join(room, admitted)
-    identity = session.identity
-    track = not was_member and presence_tracked(room) and identity is not None
-    try:
-        recovery = await bounded(call, node.broker.recover(room, params.since))
-        if track:
-            assert identity is not None
-            await bounded(
-                call, node.presence.join(room, identity.user_id, session.conn_id, identity.info)
-            )
-    except BaseException:
-        # Nothing half-done: an error reply means the connection is not in the
-        # room, and a presence entry that may have been written is withdrawn.
-        session.abort_join(room, was_member)
-        if track:
-            assert identity is not None
-            node.presence.leave(room, identity.user_id, session.conn_id).addErrback(
-                lambda _: None
-            )
-        raise
-    call.after_reply(lambda: session.finish_join(room, recovery.cursor))
+    admission = _admission(call, params.room, params.token)
+    recovery = await call.session.membership.join(
+        params.room, admission, params.since, call.after_reply
+    )
     return JoinResult(
-        room=room,
+        room=params.room,
         cursor=recovery.cursor,
         recovered=recovery.recovered if params.since is not None else False,
         missed=list(recovery.missed) if params.since is not None else [],
@@ -270,23 +243,23 @@ async def rooms_join(call: ClientCall, params: JoinParams) -> JoinResult:
 
 def rooms_leave(call: ClientCall, params: RoomParams) -> RoomResult:
     """Leave a room (not the implicit user:<id> and broadcast rooms)."""
-    session = call.session
-    how = session.rooms.get(params.room)
-    if how is None:
+    membership = call.session.membership
+    admission = membership.rooms.get(params.room)
+    if admission is None:
         raise RPCError(jsonrpc.NOT_FOUND, "Not found: not in this room")
-    if how == "implicit":
+    if admission is IMPLICIT:
         raise RPCError(jsonrpc.FORBIDDEN, "Forbidden: implicit rooms cannot be left")
-    session.leave_room(params.room)
+    membership.leave(params.room)
     return RoomResult(room=params.room)
 
 
 def rooms_list(call: ClientCall, params: object) -> RoomsResult:
     """The rooms this connection is in, the implicit ones included."""
-    return RoomsResult(rooms=sorted(call.session.rooms))
+    return RoomsResult(rooms=sorted(call.session.membership.rooms))
 
 
 def _member_of(call: ClientCall, room: str) -> None:
-    if room not in call.session.rooms:
+    if room not in call.session.membership.rooms:
         raise RPCError(jsonrpc.NOT_FOUND, "Not found: not in this room")
 
 
@@ -295,7 +268,7 @@ async def presence_list(call: ClientCall, params: RoomParams) -> PresenceListRes
     _member_of(call, params.room)
     if not presence_tracked(params.room):
         return PresenceListResult(room=params.room, users=[])
-    users = await bounded(call, call.node.presence.list(params.room))
+    users = await within_deadline(call.node.presence.list(params.room), call.node.reactor)
     return PresenceListResult(
         room=params.room,
         users=[PresenceEntry(u.user_id, dict(u.info), u.connections) for u in users],
@@ -307,7 +280,7 @@ async def presence_count(call: ClientCall, params: RoomParams) -> PresenceCountR
     _member_of(call, params.room)
     if not presence_tracked(params.room):
         return PresenceCountResult(room=params.room, users=0, connections=0)
-    count = await bounded(call, call.node.presence.count(params.room))
+    count = await within_deadline(call.node.presence.count(params.room), call.node.reactor)
     return PresenceCountResult(room=params.room, users=count.users, connections=count.connections)
 
 

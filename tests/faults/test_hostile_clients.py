@@ -179,7 +179,7 @@ class HandshakeRefusalTests(TestCase):
         # a closed one frees its place too
         waiting[1].abort()
         yield waiting[1].ended
-        yield wait_until(lambda: running.service.factory.unauthenticated == 2)
+        yield wait_until(lambda: running.service.factory.unauthenticated.count == 2)
 
 
 class FloodTests(TestCase):

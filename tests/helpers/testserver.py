@@ -45,9 +45,9 @@ from twisted.web.server import Request, Site
 from twisted.web.static import File
 
 from unrealon.config import load_config
+from unrealon.dispatch import ClientCall
 from unrealon.rpc import Caller, Registry, param
 from unrealon.service import makeService
-from unrealon.ws import ClientCall
 
 ROOT = Path(__file__).resolve().parents[2]
 ROOM = r"[A-Za-z0-9_.:@-]{1,200}"
