@@ -858,7 +858,7 @@ class VettedSecretTests(SynchronousTestCase):
     def test_a_secret_is_vetted_once(self) -> None:
         from jwt.algorithms import HMACAlgorithm
 
-        from unrealon.auth import _VettedSecretHMAC
+        from unrealon._compat.tokens import VettedSecretHMAC as _VettedSecretHMAC
 
         vetted: list[Any] = []
         original = HMACAlgorithm.prepare_key

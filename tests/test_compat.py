@@ -1,7 +1,7 @@
 """
 L{unrealon._compat}: one test per private access, against the installed
-Twisted and Autobahn, so a release that changes one of them fails here
-first (the import-time check fails the server's start).
+Twisted, Autobahn and pyjwt, so a release that changes one of them fails
+here first (the import-time checks fail the server's start).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from unrealon import _compat
-from unrealon._compat import IncompatibleDependency
+from unrealon._compat import IncompatibleDependency, directframes, require, tokens, websocket
+from unrealon._compat import transport as _compat
 
 
 class _Accepted(Protocol):
@@ -89,14 +89,15 @@ class TransportTests(TestCase):
 
 class CheckTests(SynchronousTestCase):
     def test_installed_versions_pass(self) -> None:
-        _compat.check()
+        for module in (_compat, websocket, directframes, tokens):
+            module.check()
 
     def test_a_missing_internal_names_package_and_version(self) -> None:
         class Stand:
             pass
 
         with self.assertRaises(IncompatibleDependency) as caught:
-            _compat._require("twisted", Stand, ("_tempDataLen",))
+            require("twisted", Stand, ("_tempDataLen",))
         message = str(caught.exception)
         self.assertIn("_tempDataLen", message)
         self.assertIn("twisted", message)
@@ -105,7 +106,58 @@ class CheckTests(SynchronousTestCase):
         self.assertIn(version("twisted"), message)
 
     def test_registered_close_codes_are_accepted(self) -> None:
-        for code in _compat.REGISTERED_CLOSE_CODES:
+        for code in websocket.REGISTERED_CLOSE_CODES:
             self.assertIn(code, WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED)
         for code in (1004, 1005, 1006, 1015):
             self.assertNotIn(code, WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED)
+
+
+class WebSocketTests(SynchronousTestCase):
+    """The Autobahn protocol adjustments (the session tests cover them in use)."""
+
+    def test_lazy_options_dump_restores_pformat(self) -> None:
+        import pprint
+
+        from autobahn.websocket import protocol
+
+        with websocket.lazy_options_dump():
+            lazy = protocol.pformat({"a": 1})  # type: ignore[attr-defined]
+            self.assertEqual(f"{lazy}", pprint.pformat({"a": 1}))
+        self.assertIs(protocol.pformat, pprint.pformat)  # type: ignore[attr-defined]
+
+    def test_outgoing_size_unlimited_restores_the_limit(self) -> None:
+        class Proto:
+            maxMessagePayloadSize = 100
+
+        proto = Proto()
+        with websocket.outgoing_size_unlimited(proto):
+            self.assertEqual(proto.maxMessagePayloadSize, 0)
+        self.assertEqual(proto.maxMessagePayloadSize, 100)
+
+    def test_cancel_close_handshake_timer(self) -> None:
+        cancelled = []
+
+        class Timer:
+            def cancel(self) -> None:
+                cancelled.append(True)
+
+        class Proto:
+            closeHandshakeTimeoutCall: Any = Timer()
+
+        proto = Proto()
+        websocket.cancel_close_handshake_timer(proto)
+        websocket.cancel_close_handshake_timer(proto)
+        self.assertEqual(cancelled, [True])
+        self.assertIsNone(proto.closeHandshakeTimeoutCall)
+
+
+class TokenTests(SynchronousTestCase):
+    def test_the_vetted_decoder_verifies_hs256(self) -> None:
+        import jwt
+
+        secret = "s" * 40
+        token = jwt.encode({"sub": "a"}, secret, algorithm="HS256")
+        decoder = tokens.vetted_hmac_decoder()
+        self.assertEqual(decoder.decode(token, secret, algorithms=["HS256"]), {"sub": "a"})
+        self.assertRaises(jwt.InvalidSignatureError, decoder.decode, token, "t" * 40,
+                          algorithms=["HS256"])

@@ -29,7 +29,7 @@ from twisted.trial.unittest import TestCase
 from tests.helpers.cluster import EVENT, Tap, wait_until
 from tests.helpers.node import mint_token, start_node
 from tests.helpers.redis_server import start_redis
-from unrealon._compat import unsent
+from unrealon._compat.transport import unsent
 from unrealon.engine.redisbroker import DISPATCH_SLICE
 from unrealon.engine.redisclient import StreamClient, connect, parse_redis_url
 

@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import HMACAlgorithm
 from twisted.internet.interfaces import IReactorTime
 
+from unrealon._compat.tokens import vetted_hmac_decoder
+
 __all__ = [
     "ROOM_NAME_RE",
     "SUPPORTED_ALGORITHMS",
@@ -302,42 +304,6 @@ class _Clock(Protocol):
     def seconds(self) -> float: ...
 
 
-class _VettedSecretHMAC(HMACAlgorithm):
-    """
-    pyjwt's HMAC algorithm, vetting each secret once.
-
-    pyjwt's C{prepare_key} re-examines the secret on every verification (is
-    it a PEM or DER key, an SSH key, a JWK in disguise?): a tenth of the
-    server's CPU per connection in the connect benchmark.  The verdict for a
-    given secret never changes, and secrets come only from our settings,
-    never from a token, so this keeps at most one entry per configured key.
-    """
-
-    def __init__(self, hash_alg: Any) -> None:
-        super().__init__(hash_alg)
-        self._vetted: dict[Any, bytes] = {}
-
-    def prepare_key(self, key: Any) -> bytes:
-        vetted = self._vetted.get(key)
-        if vetted is None:
-            vetted = self._vetted[key] = super().prepare_key(key)
-        return vetted
-
-
-def _jwt_decoder() -> jwt.PyJWT:
-    """A pyjwt decoder of our own whose HS* algorithms vet each secret once."""
-    decoder = jwt.PyJWT()
-    jws = decoder._jws  # pyjwt keeps the algorithm registry on its PyJWS
-    for name, hash_alg in (
-        ("HS256", HMACAlgorithm.SHA256),
-        ("HS384", HMACAlgorithm.SHA384),
-        ("HS512", HMACAlgorithm.SHA512),
-    ):
-        jws.unregister_algorithm(name)
-        jws.register_algorithm(name, _VettedSecretHMAC(hash_alg))
-    return decoder
-
-
 class TokenVerifier:
     """Verifies connection tokens and room tokens against `JWTSettings`.
 
@@ -348,7 +314,7 @@ class TokenVerifier:
         self._settings = settings
         # cast: without the mypy-zope plugin mypy cannot see IReactorTime.seconds as a method.
         self._clock = cast(_Clock, clock)
-        self._jwt = _jwt_decoder()
+        self._jwt = vetted_hmac_decoder()
         self._options: jwt.types.Options = {
             "require": ["exp"],
             # Time claims are checked by _check_times against the injected clock.

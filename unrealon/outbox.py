@@ -6,7 +6,7 @@ Everything a session sends in one reactor turn -- the replies to the
 frames of a read, a feed batch's events -- goes to the kernel as one write
 once every I/O event of that turn has been handled, from one shared
 L{WriteCoalescer} call.  The write goes straight to the socket when the
-transport holds nothing unsent (L{unrealon._compat.write_through}), so a
+transport holds nothing unsent (L{unrealon._compat.transport.write_through}), so a
 reply costs one C{send} and no C{epoll_ctl}; what the kernel does not take
 is buffered by Twisted as usual.
 
@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
-from unrealon import _compat
+from unrealon._compat import transport as _compat
 
 log = Logger(namespace="unrealon.outbox")
 

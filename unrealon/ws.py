@@ -10,7 +10,7 @@ L{RPCSession} is the transport adapter: it connects Autobahn's callbacks
   - L{unrealon.dispatch.Dispatcher}: JSON-RPC in, replies out (no socket);
   - L{unrealon.membership.RoomMembership}: rooms, joins and their buffers;
   - L{unrealon.outbox.Outbox}: coalesced writes and the send budget;
-  - L{unrealon.frames.DirectFrames}: plain text frames without Autobahn's
+  - L{unrealon._compat.directframes.DirectFrames}: plain text frames without Autobahn's
     per-frame machinery;
 
 -- and owns the close codes of PROTOCOL.md section 3.  Every close is a
@@ -32,12 +32,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from unrealon import _compat, closecodes, jsonrpc
+from unrealon import closecodes, jsonrpc
+from unrealon._compat import websocket as compat_websocket
+from unrealon._compat.directframes import DirectFrames
 from unrealon.auth import Identity
 from unrealon.authstate import Authentication, IAuthOwner, UnauthenticatedConnections
 from unrealon.dispatch import Dispatcher, IClientSession
 from unrealon.engine.interfaces import RoomEvent
-from unrealon.frames import DirectFrames
 from unrealon.handshake import (
     HandshakeRefused,
     ScrubbedLog,
@@ -147,13 +148,13 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
 
     def _connectionMade(self) -> None:
         # Autobahn's pretty-printed options dump for a debug line, made lazy
-        with _compat.lazy_options_dump():
+        with compat_websocket.lazy_options_dump():
             super()._connectionMade()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         try:
             super().connectionLost(reason)
-            _compat.cancel_close_handshake_timer(self)
+            compat_websocket.cancel_close_handshake_timer(self)
         finally:
             self.factory.connections.discard(self)
             if not self.closed.called:
@@ -275,7 +276,7 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
         larger).  Messages Autobahn frames itself (compression) are judged
         against the send budget like the direct path's.
         """
-        with _compat.outgoing_size_unlimited(self):
+        with compat_websocket.outgoing_size_unlimited(self):
             super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)
         self._outbox.judge()
 
