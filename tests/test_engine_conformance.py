@@ -426,7 +426,7 @@ class RedisEngineTests(EngineConformance, TestCase):
         from unrealon.engine.redispresence import RedisPresence
 
         self.server = yield start_redis(self)
-        self.connections = RedisConnections.open(self.server.url)
+        self.connections = RedisConnections.open(self.server.url, reactor)
         self.addCleanup(self.connections.stop)
         yield self.connections.start()
         self.sink = FakeSink()
@@ -587,7 +587,7 @@ class RedisEngineTests(EngineConformance, TestCase):
         from unrealon.engine.redisbroker import RedisBroker
 
         self.server = yield start_redis(self, persistent=True)
-        self.connections = RedisConnections.open(self.server.url)
+        self.connections = RedisConnections.open(self.server.url, reactor)
         self.addCleanup(self.connections.stop)
         yield self.connections.start()
         self.sink = FakeSink()

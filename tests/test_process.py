@@ -17,7 +17,7 @@ import os
 import time
 from typing import Any
 
-from twisted.internet import error, reactor
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
@@ -356,10 +356,10 @@ class ShutdownTests(TestCase):
     @inlineCallbacks
     def test_sigterm_while_starting(self) -> Any:
         """
-        A node still starting -- waiting for a Redis that does not answer,
-        not yet listening -- stops on SIGTERM with status 0 within
-        UNREALON_SHUTDOWN_TIMEOUT instead of waiting for a start that may
-        never come.
+        A node whose Redis does not answer serves anyway (PROTOCOL.md section
+        1: /live 200, /health 503 "degraded") and stops on SIGTERM with
+        status 0 within UNREALON_SHUTDOWN_TIMEOUT instead of waiting for a
+        start that may never come.
         """
         ws, http = free_port(), free_port()
         env = base_env(
@@ -378,7 +378,10 @@ class ShutdownTests(TestCase):
             return d
 
         yield wait_for(reactor_running, proc)
-        yield self.assertFailure(http_get(http, "/health"), error.ConnectionRefusedError)
+        status_code, body = yield wait_for(lambda: http_get(http, "/health"), proc)
+        self.assertEqual((status_code, json.loads(body)["status"]), (503, "degraded"))
+        live, _ = yield http_get(http, "/live")
+        self.assertEqual(live, 200)
         started = time.monotonic()
         proc.signal("TERM")
         status = yield wait_ended(proc, self.SHUTDOWN_TIMEOUT + 5)

@@ -19,6 +19,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
 
 from tests.helpers.redis_server import RedisServer, RedisServerError, start_redis
+from unrealon._compat.redis import LeanEncodingProtocol as _LeanEncodingProtocol
 from unrealon.engine.redisclient import (
     DEFAULT_PORT,
     REPLY_SCRIPT,
@@ -28,7 +29,6 @@ from unrealon.engine.redisclient import (
     StreamClient,
     StreamEntry,
     UnexpectedReply,
-    _LeanEncodingProtocol,
     connect,
     parse_redis_url,
     push_reply,

@@ -179,13 +179,3 @@ def register_backend_methods(registry: Registry) -> None:
                     callers=Caller.BACKEND)(presence_online)
     registry.method("connections.disconnect", params=DisconnectParams,
                     result=DisconnectResult, callers=Caller.BACKEND)(connections_disconnect)
-
-
-def error_code_name(error: RPCError) -> str:
-    """The ingress reply's C{error_code} for a JSON-RPC error."""
-    return {
-        jsonrpc.METHOD_NOT_FOUND: "method_not_found",
-        jsonrpc.INVALID_PARAMS: "invalid_params",
-        jsonrpc.INVALID_REQUEST: "invalid_params",
-        jsonrpc.FORBIDDEN: "forbidden",
-    }.get(error.code, "internal_error")

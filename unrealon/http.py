@@ -72,6 +72,9 @@ class HealthResource(Resource):
                 ingress = {"lag": None, "pending": None, "dead": None, "ok": False}
             if not ingress.pop("ok", True):
                 ready = False
+        stopped = [loop.name for loop in node.loops if not loop.working()]
+        if stopped:
+            ready = False
         if node.stopping:
             status, code = "stopping", 503
         elif ready:

@@ -150,16 +150,25 @@ class Metrics:
             "unrealon_ingress_dead_letters", "Entries in the dead-letter stream", registry=r
         )
         self.redis_up = Gauge("unrealon_redis_up", "1 when Redis answers", registry=r)
+        self.loop_failures = ReactorCounter(
+            "unrealon_loop_failures",
+            "Unexpected errors caught in supervised loops (each loop restarted)",
+            ["loop"],
+        )
         r.register(
             _ReactorMetrics(
                 [self.calls, self.call_seconds, self.events_delivered, self.bytes_sent,
-                 self.ingress_handled, self.rate_limited]
+                 self.ingress_handled, self.rate_limited, self.loop_failures]
             )
         )
 
     def call_outcome(self, method: str, outcome: str) -> None:
         """Count one call (C{calls.labels} keeps each pair's child)."""
         self.calls.labels(method=method, outcome=outcome).inc()
+
+    def loop_failure(self, loop: str) -> None:
+        """Count one unexpected error in the supervised loop C{loop}."""
+        self.loop_failures.labels(loop=loop).inc()
 
     def watch(
         self,

@@ -39,6 +39,8 @@ class Node:
     status: str = "ok"
     #: set when the engine needs Redis (ingress state for /health)
     ingress: Any = None
+    #: the supervised long-running work (/health is degraded while one is not working)
+    loops: tuple[Any, ...] = ()
     features: tuple[str, ...] = ()
     version: str = __version__
 

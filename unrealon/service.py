@@ -17,10 +17,18 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    FirstError,
+    gatherResults,
+    maybeDeferred,
+)
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from unrealon.auth import TokenVerifier
 from unrealon.backendapi import BackendCall, register_backend_methods
@@ -85,17 +93,31 @@ class NodeService(Service):
             reactor.stop()
 
     async def _start(self) -> None:
+        """
+        Begin every engine part, open both listeners, then wait until the
+        engine is ready.  The listeners do not wait for the engine: a node
+        serves (/live, /health 503, connections, -32011 for what needs Redis)
+        while Redis is absent (PROTOCOL.md section 1).
+        """
         node = self.node
         reactor = node.reactor
         node.started_at = reactor.seconds()
-        for part in reversed(self._stoppables):
-            await part.start()
-        self.http_port = await serverFromString(reactor, node.config.http_endpoint).listen(
-            make_site(node)
+        engine: Deferred[Any] = gatherResults(
+            [part.start() for part in reversed(self._stoppables)], consumeErrors=True
         )
-        self.ws_port = await serverFromString(reactor, node.config.ws_endpoint).listen(
-            self.factory
-        )
+        engine.addErrback(_first_error)
+        try:
+            self.http_port = await serverFromString(reactor, node.config.http_endpoint).listen(
+                make_site(node)
+            )
+            self.ws_port = await serverFromString(reactor, node.config.ws_endpoint).listen(
+                self.factory
+            )
+        except BaseException:
+            # the start fails for this; the engine's own outcome no longer matters
+            engine.addErrback(lambda f: log.info("engine start abandoned: {error}",
+                                                 error=f.getErrorMessage()))
+            raise
         log.info(
             "node {node_id} serving WebSocket on {ws} and health on {http} ({engine} engine)",
             node_id=node.node_id,
@@ -103,6 +125,9 @@ class NodeService(Service):
             http=_address(self.http_port),
             engine="redis" if node.config.redis_url else "memory",
         )
+        if not engine.called:
+            log.info("node {node_id} waiting for Redis", node_id=node.node_id)
+        await engine
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -114,14 +139,9 @@ class NodeService(Service):
         node.status = "stopping"
         deadline = reactor.seconds() + node.config.shutdown_timeout
         log.info("node {node_id} stopping", node_id=node.node_id)
-        if self._starting is not None and not self._starting.called:
-            # Still starting (waiting for Redis, say): give up on it, or the
-            # stop would wait for a start that may never come.
-            self._starting.cancel()
-        try:
-            await self.ready
-        except Exception:
-            pass  # it did not start; stop what did
+        # Still starting (waiting for Redis, say)?  Not waited for: stopping
+        # the engine's parts below ends that wait (the start then reports
+        # that it was stopped, not that it failed).
         if self.ws_port is not None:
             await maybeDeferred(self.ws_port.stopListening)
         await self._close_connections(deadline)
@@ -151,6 +171,14 @@ class NodeService(Service):
             for session in left:
                 transport: Any = session.transport
                 transport.abortConnection()
+
+
+def _first_error(failure: Failure) -> Failure:
+    """A gatherResults' failure as the failure of the part that failed."""
+    if isinstance(failure.value, FirstError):
+        inner: Failure = failure.value.subFailure
+        return inner
+    return failure
 
 
 async def _bounded(d: Deferred[Any], deadline: float, reactor: Any, what: str) -> None:
@@ -200,12 +228,17 @@ def makeService(
         from unrealon.engine.redispresence import RedisPresence
         from unrealon.ingress import IngressConsumer
 
-        connections = RedisConnections.open(config.redis_url)
+        connections = RedisConnections.open(config.redis_url, reactor)
+        link, failed = connections.link, metrics.loop_failure
         broker: Any = RedisBroker(
             reactor, hub, connections.commands, connections.feed_reader,
             history_size=config.history_size, history_ttl=config.history_ttl,
+            link=link, count_failure=failed,
         )
-        presence: Any = RedisPresence(reactor, connections.commands, ttl=config.presence_ttl)
+        presence: Any = RedisPresence(
+            reactor, connections.commands, ttl=config.presence_ttl,
+            link=link, count_failure=failed,
+        )
         ingress: Any = IngressConsumer(
             reactor, connections.commands, connections.ingress_reader,
             lambda method, params, entry_id: dispatch_backend(
@@ -215,11 +248,12 @@ def makeService(
             consumer=config.node_id, dead_stream=config.dead_letter_stream,
             claim_idle=config.claim_idle, max_deliveries=config.max_deliveries,
             max_in_flight=config.ingress_max_in_flight,
-            metrics=metrics,
+            metrics=metrics, link=connections.link,
         )
         # stopped in this order (started in reverse)
         stoppables.extend([ingress, presence, broker, connections])
         features: tuple[str, ...] = ("rooms", "history", "presence", "ingress", "cluster")
+        loops: tuple[Any, ...] = (ingress.reader, broker.reader, *presence.loops)
     else:
         broker = MemoryBroker(
             reactor, hub, history_size=config.history_size, history_ttl=config.history_ttl
@@ -227,6 +261,7 @@ def makeService(
         presence = MemoryPresence(broker.publish_ephemeral)
         ingress = None
         stoppables.extend([presence, broker])
+        loops = broker.loops
         features = ("rooms", "history", "presence")
     hub.cursor_key = broker.cursor_key
     verifier = TokenVerifier(config.jwt_settings(), reactor) if config.jwt_keys else None
@@ -241,6 +276,7 @@ def makeService(
         metrics=metrics,
         ingress=ingress,
         features=features,
+        loops=loops,
     )
     metrics.watch(
         lambda: hub.connection_count, lambda: hub.user_count, lambda: hub.room_count

@@ -19,7 +19,6 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
 from unrealon.engine.interfaces import (
@@ -32,6 +31,7 @@ from unrealon.engine.interfaces import (
     Recovery,
     RoomEvent,
 )
+from unrealon.engine.supervision import SupervisedLoop
 from unrealon.jsonrpc import encode, notification
 
 
@@ -83,16 +83,14 @@ class MemoryBroker:
         self._ttl = history_ttl
         self._rooms: dict[str, RoomHistory] = {}
         self._published: dict[str, tuple[str, float]] = {}
-        self._sweeper = LoopingCall(self.sweep)
-        self._sweeper.clock = clock
+        self.loops = (SupervisedLoop("history expiry", clock, min(self._ttl, 60.0), self.sweep),)
 
     def start(self) -> Deferred[None]:
-        self._sweeper.start(min(self._ttl, 60.0), now=False)
+        self.loops[0].start()
         return succeed(None)
 
     def stop(self) -> Deferred[None]:
-        if self._sweeper.running:
-            self._sweeper.stop()
+        self.loops[0].stop()
         return succeed(None)
 
     def sweep(self) -> None:

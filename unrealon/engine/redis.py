@@ -14,10 +14,16 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from unrealon.engine import scripts
 from unrealon.engine.redisclient import LuaScript, RedisHandler, connect, parse_redis_url
+from unrealon.engine.supervision import RedisLink, redis_down
+
+log = Logger(namespace="unrealon.engine.redis")
 
 ALL_SCRIPTS: tuple[LuaScript, ...] = tuple(
     value for value in vars(scripts).values() if isinstance(value, LuaScript)
@@ -26,30 +32,45 @@ ALL_SCRIPTS: tuple[LuaScript, ...] = tuple(
 
 @attrs.define
 class RedisConnections:
-    """The node's Redis handlers; they reconnect by themselves."""
+    """The node's Redis handlers (they reconnect by themselves) and its L{RedisLink}."""
 
     commands: RedisHandler
     feed_reader: RedisHandler
     ingress_reader: RedisHandler
+    link: RedisLink
 
     @classmethod
-    def open(cls, url: str) -> RedisConnections:
+    def open(cls, url: str, clock: IReactorTime) -> RedisConnections:
         address = parse_redis_url(url)
         return cls(
             commands=connect(address),
             feed_reader=connect(address, blocking=True),
             ingress_reader=connect(address, blocking=True),
+            link=RedisLink(clock, address.display()),
         )
 
     def start(self) -> Deferred[None]:
-        """Load the scripts (and so find a broken script or Redis at start)."""
-        return Deferred.fromCoroutine(self._start())
+        """
+        Load the scripts in the background: a broken script is logged loudly
+        as soon as Redis answers; a node does not wait for Redis to start
+        (PROTOCOL.md section 1), and scripts load themselves on NOSCRIPT.
+        """
+        loading = Deferred.fromCoroutine(self._load_scripts())
+        loading.addErrback(self._not_loaded)
+        return succeed(None)
 
-    async def _start(self) -> None:
+    async def _load_scripts(self) -> None:
         for script in ALL_SCRIPTS:
             await script.load(self.commands)
 
+    def _not_loaded(self, failure: Failure) -> None:
+        if failure.value is not None and redis_down(failure.value):
+            self.link.failed(failure.value, "loading scripts")
+        else:
+            log.failure("loading the Redis scripts failed", failure)
+
     def stop(self) -> Deferred[Any]:
+        self.link.stop()
         return DeferredList(
             [h.disconnect() for h in (self.commands, self.feed_reader, self.ingress_reader)],
             consumeErrors=True,

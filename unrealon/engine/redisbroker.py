@@ -30,37 +30,37 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import txredisapi
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from unrealon.engine import scripts
+from unrealon.engine import rediskeys, scripts
 from unrealon.engine.interfaces import (
-    BackendUnavailable,
     EphemeralEvent,
     IBroker,
     IDeliverySink,
     Recovery,
     RoomEvent,
 )
-from unrealon.engine.redisclient import RedisHandler, StreamClient, StreamEntry
+from unrealon.engine.redisclient import RedisHandler, StreamClient, StreamEntry, unavailable
+from unrealon.engine.rediskeys import (
+    FEED,
+    FEED_EPOCH,
+    FEED_MAXLEN,
+    IDEMPOTENCY_TTL,
+    epoch_key,
+    history_key,
+)
+from unrealon.engine.supervision import RedisLink, SupervisedReader
 
 log = Logger(namespace="unrealon.engine.redisbroker")
 
-PREFIX = "unrealon:"
-FEED = PREFIX + "feed"
-FEED_EPOCH = PREFIX + "feed:epoch"
-#: entries kept in the feed: minutes of traffic, so a node that loses Redis
-#: for a moment finds its position still there
-FEED_MAXLEN = 100_000
-#: how long an ingress entry's publication is remembered (crash before ack)
-IDEMPOTENCY_TTL = 86_400
 #: the feed read blocks at most this long, so stopping is prompt
 READ_BLOCK_MS = 1000
 READ_COUNT = 1000
@@ -72,19 +72,6 @@ READ_COUNT = 1000
 #: closed with 4008.  Yielding to the reactor every slice lets each turn's
 #: writes reach the kernel first, so only real slow readers accumulate.
 DISPATCH_SLICE = 64 * 1024
-
-#: Redis unreachable (txredisapi's TimeoutError is one of its ConnectionErrors);
-#: error replies (script bugs) are not this and stay loud
-_REDIS_ERRORS = (txredisapi.ConnectionError, ConnectionError)
-
-
-def history_key(room: str) -> str:
-    return f"{PREFIX}h:{room}"
-
-
-def epoch_key(room: str) -> str:
-    return f"{PREFIX}e:{room}"
-
 
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -125,11 +112,14 @@ class RedisBroker:
         *,
         history_size: int,
         history_ttl: float,
+        link: RedisLink | None = None,
+        count_failure: Callable[[str], None] = lambda loop: None,
     ) -> None:
         """
         @param redis: the handler for ordinary commands (one connection, so
             publishes reach Redis in the order they were made).
         @param reader: a dedicated connection for the blocking feed read.
+        @param link: where Redis outages are reported (and logged).
         """
         self.sink = sink
         self._reactor = reactor
@@ -141,53 +131,55 @@ class RedisBroker:
         self._last_id = "0-0"
         #: the feed's epoch when this node last proved continuity
         self._feed_epoch = ""
-        #: set after a failed read: continuity must be checked before the
-        #: next one, and stays set until a check gets an answer
-        self._unverified = False
+        #: False until the first read's position is known (the feed's end)
+        self._positioned = False
         #: the reader connection's CLIENT ID, so stop() can end its BLOCK
         self._reader_id: int | None = None
-        self._running = False
-        self._loop: Deferred[None] | None = None
-        #: False while the feed cannot be read (for /health)
-        self.feed_ok = False
+        self.reader = SupervisedReader(
+            "cluster feed reader", reactor, self._read_once, self._prepare,
+            link=link, count_failure=count_failure,
+        )
 
-    def stopped(self) -> bool:
-        # a method, not the attribute: mypy would narrow the attribute in loops
-        return not self._running
+    @property
+    def feed_ok(self) -> bool:
+        """Whether the feed is being read (for /health)."""
+        return self.reader.working()
 
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._start())
-
-    async def _start(self) -> None:
-        self._running = True
-        self._feed_epoch = await self._current_feed_epoch()
-        self._last_id = await self._feed_position()
-        self.feed_ok = True
-        self._loop = Deferred.fromCoroutine(self._read_feed())
+        """
+        Start reading the feed; fires once the feed's position is known
+        (which waits for Redis: a node starts serving without it).
+        """
+        self.reader.start()
+        return self.reader.prepared()
 
     def stop(self) -> Deferred[None]:
-        self._running = False
-        loop = self._loop
-        if loop is None:
-            return succeed(None)
+        stopping = self.reader.stop()
         # End the read in flight now (CLIENT UNBLOCK: it returns as if its
         # BLOCK timed out); else it ends within READ_BLOCK_MS.  Don't cancel
         # it: a cancelled XREAD could drop entries already sent to us.
-        if self._reader_id is not None and not loop.called:
+        if self._reader_id is not None and not stopping.called:
             unblock = self._redis.execute_command("CLIENT", "UNBLOCK", self._reader_id)
             unblock.addTimeout(1.0, self._reactor)
-            unblock.addErrback(lambda _: None)
-        loop.addTimeout(READ_BLOCK_MS / 1000 + 2, self._reactor)
-        loop.addErrback(lambda _: None)
-        return loop
+            unblock.addErrback(
+                lambda f: log.info("CLIENT UNBLOCK failed ({error}); waiting for the read",
+                                   error=f.getErrorMessage())
+            )
+        stopping.addTimeout(READ_BLOCK_MS / 1000 + 2, self._reactor)
+        stopping.addErrback(
+            lambda f: log.warn("the feed read did not end in time ({error})",
+                               error=f.getErrorMessage())
+        )
+        return stopping
 
     async def _reader_client_id(self) -> int | None:
         try:
             return int(await self._reader.redis.execute_command("CLIENT", "ID"))
-        except Exception:
-            return None  # not allowed (ACLs): stop waits for the BLOCK instead
+        except txredisapi.ResponseError:
+            log.info("CLIENT ID refused (ACLs?): stopping waits for the feed read's BLOCK")
+            return None
 
     async def _feed_position(self) -> str:
         last = await self._streams.xrevrange(FEED, count=1)
@@ -197,50 +189,39 @@ class RedisBroker:
         epoch = await scripts.FEED_EPOCH(self._redis, [FEED_EPOCH], [secrets.token_hex(8)])
         return str(epoch)
 
-    async def _read_feed(self) -> None:
-        delay = 0.1
-        while self._running:
-            try:
-                if self._unverified:
-                    await self._check_continuity()
-                    self._unverified = False
-                if self._reader_id is None:
-                    self._reader_id = await self._reader_client_id()
-                batches = await self._reader.xread(
-                    {FEED: self._last_id}, count=READ_COUNT, block_ms=READ_BLOCK_MS
-                )
-            except Exception as e:
-                if self.stopped():
-                    return
-                self.feed_ok = False
-                self._unverified = True
-                self._reader_id = None  # a new connection gets a new id
-                if isinstance(e, (*_REDIS_ERRORS, txredisapi.ResponseError)):
-                    log.warn(
-                        "cluster feed read failed ({error}); retrying", error=type(e).__name__
-                    )
-                else:
-                    log.failure("cluster feed read failed; retrying")
-                await deferLater(self._reactor, delay, lambda: None)
-                delay = min(delay * 2, 2.0)
-                continue
-            delay = 0.1
-            self.feed_ok = True
-            dispatched = 0
-            for _, entries in batches:
-                for entry in entries:
-                    self._last_id = entry.id
-                    dispatched += self._dispatch(entry)
-                    if dispatched >= DISPATCH_SLICE:
-                        dispatched = 0
-                        await deferLater(self._reactor, 0, lambda: None)
+    async def _prepare(self) -> None:
+        """
+        Before the first read: start at the feed's end.  Before reading
+        again after an error: prove nothing was lost in between (or make
+        the clients recover).
+        """
+        if not self._positioned:
+            self._feed_epoch = await self._current_feed_epoch()
+            self._last_id = await self._feed_position()
+            self._positioned = True
+        else:
+            await self._check_continuity()
+        self._reader_id = await self._reader_client_id()
+
+    async def _read_once(self) -> None:
+        batches = await self._reader.xread(
+            {FEED: self._last_id}, count=READ_COUNT, block_ms=READ_BLOCK_MS
+        )
+        dispatched = 0
+        for _, entries in batches:
+            for entry in entries:
+                self._last_id = entry.id
+                dispatched += self._dispatch(entry)
+                if dispatched >= DISPATCH_SLICE:
+                    dispatched = 0
+                    await deferLater(self._reactor, 0, lambda: None)
 
     async def _check_continuity(self) -> None:
         """
         After a failed read: is our position still in the feed?  If Redis
         lost its data (the feed's epoch changed), the feed went back, or
         entries after our position were removed, clients must recover.
-        Raises while Redis cannot answer (the caller retries the check).
+        Raises while Redis cannot answer (the supervisor retries the check).
         """
         epoch = await self._current_feed_epoch()
         try:
@@ -326,15 +307,23 @@ class RedisBroker:
             history_key(room),
             epoch_key(room),
             FEED,
-            f"{PREFIX}idem:{idempotency_key}" if idempotency_key else "",
+            rediskeys.idempotency_key(idempotency_key) if idempotency_key else "",
         ]
         args: list[str | bytes | int] = [
             head, tail, self._size, self._ttl, FEED_MAXLEN, IDEMPOTENCY_TTL, room,
         ]
         d = scripts.PUBLISH(self._redis, keys, args)
-        return d.addCallbacks(str, _unavailable)
+        return d.addCallbacks(str, unavailable)
 
     def recover(self, room: str, since: str | None) -> Deferred[Recovery]:
+        if not self._positioned:
+            # A reply's cursor must not predate the feed position live
+            # delivery starts from, or the events between would be lost.
+            d = self.reader.prepared()
+            return d.addCallback(lambda _: self._recover(room, since))
+        return self._recover(room, since)
+
+    def _recover(self, room: str, since: str | None) -> Deferred[Recovery]:
         parsed = parse_cursor(since) if since is not None else None
         if since is None:
             args: list[Any] = ["", "0-0"]
@@ -354,7 +343,7 @@ class RedisBroker:
                 missed=tuple(json.loads(m) for m in missed or ()),
             )
 
-        return d.addCallbacks(done, _unavailable)
+        return d.addCallbacks(done, unavailable)
 
     def cursor_key(self, cursor: str) -> tuple[Any, ...] | None:
         return parse_cursor(cursor)
@@ -365,11 +354,11 @@ class RedisBroker:
             f"{event.room}\n{event.exclude_user or ''}\n".encode() + event.message,
         ]
         d = scripts.FEED(self._redis, [FEED], args)
-        return d.addCallbacks(lambda _: None, _unavailable)
+        return d.addCallbacks(lambda _: None, unavailable)
 
     def disconnect_user(self, user_id: str, reason: str) -> Deferred[None]:
         d = scripts.FEED(self._redis, [FEED], [FEED_MAXLEN, "d", f"{user_id}\n{reason}"])
-        return d.addCallbacks(lambda _: None, _unavailable)
+        return d.addCallbacks(lambda _: None, unavailable)
 
     def healthy(self) -> Deferred[Mapping[str, Any] | None]:
         d = self._streams.ping(1.0, self._reactor)
@@ -386,9 +375,3 @@ def _id_key(stream_id: str) -> tuple[int, int]:
         return int(ms), int(seq or 0)
     except ValueError:
         return 0, 0
-
-
-def _unavailable(failure: Any) -> Any:
-    if failure.check(*_REDIS_ERRORS):
-        raise BackendUnavailable("Redis is unavailable") from None
-    return failure

@@ -55,6 +55,9 @@ import txredisapi
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from unrealon._compat import redis as compat_redis
+from unrealon.engine.interfaces import BackendUnavailable
+
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_REPLY_TIMEOUT",
@@ -73,6 +76,7 @@ __all__ = [
     "parse_redis_url",
     "push_reply",
     "redis_error_code",
+    "unavailable",
 ]
 
 #: txredisapi's ConnectionHandler (the library is untyped).
@@ -82,6 +86,9 @@ RedisHandler = Any
 DEFAULT_REPLY_TIMEOUT = 10.0
 #: Seconds allowed for establishing one connection.
 DEFAULT_CONNECT_TIMEOUT = 5.0
+#: Reconnect backoff: the first retry after this long, then x e, capped.
+RECONNECT_INITIAL_DELAY = 0.2
+RECONNECT_MAX_DELAY = 1.0
 DEFAULT_PORT = 6379
 
 
@@ -253,56 +260,6 @@ def parse_redis_url(url: str) -> RedisAddress:
 # -------------------------------------------------------------- connections
 
 
-class _LeanEncodingProtocol(txredisapi.RedisProtocol):
-    """
-    txredisapi's protocol (hiredis replies) with a leaner command encoder.
-
-    Its own C{_build_command} grows a bytearray a token at a time and formats
-    every length through C{str().format()}: 8.5 us for the publish script's
-    EVALSHA of eleven arguments, against 2.7 us here, and every ingress entry
-    sends one.  The bytes are identical; anything but C{str}, C{bytes} and
-    C{int} (and a C{str} that is not valid UTF-8, so the error stays
-    txredisapi's C{InvalidData}) goes through txredisapi's own encoder.
-    """
-
-    def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
-        out = [b"*%d\r\n" % len(args)]
-        for arg in args:
-            if type(arg) is str:
-                try:
-                    arg = arg.encode()
-                except UnicodeEncodeError:
-                    arg = self._encode_value(arg)
-            elif type(arg) is int:
-                arg = b"%d" % arg
-            elif type(arg) is not bytes:
-                arg = self._encode_value(arg)
-            out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-        return b"".join(out)
-
-
-class _DirectHandler(txredisapi.ConnectionHandler):
-    """
-    txredisapi's connection handler with a direct C{execute_command}.
-
-    For every command the stock handler builds a closure, runs the pool's
-    C{getConnection} (an inlineCallbacks generator) and peeks a random
-    connection through a Deferred, which costs more than the command itself
-    (a third of the Redis engine's CPU per WebSocket connection, whose
-    presence join and leave are one script call each).  Our handlers hold
-    one connection: while it is up, commands go straight to it; while it is
-    down they take the stock path, which waits for the reconnection (and
-    drops a dead connection from the pool) as before.  Every other method
-    (C{get}, C{xadd}, ...) is txredisapi's own.
-    """
-
-    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        for connection in self._factory.connectionQueue.pending:
-            if connection.connected:
-                return connection.execute_command(*args, **kwargs)
-        return self.__getattr__("execute_command")(*args, **kwargs)
-
-
 def connect(
     address: RedisAddress,
     *,
@@ -312,7 +269,7 @@ def connect(
 ) -> RedisHandler:
     """
     A lazy txredisapi handler (``poolsize`` connections) that reconnects by
-    itself (backoff 1 s, x e, capped at 10 s, with jitter).
+    itself (backoff 0.2 s, x e, capped at 1 s, with jitter).
 
     Returned at once; commands wait until a connection is ready.  Replies keep
     strings as strings (``convertNumbers=False``), text is UTF-8.  Ordinary
@@ -346,16 +303,22 @@ def connect(
         handler = txredisapi.lazyUnixConnectionPool(address.path, **options)
     else:
         handler = txredisapi.lazyConnectionPool(address.host, address.port, **options)
-    handler._factory.protocol = _LeanEncodingProtocol  # before any connection is made
-    handler = _DirectHandler(handler._factory)
-    # The factory's "pool complete" Deferred is meant for non-lazy callers;
-    # nobody waits on it here.  When AUTH or SELECT fails, txredisapi errbacks
-    # it (and logs the message itself), which would otherwise end up as an
-    # "Unhandled error in Deferred" when it is garbage collected.
-    ready = getattr(handler._factory, "deferred", None)
-    if isinstance(ready, Deferred):
-        ready.addErrback(lambda _: None)
-    return handler
+    # Reconnect attempts at most RECONNECT_MAX_DELAY apart (jitter kept):
+    # PROTOCOL.md section 1 asks a node to serve within 3 s of Redis answering
+    # again; txredisapi's own backoff reaches 10 s.
+    return compat_redis.lean_handler(
+        handler, initial_delay=RECONNECT_INITIAL_DELAY, max_delay=RECONNECT_MAX_DELAY
+    )
+
+
+def unavailable(failure: Any) -> Any:
+    """
+    An errback: Redis unreachable becomes L{BackendUnavailable} (callers
+    answer -32011 or retry); error replies (a script's bug) stay as they are.
+    """
+    if failure.check(txredisapi.ConnectionError, ConnectionError):
+        raise BackendUnavailable("Redis is unavailable") from None
+    return failure
 
 
 # ------------------------------------------------------------ reply values

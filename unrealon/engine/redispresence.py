@@ -37,24 +37,25 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from unrealon.engine import scripts
 from unrealon.engine.interfaces import IPresence, PresenceCount, PresenceUser
-from unrealon.engine.redisbroker import FEED, FEED_MAXLEN, PREFIX, _unavailable
-from unrealon.engine.redisclient import RedisHandler
+from unrealon.engine.redisclient import RedisHandler, unavailable
+from unrealon.engine.rediskeys import FEED, FEED_MAXLEN, PRESENCE
+from unrealon.engine.supervision import RedisLink, SupervisedLoop
 from unrealon.jsonrpc import encode, notification
 
 log = Logger(namespace="unrealon.engine.redispresence")
 
-P = PREFIX + "p:"
+P = PRESENCE
 ONLINE = "__online__"
 SWEEP_LOCK = P + "sweeper"
 SWEPT = P + "swept"
@@ -72,6 +73,15 @@ def _cancel(cancelled: dict[Any, bool], key: Any) -> None:
         del cancelled[next(iter(cancelled))]
 
 
+def _first_error(failure: Failure) -> Failure:
+    """The failure inside a gatherResults' FirstError (for the supervisor to judge)."""
+    error = failure.value
+    if isinstance(error, FirstError):
+        inner: Failure = error.subFailure
+        return inner
+    return failure
+
+
 def _user_of(member: str) -> str:
     """C{<user>|<conn>}: user ids may contain "|" (auth0|123), connection ids never."""
     return member.rpartition("|")[0]
@@ -85,7 +95,15 @@ def _keys(room: str) -> tuple[str, str, str]:
 class RedisPresence:
     """Presence shared by every node on one Redis."""
 
-    def __init__(self, reactor: IReactorTime, redis: RedisHandler, *, ttl: float) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        redis: RedisHandler,
+        *,
+        ttl: float,
+        link: RedisLink | None = None,
+        count_failure: Callable[[str], None] = lambda loop: None,
+    ) -> None:
         self._reactor = reactor
         self._redis = redis
         self._ttl = ttl
@@ -98,24 +116,22 @@ class RedisPresence:
         #: connections that left a room before their join came: that join is
         #: dropped (see IPresence.leave)
         self._cancelled: dict[tuple[str, str], bool] = {}
-        self._heartbeat = LoopingCall(self.heartbeat)
-        self._heartbeat.clock = reactor
-        self._sweeper = LoopingCall(self.sweep)
-        self._sweeper.clock = reactor
+        self.loops = (
+            SupervisedLoop("presence heartbeat", reactor, ttl / 3, self.heartbeat,
+                           link=link, count_failure=count_failure),
+            SupervisedLoop("presence sweep", reactor, self._sweep_interval, self.sweep,
+                           link=link, count_failure=count_failure),
+        )
 
     def start(self) -> Deferred[None]:
-        self._heartbeat.start(self._ttl / 3, now=False).addErrback(
-            lambda f: log.failure("presence heartbeat stopped", f)
-        )
-        self._sweeper.start(self._sweep_interval, now=True).addErrback(
-            lambda f: log.failure("presence sweeper stopped", f)
-        )
+        heartbeat, sweep = self.loops
+        heartbeat.start()
+        sweep.start(now=True)
         return succeed(None)
 
     def stop(self) -> Deferred[None]:
-        for loop in (self._heartbeat, self._sweeper):
-            if loop.running:
-                loop.stop()
+        for loop in self.loops:
+            loop.stop()
         return succeed(None)
 
     # -- periodic work -------------------------------------------------------
@@ -123,7 +139,7 @@ class RedisPresence:
     def heartbeat(self) -> Deferred[None]:
         """
         Push back the expiry of every local entry, restoring any that was
-        swept (errors are logged, not raised).
+        swept.
 
         Every batch is sent now, in one go: a leave made after this call
         reaches Redis after the batch that holds its entry, so a heartbeat
@@ -141,8 +157,7 @@ class RedisPresence:
                 args += triple
             batches.append(scripts.PRESENCE_HEARTBEAT(self._redis, [FEED], args))
         d: Deferred[Any] = gatherResults(batches, consumeErrors=True)
-        d.addCallback(self._restored)
-        d.addErrback(self._log_quietly, "heartbeat")
+        d.addCallbacks(self._restored, _first_error)
         return d
 
     def _restored(self, counts: list[Any]) -> None:
@@ -164,7 +179,6 @@ class RedisPresence:
              4 * interval_ms],
         )
         d.addCallback(self._swept)
-        d.addErrback(self._log_quietly, "sweep")
         return d
 
     def _swept(self, reply: Any) -> None:
@@ -175,10 +189,6 @@ class RedisPresence:
                 "expired entries one more lifetime instead of removing them",
                 count=extended,
             )
-
-    def _log_quietly(self, failure: Any, what: str) -> None:
-        # Redis being away is reported by /health; don't stop the loop.
-        log.warn("presence {what} failed: {error}", what=what, error=failure.getErrorMessage())
 
     # -- membership ------------------------------------------------------------
 
@@ -204,7 +214,7 @@ class RedisPresence:
             [members, counts, infos, P + "rooms", FEED],
             [room, user_id, member, self._lifetime_ms, info_json, message, FEED_MAXLEN],
         )
-        return d.addCallbacks(lambda _: None, _unavailable)
+        return d.addCallbacks(lambda _: None, unavailable)
 
     def _leave(self, room: str, user_id: str, conn_id: str, message: bytes | str) -> Deferred[None]:
         member = self._member(user_id, conn_id)
@@ -221,7 +231,7 @@ class RedisPresence:
             [members, counts, infos, FEED],
             [room, user_id, member, message, FEED_MAXLEN],
         )
-        return d.addCallbacks(lambda _: None, _unavailable)
+        return d.addCallbacks(lambda _: None, unavailable)
 
     def join(self, room: str, user_id: str, conn_id: str, info: Mapping[str, Any]) -> Deferred[None]:
         message = encode(
@@ -248,7 +258,7 @@ class RedisPresence:
         def pairs(reply: list[Any]) -> list[tuple[str, str]]:
             return [(str(reply[i]), str(reply[i + 1])) for i in range(0, len(reply), 2)]
 
-        return d.addCallbacks(pairs, _unavailable)
+        return d.addCallbacks(pairs, unavailable)
 
     def list(self, room: str) -> Deferred[Sequence[PresenceUser]]:
         def group(pairs: list[tuple[str, str]]) -> Sequence[PresenceUser]:
@@ -284,4 +294,4 @@ class RedisPresence:
         def pick(reply: list[Any]) -> Sequence[str]:
             return [u for u, n in zip(user_ids, reply, strict=True) if n and int(n) > 0]
 
-        return d.addCallbacks(pick, _unavailable)
+        return d.addCallbacks(pick, unavailable)

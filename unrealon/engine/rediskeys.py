@@ -1,0 +1,36 @@
+"""
+The Redis key layout of the Redis engine: every key the server writes.
+
+One place for the names, so the layout can be read (and changed, e.g.
+hash-tagged for a Redis Cluster) without reading every script's caller.
+"""
+
+from __future__ import annotations
+
+PREFIX = "unrealon:"
+#: the cluster feed: every node reads it from its own last id
+FEED = PREFIX + "feed"
+#: changes whenever the feed is lost (Redis came back empty)
+FEED_EPOCH = PREFIX + "feed:epoch"
+#: entries kept in the feed: minutes of traffic, so a node that loses Redis
+#: for a moment finds its position still there
+FEED_MAXLEN = 100_000
+#: how long an ingress entry's publication is remembered (crash before ack)
+IDEMPOTENCY_TTL = 86_400
+#: presence keys start with this
+PRESENCE = PREFIX + "p:"
+
+
+def history_key(room: str) -> str:
+    """A room's history stream."""
+    return f"{PREFIX}h:{room}"
+
+
+def epoch_key(room: str) -> str:
+    """A room's history epoch (a new one when the history was lost)."""
+    return f"{PREFIX}e:{room}"
+
+
+def idempotency_key(key: str) -> str:
+    """What remembers that a publication with this key was made."""
+    return f"{PREFIX}idem:{key}"
