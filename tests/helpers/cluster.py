@@ -172,11 +172,15 @@ class NodeProcess:
 
     # -- lifecycle ----------------------------------------------------------------
 
-    def start(self) -> Deferred[NodeProcess]:
-        """Spawn the node; fires once /health answers 200 (fails with its output)."""
-        return Deferred.fromCoroutine(self._start())
+    def start(self, until: str = "/health") -> Deferred[NodeProcess]:
+        """
+        Spawn the node; fires once C{until} answers 200 (fails with its
+        output): C{/health} for a node that is serving, C{/live} for one that
+        only has to be up (its Redis may be away).
+        """
+        return Deferred.fromCoroutine(self._start(until))
 
-    async def _start(self) -> NodeProcess:
+    async def _start(self, until: str) -> NodeProcess:
         if self.running:
             raise AssertionError(f"{self.node_id} is already running")
         argv = [
@@ -196,7 +200,7 @@ class NodeProcess:
                     + self.output[-4000:]
                 )
             try:
-                code, _ = await self.http_get("/health", timeout=1.0)
+                code, _ = await self.http_get(until, timeout=1.0)
                 if code == 200:
                     return self
             except Exception:

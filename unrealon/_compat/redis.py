@@ -15,6 +15,14 @@ txredisapi: a leaner command path, a quicker reconnect, quiet retries.
     of C{RedisFactory}, reached through the handler's C{_factory}) is set per
     connection: PROTOCOL.md section 1 asks a node to serve within 3 s of
     Redis answering again, and the default backoff reaches 10 s.
+  - A Redis restart flushes the script cache, and each caller's EVALSHA
+    then fails with NOSCRIPT and is retried after a SCRIPT LOAD: calls made
+    in one order on one connection would reach Redis in another (ingress
+    entries taken back after a restart published out of order).
+    L{lean_handler}'s C{preload} sends SCRIPT LOAD for every script first on
+    each new connection, before the factory hands it to waiting commands
+    (wrapping the factory's C{addConnection}).  Upstream: a hook run on each
+    new connection before it joins the pool.
   - Its connection slots are Twisted C{ClientService}s, whose class logger
     (C{ClientService._log}) reports every reconnect attempt at info level:
     one line per second per connection while Redis is away, where the
@@ -25,6 +33,7 @@ txredisapi: a leaner command path, a quicker reconnect, quiet retries.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import txredisapi
@@ -33,6 +42,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from unrealon._compat import require
+
+log = Logger(namespace="unrealon._compat.redis")
 
 _RETRY_FORMAT = "Scheduling retry {attempt} to connect {endpoint} in {delay} seconds."
 
@@ -96,13 +107,32 @@ class DirectHandler(txredisapi.ConnectionHandler):
 
 
 
-def lean_handler(handler: Any, *, initial_delay: float, max_delay: float) -> Any:
+def lean_handler(
+    handler: Any,
+    *,
+    initial_delay: float,
+    max_delay: float,
+    preload: Sequence[str] = (),
+) -> Any:
     """
     C{handler} (a just-made lazy txredisapi pool of one) with the lean
-    encoder, the direct command path and the given reconnect backoff.
+    encoder, the direct command path and the given reconnect backoff; the
+    Lua sources in C{preload} are loaded on every new connection before any
+    other command is sent on it.
     """
     factory = handler._factory
-    require("txredisapi", factory, ("connectionQueue", "protocol"))
+    require("txredisapi", factory, ("connectionQueue", "protocol", "addConnection"))
+    if preload:
+        add = factory.addConnection
+
+        def load_then_add(connection: Any) -> None:
+            if connection.connected:
+                for source in preload:
+                    d = connection.execute_command("SCRIPT", "LOAD", source)
+                    d.addErrback(_preload_failed)
+            add(connection)
+
+        factory.addConnection = load_then_add
     factory.protocol = LeanEncodingProtocol  # before any connection is made
     factory.initialDelay = initial_delay
     factory.maxDelay = max_delay
@@ -114,6 +144,12 @@ def lean_handler(handler: Any, *, initial_delay: float, max_delay: float) -> Any
     if isinstance(ready, Deferred):
         ready.addErrback(lambda _: None)
     return DirectHandler(factory)
+
+
+def _preload_failed(failure: Any) -> None:
+    # a lost connection is retried with the next one; a broken script is a bug
+    if not failure.check(txredisapi.ConnectionError, ConnectionError):
+        log.failure("loading a Lua script on a new Redis connection failed", failure)
 
 
 class _QuietRetries(Logger):

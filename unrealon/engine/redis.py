@@ -43,7 +43,7 @@ class RedisConnections:
     def open(cls, url: str, clock: IReactorTime) -> RedisConnections:
         address = parse_redis_url(url)
         return cls(
-            commands=connect(address),
+            commands=connect(address, scripts=ALL_SCRIPTS),
             feed_reader=connect(address, blocking=True),
             ingress_reader=connect(address, blocking=True),
             link=RedisLink(clock, address.display()),

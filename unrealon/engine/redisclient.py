@@ -266,6 +266,7 @@ def connect(
     blocking: bool = False,
     poolsize: int = 1,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    scripts: Sequence[LuaScript] = (),
 ) -> RedisHandler:
     """
     A lazy txredisapi handler (``poolsize`` connections) that reconnects by
@@ -277,6 +278,11 @@ def connect(
     ``blocking=True`` makes a dedicated single connection without a reply
     timeout, for ``XREADGROUP``/``XREAD ... BLOCK`` (which this module sends
     with ``apply_timeout=False``); keep other commands off it.
+
+    ``scripts`` are loaded on every new connection before anything else is
+    sent on it: after a Redis restart (which empties the script cache) calls
+    keep the order they were made in, instead of the first ones failing with
+    NOSCRIPT and being retried after later ones went through.
 
     When AUTH or SELECT fails the handler gives up for good: commands
     issued before that wait for ever (use a deadline), later ones fail with
@@ -307,7 +313,8 @@ def connect(
     # PROTOCOL.md section 1 asks a node to serve within 3 s of Redis answering
     # again; txredisapi's own backoff reaches 10 s.
     return compat_redis.lean_handler(
-        handler, initial_delay=RECONNECT_INITIAL_DELAY, max_delay=RECONNECT_MAX_DELAY
+        handler, initial_delay=RECONNECT_INITIAL_DELAY, max_delay=RECONNECT_MAX_DELAY,
+        preload=[script.source for script in scripts],
     )
 
 
