@@ -2,9 +2,9 @@
 
 This is the pure layer under the WebSocket session (PROTOCOL.md section 2 and the room-token
 paragraph of section 4). It never touches the network or the reactor loop; the only I/O is
-reading key files in `load_keys`, once, at startup.
+reading key files in L{load_keys}, once, at startup.
 
-Three choices differ from calling ``jwt.decode`` with a key and an algorithm list:
+Three choices differ from calling C{jwt.decode} with a key and an algorithm list:
 
 - Key selection is ours. The token's header picks the algorithm, but only from the configured
   allow-list, and only with a key of that algorithm's family (HMAC, RSA, EC). An HS* token is
@@ -12,7 +12,7 @@ Three choices differ from calling ``jwt.decode`` with a key and an algorithm lis
   confusion, where the public key, which everybody has, becomes an HMAC secret.
 - Time claims (exp, nbf, iat) are checked against the injected clock, not the wall clock,
   so the session layer, its expiry timer and the tests all agree on "now".
-- Refusals carry a short fixed reason (`AuthError.reason`), never pyjwt's message, which may
+- Refusals carry a short fixed reason (L{AuthError.reason}), never pyjwt's message, which may
   echo parts of the token, and never the token itself: reasons go to clients and to logs.
 """
 
@@ -73,7 +73,7 @@ _FAMILY_OF: Mapping[str, str] = {
     "ES512": "EC",
 }
 SUPPORTED_ALGORITHMS: tuple[str, ...] = tuple(_FAMILY_OF)
-"""Every algorithm `validate_algorithms` accepts."""
+"""Every algorithm L{validate_algorithms} accepts."""
 
 _MAX_INFO_BYTES = 1024
 # Bounds the work one hostile token can cause (header parse, claim walk, rooms list);
@@ -86,7 +86,7 @@ _MIN_RSA_BITS = 2048
 class AuthError(Exception):
     """A token was refused.
 
-    ``reason`` is a short fixed message, safe to send to clients and to log: it never
+    C{reason} is a short fixed message, safe to send to clients and to log: it never
     contains the token, a key or text from pyjwt (which may echo the input).
     """
 
@@ -110,8 +110,8 @@ _Fail = Callable[[str], KeyConfigError]
 class VerificationKey:
     """One key that may verify tokens.
 
-    ``family`` is "HMAC" (``key`` is the secret as bytes), "RSA" or "EC" (``key`` is a
-    cryptography public key object). ``kid`` is None for the JWT_SECRET key.
+    C{family} is "HMAC" (C{key} is the secret as bytes), "RSA" or "EC" (C{key} is a
+    cryptography public key object). C{kid} is None for the JWT_SECRET key.
     """
 
     kid: str | None
@@ -130,7 +130,7 @@ def _check_leeway(_: object, __: object, value: float) -> None:
 
 @attrs.frozen
 class JWTSettings:
-    """What `TokenVerifier` accepts: keys, algorithm allow-list, aud/iss, time leeway (s).
+    """What L{TokenVerifier} accepts: keys, algorithm allow-list, aud/iss, time leeway (s).
 
     The algorithm list is validated here too, so "none" cannot slip in by any route.
     """
@@ -146,8 +146,8 @@ class JWTSettings:
 class Identity:
     """The identity a verified connection token grants.
 
-    ``expires_at`` is the exp claim (epoch seconds, leeway not added). ``info`` is the
-    claim's plain dict (``{}`` when absent), so it serialises to JSON as is.
+    C{expires_at} is the exp claim (epoch seconds, leeway not added). C{info} is the
+    claim's plain dict (C{{}} when absent), so it serialises to JSON as is.
     """
 
     user_id: str
@@ -166,9 +166,9 @@ class RoomGrant:
 
 
 def validate_algorithms(algorithms: Sequence[str]) -> tuple[str, ...]:
-    """Return the allow-list without duplicates, or raise `KeyConfigError` naming a bad entry.
+    """Return the allow-list without duplicates, or raise L{KeyConfigError} naming a bad entry.
 
-    "none" and anything not in `SUPPORTED_ALGORITHMS` are refused; names are case-sensitive.
+    "none" and anything not in L{SUPPORTED_ALGORITHMS} are refused; names are case-sensitive.
     """
     if isinstance(algorithms, str):
         # A bare string is a sequence of one-letter "algorithms": a caller bug, say so.
@@ -190,10 +190,10 @@ def validate_algorithms(algorithms: Sequence[str]) -> tuple[str, ...]:
 def load_keys(secret: str | None, public_key_files: Sequence[str]) -> tuple[VerificationKey, ...]:
     """Build the verification keys from JWT_SECRET and JWT_PUBLIC_KEY_FILE.
 
-    ``secret`` gives one HMAC key (kid None). Each file is a PEM public key or certificate
+    C{secret} gives one HMAC key (kid None). Each file is a PEM public key or certificate
     (RSA or EC; kid = the file name without its extension) or a JWKS document
-    (``{"keys": [...]}``, one key per signing entry, kid from the entry). Raises
-    `KeyConfigError`, whose message never contains key material. No keys at all gives ``()``:
+    (C{{"keys": [...]}}, one key per signing entry, kid from the entry). Raises
+    L{KeyConfigError}, whose message never contains key material. No keys at all gives C{()}:
     whether that is acceptable (insecure dev mode) is the caller's decision.
     """
     keys: list[VerificationKey] = []
@@ -305,9 +305,9 @@ class _Clock(Protocol):
 
 
 class TokenVerifier:
-    """Verifies connection tokens and room tokens against `JWTSettings`.
+    """Verifies connection tokens and room tokens against L{JWTSettings}.
 
-    ``clock.seconds()`` is "now" for exp/nbf/iat. Every refusal is an `AuthError`.
+    C{clock.seconds()} is "now" for exp/nbf/iat. Every refusal is an L{AuthError}.
     """
 
     def __init__(self, settings: JWTSettings, clock: IReactorTime) -> None:
@@ -331,7 +331,7 @@ class TokenVerifier:
         }
 
     def verify_connection_token(self, token: str) -> Identity:
-        """Return the identity a connection token grants, or raise `AuthError`."""
+        """Return the identity a connection token grants, or raise L{AuthError}."""
         claims, expires_at = self._decode(token)
         if "room" in claims:
             raise AuthError("room token not accepted here")
@@ -343,7 +343,7 @@ class TokenVerifier:
         )
 
     def verify_room_token(self, token: str, user_id: str, room: str) -> RoomGrant:
-        """Admit ``user_id`` to ``room`` with a room token, or raise `AuthError`."""
+        """Admit C{user_id} to C{room} with a room token, or raise L{AuthError}."""
         claims, expires_at = self._decode(token)
         if "room" not in claims:
             raise AuthError("room token required")
@@ -479,9 +479,9 @@ def _rooms(claims: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def room_pattern_matches(pattern: str, room: str) -> bool:
-    """Whether ``room`` fully matches ``pattern``.
+    """Whether C{room} fully matches C{pattern}.
 
-    ``*`` matches any run of characters (empty, and ':' included); everything else is
+    C{*} matches any run of characters (empty, and ':' included); everything else is
     literal and case-sensitive.
     """
     # Hand-written rather than a regex of ".*"-joined pieces: re backtracks polynomially
@@ -509,7 +509,7 @@ def room_pattern_matches(pattern: str, room: str) -> bool:
 
 
 def may_join(patterns: Iterable[str], room: str) -> bool:
-    """Whether a valid room name matches any of a token's ``rooms`` patterns."""
+    """Whether a valid room name matches any of a token's C{rooms} patterns."""
     if not ROOM_NAME_RE.match(room):
         return False
     return any(room_pattern_matches(pattern, room) for pattern in patterns)

@@ -4,7 +4,7 @@ JSON-RPC 2.0 messages: parse what arrives, build what leaves.
 Pure functions and values, no I/O, so the codec can be driven by property
 tests.  Everything that goes on the wire is built here, which is how we make
 sure no traceback or exception text ever reaches a client: error objects carry
-only the fixed messages below and caller-chosen ``data``.
+only the fixed messages below and caller-chosen C{data}.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class RPCError(Exception):
     """
     An error to be returned as a JSON-RPC error object.
 
-    ``message`` defaults to the fixed text for ``code``; handlers may give a
+    C{message} defaults to the fixed text for C{code}; handlers may give a
     more precise message, which must be their own words, never exception text.
     """
 
@@ -103,7 +103,7 @@ class Request:
     """
     A well-formed request or notification.
 
-    ``params`` is a dict (absent params become ``{}``), or the list of
+    C{params} is a dict (absent params become C{{}}), or the list of
     positional params, which dispatch refuses with -32602 (PROTOCOL.md: params
     are by name).  They are not refused here: a request with positional
     params is still a request (it is rate limited, needs authentication, and
@@ -119,7 +119,7 @@ class Request:
 
 @attrs.frozen
 class Invalid:
-    """An entry that could not be a request; answered with ``error``."""
+    """An entry that could not be a request; answered with C{error}."""
 
     error: RPCError
     id: RequestId = None
@@ -133,10 +133,10 @@ class Incoming:
     """
     One WebSocket message, parsed.
 
-    ``entries`` holds one entry for a single message and each entry of a
-    batch in order; ``is_batch`` says whether replies go back as an array.
-    ``error`` is set when the message as a whole is refused (not JSON, empty
-    or oversized batch) and then ``entries`` is empty.
+    C{entries} holds one entry for a single message and each entry of a
+    batch in order; C{is_batch} says whether replies go back as an array.
+    C{error} is set when the message as a whole is refused (not JSON, empty
+    or oversized batch) and then C{entries} is empty.
     """
 
     entries: tuple[Entry, ...] = ()

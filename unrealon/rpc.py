@@ -4,7 +4,7 @@ The method registry: typed JSON-RPC methods, who may call them, dispatch.
 A method declares its params and result as attrs classes.  Params are checked
 against the class (names, types, patterns, ranges) before the handler runs, so
 a handler only ever sees valid values; the same declarations produce the JSON
-Schemas of the OpenRPC document (``rpc.discover``) from which clients are
+Schemas of the OpenRPC document (C{rpc.discover}) from which clients are
 generated.  A method also declares its callers: browser clients, the backend
 (through the Redis ingress), or both.  A client asking for a backend-only
 method gets -32601 exactly as for a name that does not exist, so browsers

@@ -5,40 +5,40 @@ Why this module exists: txredisapi (1.6.0) has no stream commands at all (no
 XADD, XREADGROUP, XACK, XAUTOCLAIM, XPENDING, XINFO, ...), returns untyped
 nested lists, and has a few behaviours that bite a long-running server.  This
 module is the one place that knows about them; everything above it gets attrs
-values and ``Deferred``\\ s.
+values and Deferreds.
 
-The rules it encodes (see shared/notes/twisted-notes.md, section 1):
+The rules it encodes (see the project notes on txredisapi, twisted-notes.md section 1):
 
-* Every connection uses ``convertNumbers=False``: otherwise txredisapi turns
-  any bulk string that looks like a number (``"007"``, ``"1_000"``, ``"1.5"``)
-  into an ``int``/``float``, field values included.  Replies therefore come
-  back as nested lists of ``str`` (plus ``int`` for RESP integer replies and
-  ``None`` for nils) and are converted to typed values here, at the edge.
-* A bulk string that is not valid UTF-8 would come back as ``bytes``; stream
-  field values are decoded with ``errors="replace"`` so a consumer always sees
-  ``str`` (our payloads are JSON, so a mangled one fails JSON parsing and is
+* Every connection uses C{convertNumbers=False}: otherwise txredisapi turns
+  any bulk string that looks like a number (C{"007"}, C{"1_000"}, C{"1.5"})
+  into an C{int}/C{float}, field values included.  Replies therefore come
+  back as nested lists of C{str} (plus C{int} for RESP integer replies and
+  C{None} for nils) and are converted to typed values here, at the edge.
+* A bulk string that is not valid UTF-8 would come back as C{bytes}; stream
+  field values are decoded with C{errors="replace"} so a consumer always sees
+  C{str} (our payloads are JSON, so a mangled one fails JSON parsing and is
   dead-lettered instead of poisoning the consumer).
-* Blocking reads (``XREADGROUP``/``XREAD`` with ``BLOCK``) are not known to
+* Blocking reads (C{XREADGROUP}/C{XREAD} with C{BLOCK}) are not known to
   txredisapi as blocking: on a shared pool the commands that land on the same
-  connection queue behind them, and with ``replyTimeout`` shorter than the
+  connection queue behind them, and with C{replyTimeout} shorter than the
   block the connection is aborted.  So blocking reads go on a dedicated
-  connection (``connect(..., blocking=True)``) and are sent with
-  ``apply_timeout=False``.  Send nothing else on that connection.
-* With ``reconnect=True`` a command issued while no connection exists does not
-  fail, it waits (for ever) until one comes back; ``replyTimeout`` does not
-  cover that wait.  :meth:`StreamClient.ping` puts its own deadline on it;
-  callers that must not hang should do the same (``Deferred.addTimeout``).
+  connection (C{connect(..., blocking=True)}) and are sent with
+  C{apply_timeout=False}.  Send nothing else on that connection.
+* With C{reconnect=True} a command issued while no connection exists does not
+  fail, it waits (for ever) until one comes back; C{replyTimeout} does not
+  cover that wait.  L{StreamClient.ping} puts its own deadline on it;
+  callers that must not hang should do the same (C{Deferred.addTimeout}).
   Commands in flight when a connection drops fail with
-  ``txredisapi.ConnectionError("Lost connection")``.
-* Error replies surface as ``txredisapi.ResponseError`` whose text is the
-  server's, unchanged (``"BUSYGROUP ..."``, ``"NOGROUP ..."``, ``"ERR ..."``;
-  txredisapi means to strip ``ERR`` but never does).  Use
-  :func:`redis_error_code` rather than matching strings.
-* Scripts are flushed by a Redis restart: :class:`LuaScript` re-loads on
-  ``NOSCRIPT``.  Prefer one Lua script to txredisapi's MULTI/pipeline API,
+  C{txredisapi.ConnectionError("Lost connection")}.
+* Error replies surface as C{txredisapi.ResponseError} whose text is the
+  server's, unchanged (C{"BUSYGROUP ..."}, C{"NOGROUP ..."}, C{"ERR ..."};
+  txredisapi means to strip C{ERR} but never does).  Use
+  L{redis_error_code} rather than matching strings.
+* Scripts are flushed by a Redis restart: L{LuaScript} re-loads on
+  C{NOSCRIPT}.  Prefer one Lua script to txredisapi's MULTI/pipeline API,
   which holds a pool connection until commit and leaks it on error paths.
 
-Importing txredisapi imports the global reactor (it binds ``callLater`` at
+Importing txredisapi imports the global reactor (it binds C{callLater} at
 import time), so import this module only after the reactor is chosen, i.e.
 not from the twistd plugin module itself.
 """
@@ -98,8 +98,8 @@ class UnexpectedReply(Exception):
 
 def redis_error_code(error: BaseException) -> str | None:
     """
-    The error code of a Redis error reply (``"BUSYGROUP"``, ``"NOGROUP"``,
-    ``"NOSCRIPT"``, ``"ERR"``, ...), or None when ``error`` is not an error
+    The error code of a Redis error reply (C{"BUSYGROUP"}, C{"NOGROUP"},
+    C{"NOSCRIPT"}, C{"ERR"}, ...), or None when C{error} is not an error
     reply (a lost connection, a timeout, anything else).
     """
     if not isinstance(error, txredisapi.ResponseError):
@@ -114,7 +114,7 @@ def redis_error_code(error: BaseException) -> str | None:
 
 @attrs.frozen
 class RedisAddress:
-    """Where a Redis server is and how to log in.  The password is kept out of ``repr``."""
+    """Where a Redis server is and how to log in.  The password is kept out of C{repr}."""
 
     kind: Literal["tcp", "unix"]
     host: str | None = None
@@ -167,13 +167,13 @@ def _parse_db(text: str) -> int:
 
 def parse_redis_url(url: str) -> RedisAddress:
     """
-    Parse ``redis://[[username]:password@]host[:port][/db]`` or
-    ``unix://[[username]:password@]/path/to/redis.sock[?db=N]``.
+    Parse C{redis://[[username]:password@]host[:port][/db]} or
+    C{unix://[[username]:password@]/path/to/redis.sock[?db=N]}.
 
-    The host defaults to ``localhost``, the port to 6379 and the database to 0.
+    The host defaults to C{localhost}, the port to 6379 and the database to 0.
     User name and password are percent-decoded; they may also be given as
-    ``?username=``/``?password=`` query parameters, the database as ``?db=``.
-    ``rediss://`` is refused: txredisapi's TLS does not verify certificates.
+    C{?username=}/C{?password=} query parameters, the database as C{?db=}.
+    C{rediss://} is refused: txredisapi's TLS does not verify certificates.
     Raises ValueError with a message that never contains the password.
     """
     try:
@@ -269,26 +269,26 @@ def connect(
     scripts: Sequence[LuaScript] = (),
 ) -> RedisHandler:
     """
-    A lazy txredisapi handler (``poolsize`` connections) that reconnects by
+    A lazy txredisapi handler (C{poolsize} connections) that reconnects by
     itself (backoff 0.2 s, x e, capped at 1 s, with jitter).
 
     Returned at once; commands wait until a connection is ready.  Replies keep
-    strings as strings (``convertNumbers=False``), text is UTF-8.  Ordinary
-    handlers fail a command after :data:`DEFAULT_REPLY_TIMEOUT` seconds.
-    ``blocking=True`` makes a dedicated single connection without a reply
-    timeout, for ``XREADGROUP``/``XREAD ... BLOCK`` (which this module sends
-    with ``apply_timeout=False``); keep other commands off it.
+    strings as strings (C{convertNumbers=False}), text is UTF-8.  Ordinary
+    handlers fail a command after L{DEFAULT_REPLY_TIMEOUT} seconds.
+    C{blocking=True} makes a dedicated single connection without a reply
+    timeout, for C{XREADGROUP}/C{XREAD ... BLOCK} (which this module sends
+    with C{apply_timeout=False}); keep other commands off it.
 
-    ``scripts`` are loaded on every new connection before anything else is
+    C{scripts} are loaded on every new connection before anything else is
     sent on it: after a Redis restart (which empties the script cache) calls
     keep the order they were made in, instead of the first ones failing with
     NOSCRIPT and being retried after later ones went through.
 
     When AUTH or SELECT fails the handler gives up for good: commands
     issued before that wait for ever (use a deadline), later ones fail with
-    ``txredisapi.ConnectionError("Not connected")``.
+    C{txredisapi.ConnectionError("Not connected")}.
 
-    Close it with ``yield handler.disconnect()``.
+    Close it with C{yield handler.disconnect()}.
     """
     if poolsize < 1:
         raise ValueError("poolsize must be at least 1")
@@ -334,7 +334,7 @@ def unavailable(failure: Any) -> Any:
 @attrs.frozen
 class StreamEntry:
     """
-    One stream entry.  ``fields`` is None for an entry that is still pending
+    One stream entry.  C{fields} is None for an entry that is still pending
     in a consumer group but was deleted from the stream (XDEL, trimming).
     Repeated field names keep the last value.
     """
@@ -580,7 +580,7 @@ class StreamClient:
         block_ms: int | None,
     ) -> Deferred[list[tuple[str, list[StreamEntry]]]]:
         """
-        XREADGROUP; ``streams`` maps stream -> id (``">"`` for new entries, ``"0"``
+        XREADGROUP; C{streams} maps stream -> id (C{">"} for new entries, C{"0"}
         for this consumer's pending ones).  Fires with [] when a BLOCK timed out.
         """
         args: list[object] = ["XREADGROUP", "GROUP", group, consumer]
@@ -589,7 +589,7 @@ class StreamClient:
     def xread(
         self, streams: Mapping[str, str], *, count: int, block_ms: int | None
     ) -> Deferred[list[tuple[str, list[StreamEntry]]]]:
-        """XREAD; ``streams`` maps stream -> last id seen (``"$"``: only new ones)."""
+        """XREAD; C{streams} maps stream -> last id seen (C{"$"}: only new ones)."""
         return self._read(["XREAD"], streams, count, block_ms)
 
     def _read(
@@ -629,7 +629,7 @@ class StreamClient:
         start: str = "0-0",
         count: int = 100,
     ) -> Deferred[AutoClaim]:
-        """XAUTOCLAIM entries idle for at least ``min_idle_ms`` to ``consumer``."""
+        """XAUTOCLAIM entries idle for at least C{min_idle_ms} to C{consumer}."""
         d = self._execute("XAUTOCLAIM", stream, group, consumer, min_idle_ms, start, "COUNT", count)
         return d.addCallback(_autoclaim)
 
@@ -680,8 +680,8 @@ class StreamClient:
     def ping(self, timeout: float, clock: IReactorTime) -> Deferred[float]:
         """
         PING with a deadline of its own: fires with the round trip in
-        milliseconds, or fails with ``twisted.internet.defer.TimeoutError``
-        after ``timeout`` seconds (txredisapi alone would wait for ever while
+        milliseconds, or fails with C{twisted.internet.defer.TimeoutError}
+        after C{timeout} seconds (txredisapi alone would wait for ever while
         no connection exists).
         """
         started = clock.seconds()
@@ -706,7 +706,7 @@ class LuaScript:
 
     The SHA1 is computed locally, so a call is a single EVALSHA while the
     server knows the script; the first call on a server that does not costs
-    EVALSHA (NOSCRIPT) + SCRIPT LOAD + EVALSHA.  :meth:`load` loads it up
+    EVALSHA (NOSCRIPT) + SCRIPT LOAD + EVALSHA.  L{load} loads it up
     front (e.g. at startup, to find a broken script early).
     """
 
@@ -734,7 +734,7 @@ class LuaScript:
         keys: Sequence[str],
         args: Sequence[str | bytes | int],
     ) -> Deferred[Any]:
-        """Run the script; fires with its reply (strings as ``str``, integers as ``int``)."""
+        """Run the script; fires with its reply (strings as C{str}, integers as C{int})."""
         return Deferred.fromCoroutine(self._run(redis, list(keys), list(args)))
 
     async def _run(self, redis: RedisHandler, keys: list[str], args: list[Any]) -> Any:
@@ -765,7 +765,7 @@ return 1
 def push_reply(
     redis: RedisHandler, reply_to: str, payload: bytes | str, ttl: int = 60
 ) -> Deferred[None]:
-    """LPUSH ``payload`` onto the list ``reply_to`` and (re)set its TTL, atomically."""
+    """LPUSH C{payload} onto the list C{reply_to} and (re)set its TTL, atomically."""
     if ttl <= 0:
         raise ValueError("ttl must be a positive number of seconds")
     d = REPLY_SCRIPT(redis, [reply_to], [payload, ttl])
