@@ -236,6 +236,7 @@ class SupervisedReader:
                     finally:
                         self._preparing = None
                     prepared = True
+                    delay = BACKOFF_START  # Redis answered
                     self.reading = True  # ready: reads go out from now on
                     waiters, self._waiters = self._waiters or [], None
                     for waiter in waiters:
