@@ -15,7 +15,16 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from unrealon._compat import IncompatibleDependency, directframes, require, tokens, websocket
+from unrealon._compat import (
+    IncompatibleDependency,
+    directframes,
+    endpoints,
+    redis,
+    require,
+    runner,
+    tokens,
+    websocket,
+)
 from unrealon._compat import transport as _compat
 
 
@@ -89,7 +98,7 @@ class TransportTests(TestCase):
 
 class CheckTests(SynchronousTestCase):
     def test_installed_versions_pass(self) -> None:
-        for module in (_compat, websocket, directframes, tokens):
+        for module in (_compat, websocket, directframes, tokens, redis, runner, endpoints):
             module.check()
 
     def test_a_missing_internal_names_package_and_version(self) -> None:
@@ -161,3 +170,42 @@ class TokenTests(SynchronousTestCase):
         self.assertEqual(decoder.decode(token, secret, algorithms=["HS256"]), {"sub": "a"})
         self.assertRaises(jwt.InvalidSignatureError, decoder.decode, token, "t" * 40,
                           algorithms=["HS256"])
+
+
+class RunnerTests(SynchronousTestCase):
+    def test_forget_exit_signal(self) -> None:
+        import signal
+
+        class Reactor:
+            _exitSignal: Any = signal.SIGTERM
+
+        reactor_ = Reactor()
+        runner.forget_exit_signal(reactor_, signal.SIGINT)
+        self.assertEqual(reactor_._exitSignal, signal.SIGTERM)
+        runner.forget_exit_signal(reactor_, signal.SIGTERM)
+        self.assertIsNone(reactor_._exitSignal)
+
+
+class EndpointTests(SynchronousTestCase):
+    def test_parse_server(self) -> None:
+        kind, args, kwargs = endpoints.parse_server("tcp:8765:interface=127.0.0.1")
+        self.assertEqual((kind, args[0], kwargs["interface"]), ("TCP", 8765, "127.0.0.1"))
+        _, _, kwargs = endpoints.parse_server("systemd:domain=INET:index=0")
+        self.assertEqual(kwargs, {"domain": "INET", "index": "0"})
+
+
+class RedisCompatTests(SynchronousTestCase):
+    def test_reconnect_retries_are_logged_at_debug(self) -> None:
+        from twisted.application import internet
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        events: list[Any] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        internet.ClientService._log.info(  # type: ignore[attr-defined]
+            "Scheduling retry {attempt} to connect {endpoint} in {delay} seconds.",
+            attempt=1, endpoint="e", delay=0.2,
+        )
+        internet.ClientService._log.info("Something else {x}", x=1)  # type: ignore[attr-defined]
+        levels = [e["log_level"] for e in events]
+        self.assertEqual(levels, [LogLevel.debug, LogLevel.info])

@@ -114,7 +114,7 @@ def _endpoint(text: str) -> str:
     systemd endpoint needs the inherited descriptors, and this runs before the
     reactor exists.  L{twisted.internet.endpoints} parses it for real at start.
     """
-    from twisted.internet.endpoints import _parseServer
+    from unrealon._compat.endpoints import parse_server
 
     text = text.strip()
     kind = text.split(":", 1)[0]
@@ -123,11 +123,11 @@ def _endpoint(text: str) -> str:
             "must be a Twisted endpoint string such as tcp:8765:interface=127.0.0.1"
         )
     try:
-        _, args, kwargs = _parseServer(text, None)
+        _, args, kwargs = parse_server(text)
     except Exception:
         raise ValueError("is not a valid endpoint string") from None
     if kind in ("tcp", "tcp6", "ssl"):
-        port = kwargs.get("port", args[0] if args else None)
+        port: Any = kwargs.get("port", args[0] if args else None)
         try:
             number = int(port)
         except (TypeError, ValueError):

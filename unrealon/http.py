@@ -95,16 +95,18 @@ class HealthResource(Resource):
 
     def render_GET(self, request: Request) -> int:
         d = Deferred.fromCoroutine(self.report())
+        # notifyFinish fails when the client goes away before the answer
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
 
         def write(result: tuple[int, dict[str, Any]]) -> None:
-            if request.finished or request._disconnected:
-                return
-            request.write(_send_json(request, *result))
-            request.finish()
+            if not gone:
+                request.write(_send_json(request, *result))
+                request.finish()
 
         def failed(failure: Failure) -> None:
             log.failure("health report failed", failure)
-            if not request._disconnected:
+            if not gone:
                 request.write(_send_json(request, 500, {"status": "error"}))
                 request.finish()
 

@@ -19,6 +19,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from unrealon.config import SETTINGS, ConfigError, load_config
+from unrealon.extensions import ExtensionError, load_extensions
 
 _FLAGS = {"insecure_dev", "compression"}
 
@@ -53,6 +54,10 @@ def makeService(options: Options) -> Any:
     try:
         config = load_config(options.cli_values())
         extensions = load_extensions(config.extensions)
+    except ExtensionError as e:
+        sys.stderr.write(f"unrealon-ws: bad setting UNREALON_EXTENSIONS (--extensions): {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(2) from None
     except ConfigError as e:
         # One line, then a non-zero exit: never start half-configured.
         sys.stderr.write(f"unrealon-ws: {e}\n")
@@ -111,22 +116,6 @@ def _forget_sigterm(reactor: Any) -> None:
     stopped, so after a complete graceful drain the process would still end
     "killed by SIGTERM"; PROTOCOL.md section 7 asks for exit status 0.
     """
-    if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
-        reactor._exitSignal = None
+    from unrealon._compat.runner import forget_exit_signal
 
-
-def load_extensions(names: tuple[str, ...]) -> tuple[Any, ...]:
-    """Import each C{module.path:function} named by UNREALON_EXTENSIONS."""
-    import importlib
-
-    found = []
-    for name in names:
-        module_name, _, attr = name.partition(":")
-        try:
-            found.append(getattr(importlib.import_module(module_name), attr))
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(
-                f"bad setting UNREALON_EXTENSIONS (--extensions): cannot load {name}: "
-                f"{type(e).__name__}"
-            ) from None
-    return tuple(found)
+    forget_exit_signal(reactor, signal.SIGTERM)

@@ -19,6 +19,13 @@ C{tokens} through the settings) pulls in nothing else.
   - L{unrealon._compat.directframes} (Autobahn): the direct frame path,
     which reads Autobahn's frame state to know when it may take over.
   - L{unrealon._compat.tokens} (pyjwt): HMAC secrets vetted once.
+  - L{unrealon._compat.redis} (txredisapi, Twisted's ClientService): the
+    lean command encoder, the direct command path, the reconnect backoff,
+    scripts loaded on every new connection, quiet reconnect retries.
+  - L{unrealon._compat.runner} (twistd, twist): exit 0 after a graceful
+    SIGTERM.
+  - L{unrealon._compat.endpoints} (Twisted): endpoint strings checked
+    without building the endpoint.
 
 Each module says why no public API does the job and which upstream change
 would remove it.

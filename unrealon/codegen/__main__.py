@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from unrealon.codegen import python, typescript
-from unrealon.codegen.openrpc import client_document, dump_json, load_extension
+from unrealon.codegen.openrpc import client_document, dump_json
+from unrealon.extensions import load_extension
 
 TS_DIR = Path("clients/typescript")
 

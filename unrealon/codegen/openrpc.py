@@ -14,7 +14,6 @@ C{oneOf} with C{null} for optional values.  Anything else becomes "any JSON".
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from collections.abc import Iterable
@@ -24,16 +23,8 @@ import attrs
 
 from unrealon import __version__
 from unrealon.clientapi import client_openrpc
-from unrealon.service import Extension, build_registry
-
-
-def load_extension(spec: str) -> Extension:
-    """C{"package.module:function"} -> the registry extension it names."""
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"an extension is 'module:function', not {spec!r}")
-    extension: Extension = getattr(importlib.import_module(module), name)
-    return extension
+from unrealon.extensions import Extension
+from unrealon.service import build_registry
 
 
 def client_document(extensions: Iterable[Extension] = ()) -> dict[str, Any]:
