@@ -27,7 +27,7 @@ RUN groupadd --system --gid 10001 unrealon \
 # description), the package and the twistd plugin. .dockerignore keeps .env, .venv and
 # any dropin.cache out of the build context.
 WORKDIR /src
-COPY pyproject.toml setup.cfg README.md ./
+COPY pyproject.toml setup.cfg README.md constraints.txt ./
 COPY unrealon ./unrealon
 COPY twisted ./twisted
 
@@ -35,7 +35,7 @@ COPY twisted ./twisted
 # /src. pip builds in an isolated environment with the backend pinned in pyproject.toml,
 # then installs the dependencies from PyPI. All of them ship wheels or are pure Python,
 # so slim needs no compiler.
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir -c constraints.txt . \
  && cd / && rm -rf /src
 
 # The node reads ./.env from its working directory. Use an empty, root-owned directory

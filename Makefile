@@ -8,14 +8,14 @@ WS_PORT ?= 8765
 HTTP_PORT ?= 8766
 LOG_FILE ?= logs/unrealon-ws.json
 
-.PHONY: install install-ipc dev health logs test test-unit run-prod docker-build docker-run \
+.PHONY: install install-ipc dev health logs test test-unit run-prod docker-build docker-run constraints \
         generate-client check-clients lint bench bench-peers bench-smoke token clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# compat mode puts the checkout on sys.path, so twisted/plugins/ here is found
-	$(PY) -m pip install --quiet -e '.[dev,bench]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench]' --config-settings editable_mode=compat
 	npm ci --no-audit --no-fund
 	$(PY) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	@$(TWIST) --help | grep -q unrealon-ws && echo "installed: twist unrealon-ws is available"
@@ -62,6 +62,11 @@ check-clients:
 lint:
 	$(VENV)/bin/ruff check unrealon tests twisted bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+# Pin what the venv holds now as the tested set (after an upgrade that passed make test).
+constraints:
+	(sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^pip==\|^setuptools==\|^wheel==') > constraints.tmp && mv constraints.tmp constraints.txt
 
 bench:
 	$(PY) bench/run.py

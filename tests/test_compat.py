@@ -209,3 +209,25 @@ class RedisCompatTests(SynchronousTestCase):
         internet.ClientService._log.info("Something else {x}", x=1)  # type: ignore[attr-defined]
         levels = [e["log_level"] for e in events]
         self.assertEqual(levels, [LogLevel.debug, LogLevel.info])
+
+
+class BoundsTests(SynchronousTestCase):
+    """The packages this layer reaches into have upper bounds, and the installed ones are inside."""
+
+    def test_upper_bounds(self) -> None:
+        import configparser
+        import re
+        from importlib.metadata import version
+        from pathlib import Path
+
+        setup = configparser.ConfigParser()
+        setup.read(Path(__file__).resolve().parent.parent / "setup.cfg")
+        requires = setup["options"]["install_requires"].split()
+        for package in ("twisted", "autobahn", "txredisapi", "pyjwt"):
+            [spec] = [r for r in requires if re.match(rf"{package}(\[|>)", r)]
+            upper = re.search(r"<([\d.]+)", spec)
+            self.assertIsNotNone(upper, spec)
+            assert upper is not None
+            installed = tuple(int(p) for p in version(package).split(".")[:2])
+            bound = tuple(int(p) for p in upper.group(1).split("."))
+            self.assertLess(installed[: len(bound)], bound, (package, version(package)))

@@ -444,14 +444,18 @@ class DockerfileTests(SynchronousTestCase):
     """The Dockerfile, read (no Docker engine here)."""
 
     def test_base_and_install(self) -> None:
-        """python:3.11-slim; the package is installed as a normal, non-editable package."""
+        """
+        python:3.11-slim; the package is installed as a normal, non-editable
+        package, within the tested versions of constraints.txt.
+        """
         instructions = _dockerfile()
         self.assertEqual(instructions[0], ("FROM", "python:3.11-slim"))
         installs = [a for k, a in instructions if k == "RUN" and "pip install" in a]
         self.assertEqual(len(installs), 1, installs)
-        self.assertIn("pip install --no-cache-dir .", installs[0])
+        self.assertIn("pip install --no-cache-dir -c constraints.txt .", installs[0])
         self.assertNotIn("-e", shlex.split(installs[0].split("&&")[0]))
-        for source in ("pyproject.toml", "setup.cfg", "README.md", "unrealon", "twisted"):
+        for source in ("pyproject.toml", "setup.cfg", "README.md", "constraints.txt", "unrealon",
+                       "twisted"):
             self.assertIn(source, _copied_sources(instructions))
 
     def test_cache_step_as_root_after_install(self) -> None:

@@ -30,6 +30,7 @@ from unrealon.auth import (
     load_keys,
     validate_algorithms,
 )
+from unrealon.redisurl import parse_redis_url
 
 
 class ConfigError(Exception):
@@ -148,13 +149,8 @@ def _redis_url(text: str) -> str | None:
         raise ValueError("must start with redis:// or unix:// (put TLS in a local proxy)")
     if text.startswith("unix://") and len(text.split("?")[0]) <= len("unix://"):
         raise ValueError("unix:// needs a socket path")
-    # The full check (port, database, query, credentials) is the Redis
-    # client's own parser; its messages never contain the password.  It is
-    # imported here, when settings are loaded (the runner has chosen its
-    # reactor by then), not at module level: it imports txredisapi, which
-    # imports the reactor.
-    from unrealon.engine.redisclient import parse_redis_url
-
+    # The full check (port, database, query, credentials) is the parser the
+    # engine connects with; its messages never contain the password.
     parse_redis_url(text)
     return text
 

@@ -47,8 +47,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any
 
 import attrs
 import txredisapi
@@ -57,6 +56,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from unrealon._compat import redis as compat_redis
 from unrealon.engine.interfaces import BackendUnavailable
+from unrealon.redisurl import RedisAddress, parse_redis_url
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -89,7 +89,6 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 #: Reconnect backoff: the first retry after this long, then x e, capped.
 RECONNECT_INITIAL_DELAY = 0.2
 RECONNECT_MAX_DELAY = 1.0
-DEFAULT_PORT = 6379
 
 
 class UnexpectedReply(Exception):
@@ -107,154 +106,6 @@ def redis_error_code(error: BaseException) -> str | None:
     text = str(error.args[0]) if error.args else ""
     code = text.split(" ", 1)[0]
     return code if code.isupper() else None
-
-
-# --------------------------------------------------------------------- URLs
-
-
-@attrs.frozen
-class RedisAddress:
-    """Where a Redis server is and how to log in.  The password is kept out of C{repr}."""
-
-    kind: Literal["tcp", "unix"]
-    host: str | None = None
-    port: int | None = None
-    path: str | None = None
-    db: int = 0
-    password: str | None = attrs.field(default=None, repr=False)
-    username: str | None = None
-
-    def __attrs_post_init__(self) -> None:
-        if self.kind == "tcp":
-            if not self.host or self.port is None or self.path is not None:
-                raise ValueError("a tcp RedisAddress needs host and port, and no path")
-            if not 0 < self.port < 65536:
-                raise ValueError("Redis port must be between 1 and 65535")
-        elif self.kind == "unix":
-            if not self.path or self.host is not None or self.port is not None:
-                raise ValueError("a unix RedisAddress needs a path, and no host or port")
-        else:
-            raise ValueError("RedisAddress.kind must be 'tcp' or 'unix'")
-        if self.db < 0:
-            raise ValueError("Redis db must be a non-negative integer")
-        if self.username is not None and self.password is None:
-            raise ValueError("a Redis username needs a password")
-
-    def display(self) -> str:
-        """A URL for logs: same server, password masked."""
-        auth = ""
-        if self.password is not None:
-            auth = f"{self.username or ''}:***@"
-        if self.kind == "unix":
-            return f"unix://{auth}{self.path}?db={self.db}"
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"redis://{auth}{host}:{self.port}/{self.db}"
-
-
-_QUERY_KEYS = frozenset({"db", "password", "username"})
-
-
-def _bad_url(problem: str) -> ValueError:
-    # Never echo the URL or any piece of it that could be (part of) a password.
-    return ValueError(f"invalid Redis URL: {problem}")
-
-
-def _parse_db(text: str) -> int:
-    if not text.isdigit() or not text.isascii():
-        raise _bad_url("the database must be a non-negative integer")
-    return int(text)
-
-
-def parse_redis_url(url: str) -> RedisAddress:
-    """
-    Parse C{redis://[[username]:password@]host[:port][/db]} or
-    C{unix://[[username]:password@]/path/to/redis.sock[?db=N]}.
-
-    The host defaults to C{localhost}, the port to 6379 and the database to 0.
-    User name and password are percent-decoded; they may also be given as
-    C{?username=}/C{?password=} query parameters, the database as C{?db=}.
-    C{rediss://} is refused: txredisapi's TLS does not verify certificates.
-    Raises ValueError with a message that never contains the password.
-    """
-    try:
-        parts = urlsplit(url.strip())
-    except ValueError:
-        raise _bad_url("it cannot be parsed") from None
-    scheme = parts.scheme.lower()
-    if scheme == "rediss":
-        raise _bad_url("rediss:// (TLS) is not supported: txredisapi does not verify certificates")
-    if scheme not in ("redis", "unix"):
-        shown = f" {scheme!r}" if scheme.isalpha() and len(scheme) <= 10 else ""
-        raise _bad_url(f"unsupported scheme{shown}; expected redis:// or unix://")
-    if parts.fragment:
-        raise _bad_url("a fragment (#...) is not allowed")
-
-    try:
-        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
-    except ValueError:
-        raise _bad_url("the query string cannot be parsed") from None
-    unknown = set(query) - _QUERY_KEYS
-    if unknown:
-        names = ", ".join(sorted(n for n in unknown if n.isidentifier()))
-        raise _bad_url(
-            f"unknown query parameter(s) {names or '(unprintable)'}; "
-            "allowed: db, password, username"
-        )
-    for key, values in query.items():
-        if len(values) != 1:
-            raise _bad_url(f"query parameter {key} is given more than once")
-
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    if "username" in query:
-        if username is not None:
-            raise _bad_url("username given both before @ and as a query parameter")
-        username = query["username"][0] or None
-    if "password" in query:
-        if password is not None:
-            raise _bad_url("password given both before @ and as a query parameter")
-        password = query["password"][0] or None
-    if username is not None and password is None:
-        raise _bad_url("a username needs a password (user:password@)")
-
-    db_query = _parse_db(query["db"][0]) if "db" in query else None
-
-    if scheme == "unix":
-        if parts.hostname:
-            raise _bad_url("unix:// needs an absolute path: unix:///path/to/redis.sock")
-        path = unquote(parts.path)
-        if not path.startswith("/") or path.endswith("/"):
-            raise _bad_url("unix:// needs an absolute socket path")
-        return RedisAddress(
-            kind="unix",
-            path=path,
-            db=db_query if db_query is not None else 0,
-            password=password,
-            username=username,
-        )
-
-    try:
-        port = parts.port
-    except ValueError:
-        raise _bad_url("the port must be an integer between 0 and 65535") from None
-    if port == 0:
-        raise _bad_url("the port must be between 1 and 65535")
-    host = parts.hostname or "localhost"
-    db_path: int | None = None
-    path = parts.path.strip("/")
-    if path:
-        db_path = _parse_db(path)
-    if db_path is not None and db_query is not None and db_path != db_query:
-        raise _bad_url("the database is given twice, with different values")
-    db = db_path if db_path is not None else db_query
-    return RedisAddress(
-        kind="tcp",
-        host=host,
-        port=port if port is not None else DEFAULT_PORT,
-        db=db if db is not None else 0,
-        password=password,
-        username=username,
-    )
 
 
 # -------------------------------------------------------------- connections
