@@ -569,7 +569,7 @@ class RecoveryTests(IngressTestCase):
         """Entries a dead consumer read and never acknowledged are handled by a live node."""
         running = yield self.node(claim_idle=0.5)
         client = yield self.client(running, join=("workspace:1",))
-        node_ingress = running.node.ingress
+        node_ingress = running.service.ingress
         yield node_ingress.stop()  # so the fake consumer reads them, not the node
         sent = [self.request("workspace.file_changed",
                              {"workspace_id": "1", "path": f"f{i}", "change": "created"})
@@ -596,10 +596,10 @@ class RecoveryTests(IngressTestCase):
     def test_restarted_node_handles_its_own_pending_entries(self) -> Any:
         """A node restarted under the same id takes back what it read before at once."""
         running = yield self.node(node_id="stable-node", claim_idle=30)
-        yield running.node.ingress.stop()
+        yield running.service.ingress.stop()
         _, reply_to = self.request("presence.online", {"user_ids": ["x"]})
         self.r.xreadgroup(GROUP, "stable-node", {STREAM: ">"}, count=10)
-        yield running.node.ingress.start()
+        yield running.service.ingress.start()
         reply = yield self.reply(reply_to, timeout=3)
         self.assertEqual(reply["result"], {"online": []})
 
@@ -611,7 +611,7 @@ class RecoveryTests(IngressTestCase):
         """
         running = yield self.node(node_id="stable-node", claim_idle=0.3,
                                   extensions=(support.register,))
-        ingress = running.node.ingress
+        ingress = running.service.ingress
         yield ingress.stop()
         ingress._max_in_flight = 2
         own = [self.request("test.slow", {"note": f"own{i}"}) for i in range(4)]
@@ -644,7 +644,7 @@ class RecoveryTests(IngressTestCase):
     def test_bounded_concurrency(self) -> Any:
         """With max_in_flight entries being handled, the node reads no more."""
         running = yield self.node(extensions=(support.register,))
-        ingress = running.node.ingress
+        ingress = running.service.ingress
         yield ingress.stop()
         ingress._max_in_flight = 2  # no setting for it (yet)
         yield ingress.start()
@@ -688,7 +688,7 @@ class HealthTests(IngressTestCase):
         code, body = yield self.health(running)
         self.assertEqual((code, body["status"]), (200, "ok"))
         self.assertEqual(body["ingress"], {"lag": 0, "pending": 0, "dead": 0})
-        ingress = running.node.ingress
+        ingress = running.service.ingress
         yield ingress.stop()
         ingress._max_in_flight = 1
         yield ingress.start()
@@ -853,7 +853,7 @@ class CrashTests(IngressTestCase):
                                   extensions=(support.register,))
         client = yield self.client(running, join=("workspace:1",))
         # node-b stands aside while node-a takes the entry
-        yield running.node.ingress.stop()
+        yield running.service.ingress.stop()
         process = support.spawn_node(self, self.server.url, "node-a",
                                      "--claim-idle", str(claim_idle),
                                      env={support.EXIT_ENV: "1"})
@@ -878,7 +878,7 @@ class CrashTests(IngressTestCase):
         self.assertEqual([(p["message_id"], p["consumer"]) for p in pending],
                          [(entry_id, "node-a")])
 
-        yield running.node.ingress.start()
+        yield running.service.ingress.start()
         reply = yield self.reply(reply_to, timeout=5)
         self.assertTrue(reply["success"], reply)
         # the second handling's publish was a no-op: same cursor as the first

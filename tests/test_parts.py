@@ -232,8 +232,8 @@ class MembershipTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.member = Member()
-        self.hub = Hub(lambda payload: payload)
         self.broker = FakeBroker()
+        self.hub = Hub(lambda payload: payload, self.broker.cursor_key)
         self.presence = FakePresence()
         self.membership = RoomMembership(self.member, self.hub, self.broker,  # type: ignore[arg-type]
                                          self.presence, Clock())  # type: ignore[arg-type]

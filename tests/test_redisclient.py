@@ -21,7 +21,6 @@ from twisted.trial import unittest
 from tests.helpers.redis_server import RedisServer, RedisServerError, start_redis
 from unrealon._compat.redis import LeanEncodingProtocol as _LeanEncodingProtocol
 from unrealon.engine.redisclient import (
-    DEFAULT_PORT,
     REPLY_SCRIPT,
     AutoClaim,
     LuaScript,
@@ -34,6 +33,7 @@ from unrealon.engine.redisclient import (
     push_reply,
     redis_error_code,
 )
+from unrealon.redisurl import DEFAULT_PORT
 
 Gen = Generator[Any, Any, None]
 

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from unrealon.engine.supervision import ISupervised
 from unrealon.node import Node
 
 log = Logger(namespace="unrealon.http")
@@ -45,9 +46,11 @@ class LiveResource(Resource):
 class HealthResource(Resource):
     isLeaf = True
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, ingress: Any, loops: tuple[ISupervised, ...]) -> None:
         super().__init__()
         self._node = node
+        self._ingress = ingress
+        self._loops = loops
 
     async def report(self) -> tuple[int, dict[str, Any]]:
         node = self._node
@@ -65,14 +68,14 @@ class HealthResource(Resource):
             redis = {"ok": False, "latency_ms": None}
         if redis is not None and not redis.get("ok"):
             ready = False
-        if node.ingress is not None:
+        if self._ingress is not None:
             try:
-                ingress = await node.ingress.health()
+                ingress = await self._ingress.health()
             except Exception:
                 ingress = {"lag": None, "pending": None, "dead": None, "ok": False}
             if not ingress.pop("ok", True):
                 ready = False
-        stopped = [loop.name for loop in node.loops if not loop.working()]
+        stopped = [loop.name for loop in self._loops if not loop.working()]
         if stopped:
             ready = False
         if node.stopping:
@@ -121,9 +124,13 @@ class QuietSite(Site):
         pass
 
 
-def make_site(node: Node) -> Site:
+def make_site(node: Node, ingress: Any = None, loops: tuple[ISupervised, ...] = ()) -> Site:
+    """
+    The second listener's site: C{/health} (reporting C{ingress}, the Redis
+    engine's consumer, and the supervised C{loops}), C{/live}, C{/metrics}.
+    """
     root = Resource()
-    root.putChild(b"health", HealthResource(node))
+    root.putChild(b"health", HealthResource(node, ingress, loops))
     root.putChild(b"live", LiveResource())
     root.putChild(b"metrics", MetricsResource(registry=node.metrics.registry))
     site = QuietSite(root)

@@ -42,14 +42,16 @@ class IMember(Interface):
 class Hub:
     """Local membership and delivery."""
 
-    def __init__(self, prepare: Callable[[bytes], Any]) -> None:
+    def __init__(
+        self, prepare: Callable[[bytes], Any], cursor_key: Callable[[str], Any]
+    ) -> None:
         """
-        @param prepare: frames a message once for many connections
-            (C{WebSocketServerFactory.prepareMessage}).
+        @param prepare: frames a message once for many connections (an
+            Autobahn C{PreparedMessage}).
+        @param cursor_key: the engine's order of cursors (L{IBroker.cursor_key}).
         """
         self.prepare = prepare
-        #: the engine's cursor order (set when the engine is built)
-        self.cursor_key: Callable[[str], Any] = lambda cursor: None
+        self.cursor_key = cursor_key
         self.members: set[Any] = set()
         self._by_user: dict[str, set[Any]] = {}
         self._rooms: dict[str, set[Any]] = {}

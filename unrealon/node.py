@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from unrealon import __version__
 from unrealon.auth import TokenVerifier
 from unrealon.config import Config
+from unrealon.engine.interfaces import IBroker, IPresence
 from unrealon.hub import Hub
 from unrealon.metrics import Metrics
 from unrealon.rpc import Registry
@@ -30,17 +31,13 @@ class Node:
     reactor: Any  # IReactorTime & IReactorCore; typed loosely for test fakes
     registry: Registry
     hub: Hub
-    broker: Any  # IBroker
-    presence: Any  # IPresence
+    broker: IBroker
+    presence: IPresence
     verifier: TokenVerifier | None
     metrics: Metrics
     started_at: float = 0.0
     #: "ok" while serving, "stopping" once shutdown began
     status: str = "ok"
-    #: set when the engine needs Redis (ingress state for /health)
-    ingress: Any = None
-    #: the supervised long-running work (/health is degraded while one is not working)
-    loops: tuple[Any, ...] = ()
     features: tuple[str, ...] = ()
     version: str = __version__
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attrs
+from autobahn.websocket.protocol import PreparedMessage
 from twisted.application.service import Service
 from twisted.internet.defer import (
     CancelledError,
@@ -34,7 +36,10 @@ from unrealon.auth import TokenVerifier
 from unrealon.backendapi import BackendCall, register_backend_methods
 from unrealon.clientapi import register_client_methods
 from unrealon.config import Config
+from unrealon.engine.interfaces import IBroker, IPresence
 from unrealon.engine.memory import MemoryBroker, MemoryPresence
+from unrealon.engine.memory import cursor_key as memory_cursor_key
+from unrealon.engine.supervision import ISupervised
 from unrealon.http import make_site
 from unrealon.hub import Hub
 from unrealon.metrics import Metrics
@@ -63,9 +68,21 @@ class NodeService(Service):
 
     name = "unrealon-ws"
 
-    def __init__(self, node: Node, factory: RPCServerFactory, stoppables: list[Any]) -> None:
+    def __init__(
+        self,
+        node: Node,
+        factory: RPCServerFactory,
+        stoppables: list[Any],
+        *,
+        ingress: Any = None,
+        loops: tuple[ISupervised, ...] = (),
+    ) -> None:
         self.node = node
         self.factory = factory
+        #: the backend ingress consumer (the Redis engine's), or None
+        self.ingress = ingress
+        #: the supervised long-running work (/health is degraded while one is not working)
+        self.loops = loops
         #: services started before the listeners and stopped after the
         #: connections are closed, in this order (ingress first, engine last)
         self._stoppables = stoppables
@@ -108,7 +125,7 @@ class NodeService(Service):
         engine.addErrback(_first_error)
         try:
             self.http_port = await serverFromString(reactor, node.config.http_endpoint).listen(
-                make_site(node)
+                make_site(node, self.ingress, self.loops)
             )
             self.ws_port = await serverFromString(reactor, node.config.ws_endpoint).listen(
                 self.factory
@@ -198,12 +215,34 @@ def _address(port: IListeningPort | None) -> str:
     return str(getattr(host, "name", host))
 
 
-def dispatch_backend(
-    node: Node, method: str, params: dict[str, Any], entry_id: str
-) -> Deferred[Any]:
-    """Run a backend method for an ingress entry (-32601 if there is none)."""
-    spec = node.registry.lookup(method, Caller.BACKEND)
-    return node.registry.dispatch(spec, BackendCall(node, entry_id), params)
+class BackendDispatch:
+    """Runs a backend method for an ingress entry (-32601 if there is none)."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def __call__(self, method: str, params: dict[str, Any], entry_id: str) -> Deferred[Any]:
+        registry = self._node.registry
+        spec = registry.lookup(method, Caller.BACKEND)
+        return registry.dispatch(spec, BackendCall(self._node, entry_id), params)
+
+
+def prepare_message(payload: bytes) -> PreparedMessage:
+    """A text message framed once, for every member of a room (a server's frames are unmasked)."""
+    return PreparedMessage(payload, False, False, False)
+
+
+@attrs.frozen
+class _Engine:
+    """The engine's parts, as makeService wires them."""
+
+    broker: IBroker
+    presence: IPresence
+    #: stopped in this order (started in reverse)
+    stoppables: tuple[Any, ...]
+    loops: tuple[ISupervised, ...]
+    features: tuple[str, ...]
+    ingress: Any = None
 
 
 def makeService(
@@ -214,75 +253,83 @@ def makeService(
     """Build a node from its configuration."""
     registry = build_registry(extensions)
     metrics = Metrics()
-    factory_holder: list[RPCServerFactory] = []
-
-    def prepare(payload: bytes) -> Any:
-        return factory_holder[0].prepareMessage(payload)
-
-    hub = Hub(prepare)
-    stoppables: list[Any] = []
-    node_holder: list[Node] = []
-    if config.redis_url:
-        from unrealon.engine.redis import RedisConnections
-        from unrealon.engine.redisbroker import RedisBroker
-        from unrealon.engine.redispresence import RedisPresence
-        from unrealon.ingress import IngressConsumer
-
-        connections = RedisConnections.open(config.redis_url, reactor)
-        link, failed = connections.link, metrics.loop_failure
-        broker: Any = RedisBroker(
-            reactor, hub, connections.commands, connections.feed_reader,
-            history_size=config.history_size, history_ttl=config.history_ttl,
-            link=link, count_failure=failed,
-        )
-        presence: Any = RedisPresence(
-            reactor, connections.commands, ttl=config.presence_ttl,
-            link=link, count_failure=failed,
-        )
-        ingress: Any = IngressConsumer(
-            reactor, connections.commands, connections.ingress_reader,
-            lambda method, params, entry_id: dispatch_backend(
-                node_holder[0], method, params, entry_id
-            ),
-            stream=config.ingress_stream, group=config.ingress_group,
-            consumer=config.node_id, dead_stream=config.dead_letter_stream,
-            claim_idle=config.claim_idle, max_deliveries=config.max_deliveries,
-            max_in_flight=config.ingress_max_in_flight,
-            metrics=metrics, link=connections.link,
-        )
-        # stopped in this order (started in reverse)
-        stoppables.extend([ingress, presence, broker, connections])
-        features: tuple[str, ...] = ("rooms", "history", "presence", "ingress", "cluster")
-        loops: tuple[Any, ...] = (ingress.reader, broker.reader, *presence.loops)
-    else:
-        broker = MemoryBroker(
-            reactor, hub, history_size=config.history_size, history_ttl=config.history_ttl
-        )
-        presence = MemoryPresence(broker.publish_ephemeral)
-        ingress = None
-        stoppables.extend([presence, broker])
-        loops = broker.loops
-        features = ("rooms", "history", "presence")
-    hub.cursor_key = broker.cursor_key
     verifier = TokenVerifier(config.jwt_settings(), reactor) if config.jwt_keys else None
+    if config.redis_url:
+        from unrealon.engine.redisbroker import parse_cursor
+
+        hub = Hub(prepare_message, parse_cursor)
+        engine = _redis_engine(config, reactor, hub, metrics)
+    else:
+        hub = Hub(prepare_message, memory_cursor_key)
+        engine = _memory_engine(config, reactor, hub)
     node = Node(
         config=config,
         reactor=reactor,
         registry=registry,
         hub=hub,
-        broker=broker,
-        presence=presence,
+        broker=engine.broker,
+        presence=engine.presence,
         verifier=verifier,
         metrics=metrics,
-        ingress=ingress,
-        features=features,
-        loops=loops,
+        features=engine.features,
     )
     metrics.watch(
         lambda: hub.connection_count, lambda: hub.user_count, lambda: hub.room_count
     )
-    node_holder.append(node)
-    factory = RPCServerFactory(node)
-    factory_holder.append(factory)
-    return NodeService(node, factory, stoppables)
+    stoppables = list(engine.stoppables)
+    loops = engine.loops
+    ingress = None
+    if config.redis_url:
+        ingress = _ingress(config, reactor, BackendDispatch(node), engine, metrics)
+        stoppables.insert(0, ingress)
+        loops = (ingress.reader, *loops)
+    return NodeService(node, RPCServerFactory(node), stoppables, ingress=ingress, loops=loops)
 
+
+def _memory_engine(config: Config, reactor: Any, hub: Hub) -> _Engine:
+    broker = MemoryBroker(
+        reactor, hub, history_size=config.history_size, history_ttl=config.history_ttl
+    )
+    presence = MemoryPresence(broker.publish_ephemeral)
+    return _Engine(broker=broker, presence=presence, stoppables=(presence, broker),
+                   loops=broker.loops, features=("rooms", "history", "presence"))
+
+
+def _redis_engine(config: Config, reactor: Any, hub: Hub, metrics: Metrics) -> _Engine:
+    from unrealon.engine.redis import RedisConnections
+    from unrealon.engine.redisbroker import RedisBroker
+    from unrealon.engine.redispresence import RedisPresence
+
+    assert config.redis_url is not None
+    connections = RedisConnections.open(config.redis_url, reactor)
+    link, failed = connections.link, metrics.loop_failure
+    broker = RedisBroker(
+        reactor, hub, connections.commands, connections.feed_reader,
+        history_size=config.history_size, history_ttl=config.history_ttl,
+        link=link, count_failure=failed,
+    )
+    presence = RedisPresence(
+        reactor, connections.commands, ttl=config.presence_ttl, link=link, count_failure=failed,
+    )
+    return _Engine(
+        broker=broker, presence=presence, stoppables=(presence, broker, connections),
+        loops=(broker.reader, *presence.loops),
+        features=("rooms", "history", "presence", "ingress", "cluster"),
+        ingress=connections,
+    )
+
+
+def _ingress(
+    config: Config, reactor: Any, dispatch: BackendDispatch, engine: _Engine, metrics: Metrics
+) -> Any:
+    from unrealon.ingress import IngressConsumer
+
+    connections = engine.ingress
+    return IngressConsumer(
+        reactor, connections.commands, connections.ingress_reader, dispatch,
+        stream=config.ingress_stream, group=config.ingress_group,
+        consumer=config.node_id, dead_stream=config.dead_letter_stream,
+        claim_idle=config.claim_idle, max_deliveries=config.max_deliveries,
+        max_in_flight=config.ingress_max_in_flight,
+        metrics=metrics, link=connections.link,
+    )

@@ -203,7 +203,7 @@ class ReaderFailureTests(TestCase):
         tap = Tap((yield running.connect(mint_token("reader", rooms=["*"]))))
         self.addCleanup(tap.client.drop)
         yield tap.join(ROOM)
-        break_it(running.node)
+        break_it(running.service)
 
         @inlineCallbacks
         def degraded() -> Any:
@@ -215,7 +215,7 @@ class ReaderFailureTests(TestCase):
         self.assertIn("injected", failures[0]["log_failure"].getTraceback())
         _, metrics = yield running.http_get("/metrics")
         self.assertIn(f'unrealon_loop_failures_total{{loop="{reader_name}"}}'.encode(), metrics)
-        repair(running.node)
+        repair(running.service)
 
         @inlineCallbacks
         def healthy() -> Any:
@@ -229,23 +229,23 @@ class ReaderFailureTests(TestCase):
         self.assertTrue(self.flushLoggedErrors(RuntimeError))
 
     def test_ingress_reader(self) -> Any:
-        def break_it(node: Any) -> None:
-            reader = node.ingress._reader
+        def break_it(service: Any) -> None:
+            reader = service.ingress._reader
             reader.original, reader.xreadgroup = reader.xreadgroup, _injected
 
-        def repair(node: Any) -> None:
-            reader = node.ingress._reader
+        def repair(service: Any) -> None:
+            reader = service.ingress._reader
             reader.xreadgroup = reader.original
 
         return self.check_reader("ingress reader", break_it, repair)
 
     def test_feed_reader(self) -> Any:
-        def break_it(node: Any) -> None:
-            reader = node.broker._reader
+        def break_it(service: Any) -> None:
+            reader = service.node.broker._reader
             reader.original, reader.xread = reader.xread, _injected
 
-        def repair(node: Any) -> None:
-            reader = node.broker._reader
+        def repair(service: Any) -> None:
+            reader = service.node.broker._reader
             reader.xread = reader.original
 
         return self.check_reader("cluster feed reader", break_it, repair)

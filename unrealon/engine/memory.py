@@ -57,7 +57,8 @@ class RoomHistory:
         return f"{self.epoch}-{self.last_seq if seq is None else seq}"
 
 
-def _parse_cursor(cursor: str) -> tuple[str, int] | None:
+def cursor_key(cursor: str) -> tuple[str, int] | None:
+    """The memory engine's order key of a cursor (None if it is not one of ours)."""
     epoch, sep, seq = cursor.rpartition("-")
     # isascii: str.isdigit() also accepts digits int() refuses ("²")
     if not sep or not epoch or not (seq.isascii() and seq.isdigit()) or len(seq) > 19:
@@ -139,7 +140,7 @@ class MemoryBroker:
         current = history.cursor()
         if since is None:
             return succeed(Recovery(cursor=current, recovered=False))
-        parsed = _parse_cursor(since)
+        parsed = cursor_key(since)
         if parsed is None or parsed[0] != history.epoch or parsed[1] > history.last_seq:
             return succeed(Recovery(cursor=current, recovered=False))
         since_seq = parsed[1]
@@ -152,7 +153,7 @@ class MemoryBroker:
         return succeed(Recovery(cursor=current, recovered=True, missed=missed))
 
     def cursor_key(self, cursor: str) -> tuple[Any, ...] | None:
-        parsed = _parse_cursor(cursor)
+        parsed = cursor_key(cursor)
         return None if parsed is None else (parsed[0], parsed[1])
 
     def publish_ephemeral(self, event: EphemeralEvent) -> Deferred[None]:
