@@ -280,47 +280,50 @@ SETTINGS: tuple[Setting, ...] = (
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Config:
-    """Everything a node needs to know, checked."""
+    """
+    Everything a node needs to know, checked.  Made only by L{load_config}:
+    the defaults are the settings table's (L{SETTINGS}), stated once.
+    """
 
-    ws_endpoint: str = "tcp:8765:interface=127.0.0.1"
-    http_endpoint: str = "tcp:8766:interface=127.0.0.1"
-    redis_url: str | None = attrs.field(default=None, repr=False)
-    jwt_secret: str | None = attrs.field(default=None, repr=False)
-    jwt_public_key_files: tuple[str, ...] = ()
-    jwt_algorithms: tuple[str, ...] = ("HS256",)
-    jwt_audience: str | None = None
-    jwt_issuer: str | None = None
-    jwt_leeway: float = 5.0
-    insecure_dev: bool = False
-    node_id: str = "unrealon"
-    ingress_stream: str = "stream:requests"
-    ingress_group: str = "rpc_group"
-    claim_idle: float = 30.0
-    max_deliveries: int = 5
-    ingress_max_in_flight: int = 64
-    dead_letter_stream: str = "stream:requests:dead"
-    auth_timeout: float = 10.0
-    presence_ttl: float = 30.0
-    history_size: int = 1000
-    history_ttl: float = 86400.0
-    max_message_size: int = 65536
-    send_buffer_limit: int = 1048576
-    rate_limit: float = 50.0
-    allowed_origins: tuple[str, ...] = ("*",)
-    shutdown_timeout: float = 10.0
-    max_connections_per_user: int = 100
-    max_unauthenticated: int = 5000
-    ping_interval: float = 20.0
-    ping_timeout: float = 10.0
-    handshake_timeout: float = 5.0
-    compression: bool = False
-    extensions: tuple[str, ...] = ()
-    log_level: str = "info"
-    log_file: str | None = None
+    ws_endpoint: str
+    http_endpoint: str
+    redis_url: str | None = attrs.field(repr=False)
+    jwt_secret: str | None = attrs.field(repr=False)
+    jwt_public_key_files: tuple[str, ...]
+    jwt_algorithms: tuple[str, ...]
+    jwt_audience: str | None
+    jwt_issuer: str | None
+    jwt_leeway: float
+    insecure_dev: bool
+    node_id: str
+    ingress_stream: str
+    ingress_group: str
+    claim_idle: float
+    max_deliveries: int
+    ingress_max_in_flight: int
+    dead_letter_stream: str
+    auth_timeout: float
+    presence_ttl: float
+    history_size: int
+    history_ttl: float
+    max_message_size: int
+    send_buffer_limit: int
+    rate_limit: float
+    allowed_origins: tuple[str, ...]
+    shutdown_timeout: float
+    max_connections_per_user: int
+    max_unauthenticated: int
+    ping_interval: float
+    ping_timeout: float
+    handshake_timeout: float
+    compression: bool
+    extensions: tuple[str, ...]
+    log_level: str
+    log_file: str | None
     #: loaded from jwt_secret and jwt_public_key_files
-    jwt_keys: tuple[VerificationKey, ...] = attrs.field(default=(), repr=False)
+    jwt_keys: tuple[VerificationKey, ...] = attrs.field(repr=False)
 
     def jwt_settings(self) -> JWTSettings:
         return JWTSettings(
