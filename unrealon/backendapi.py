@@ -19,7 +19,7 @@ import attrs
 from unrealon import jsonrpc
 from unrealon.auth import ROOM_NAME_RE
 from unrealon.engine.interfaces import BackendUnavailable
-from unrealon.events import CATALOGUE, CatalogueEvent, Change, FileChanged, event_data
+from unrealon.events import CATALOGUE, CatalogueEvent, event_data
 from unrealon.jsonrpc import FieldError, RPCError, invalid_params
 from unrealon.node import Node
 from unrealon.rpc import Caller, Registry, param
@@ -109,8 +109,14 @@ class DisconnectResult:
 def _catalogue_handler(event: CatalogueEvent) -> Any:
     async def handle(call: BackendCall, params_and_extras: tuple[Any, dict[str, Any]]) -> Published:
         params, extras = params_and_extras
-        if isinstance(params, FileChanged) and params.change is Change.renamed and not params.old_path:
-            raise invalid_params([FieldError("old_path", "is required when change is renamed")])
+        missing = event.missing(params)
+        if missing:
+            rules = event.required_when
+            raise invalid_params([
+                FieldError(name, "is required when " + ", ".join(
+                    f"{k} is {v}" for k, v in rules[name].items()))
+                for name in missing
+            ])
         room = event.room(params)
         if not ROOM_NAME_RE.match(room):
             raise invalid_params([FieldError("room", "the id makes an invalid room name")])

@@ -2,8 +2,10 @@
 The event catalogue (PROTOCOL.md section 6): what the backend may publish,
 typed, and where each event goes.
 
-Each catalogue event is an attrs class of its required and optional params
-with a rule naming its room.  The backend sends the params; clients receive
+The catalogue itself is data, C{unrealon/catalogue.json}, the one source the
+server and the backend package (C{backend/unrealon_backend}) both read.
+Here each catalogue event becomes an attrs class of its required and
+optional params (built from that file) with a rule naming its room.  The backend sends the params; clients receive
 them as the event's C{data} (optional fields left out when not given, unknown
 extra fields passed through).  The same classes type the generated clients'
 event handlers through the OpenRPC document's C{x-events}.
@@ -12,7 +14,10 @@ event handlers through the OpenRPC document's C{x-events}.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+import json
+import string
+from collections.abc import Callable, Mapping
+from importlib import resources
 from typing import Any
 
 import attrs
@@ -20,114 +25,68 @@ import attrs
 from unrealon.rpc import param, to_json
 
 
-def id_param() -> Any:
+def id_param(**extra: Any) -> Any:
     """An id: a string of 1-128 characters; a JSON number is taken as its decimal string."""
-    return param(identifier=True, min_length=1, max_length=128)
+    return param(identifier=True, min_length=1, max_length=128, **extra)
 
 
-class Change(enum.Enum):
-    created = "created"
-    modified = "modified"
-    deleted = "deleted"
-    renamed = "renamed"
+#: the catalogue's one source: the server builds its params classes from it,
+#: the backend package (backend/unrealon_backend) checks what it sends with it
+CATALOGUE_DATA: dict[str, Any] = json.loads(
+    resources.files("unrealon").joinpath("catalogue.json").read_text("utf-8")
+)
+
+#: the catalogue's enums (Change, Role, TaskState, Level), by name
+ENUMS: dict[str, type[enum.Enum]] = {
+    name: enum.Enum(name, [(v, v) for v in values], module=__name__)  # type: ignore[misc]
+    for name, values in CATALOGUE_DATA["enums"].items()
+}
+Change = ENUMS["Change"]
+Role = ENUMS["Role"]
+TaskState = ENUMS["TaskState"]
+Level = ENUMS["Level"]
+
+_TYPES: dict[str, Any] = {
+    "id": str, "string": str, "int": int, "number": float, "bool": bool, "object": dict[str, Any],
+}
 
 
-class Role(enum.Enum):
-    user = "user"
-    assistant = "assistant"
-    system = "system"
-    tool = "tool"
+def _field(spec: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(annotation, attrs field) of one param of the catalogue."""
+    kind = spec["type"]
+    base = ENUMS[kind] if kind in ENUMS else _TYPES[kind]
+    constraints = {
+        key: spec[key]
+        for key in ("description", "minimum", "maximum", "min_length", "max_length")
+        if key in spec
+    }
+    if "default" in spec:
+        default = base(spec["default"]) if kind in ENUMS else spec["default"]
+        constraints["default"] = default
+    elif spec.get("optional"):
+        base = base | None
+        constraints["default"] = None
+    if kind == "id":
+        return base, id_param(**constraints)
+    return base, param(**constraints)
 
 
-class TaskState(enum.Enum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
+def _params_class(spec: Mapping[str, Any]) -> type:
+    """The attrs class of one catalogue event's params."""
+    annotations: dict[str, Any] = {}
+    body: dict[str, Any] = {"__doc__": spec["description"], "__module__": __name__}
+    for field in spec["params"]:
+        annotations[field["name"]], body[field["name"]] = _field(field)
+    body["__annotations__"] = annotations
+    return attrs.frozen(type(spec["class"], (), body))
 
 
-class Level(enum.Enum):
-    info = "info"
-    success = "success"
-    warning = "warning"
-    error = "error"
+def _room(template: str) -> Callable[[Any], str]:
+    return lambda params: template.format(**{k: getattr(params, k) for k in _names(template)})
 
 
-@attrs.frozen
-class FileChanged:
-    """A file in a workspace was created, modified, deleted or renamed."""
-
-    workspace_id: str = id_param()
-    path: str = param(min_length=1)
-    change: Change = param()
-    old_path: str | None = param(default=None, description="the former path, when renamed")
-
-
-@attrs.frozen
-class SnapshotCreated:
-    """A snapshot of a workspace was taken."""
-
-    workspace_id: str = id_param()
-    snapshot_id: str = id_param()
-
-
-@attrs.frozen
-class StateChanged:
-    """A workspace changed state (starting, running, stopped, ...)."""
-
-    workspace_id: str = id_param()
-    state: str = param(min_length=1)
-
-
-@attrs.frozen
-class SessionMessage:
-    """An AI session message, or one streamed chunk of it (ordered by seq)."""
-
-    session_id: str = id_param()
-    message_id: str = id_param()
-    role: Role = param()
-    content: str = param()
-    seq: int | None = param(default=None, minimum=0, description="chunk order within the message")
-    done: bool | None = param(default=None, description="true on a message's last chunk")
-
-
-@attrs.frozen
-class TaskStatus:
-    """A task of an AI session changed status."""
-
-    session_id: str = id_param()
-    task_id: str = id_param()
-    status: TaskState = param()
-    progress: float | None = param(default=None, minimum=0, maximum=1)
-
-
-@attrs.frozen
-class ContextUpdated:
-    """The context of an AI session changed; clients reload it."""
-
-    session_id: str = id_param()
-
-
-@attrs.frozen
-class NotificationSent:
-    """A notification for one user."""
-
-    user_id: str = id_param()
-    title: str = param()
-    message: str = param()
-    level: Level = param(default=Level.info)
-    data: dict[str, Any] | None = param(default=None)
-
-
-@attrs.frozen
-class NotificationBroadcast:
-    """A notification for everyone."""
-
-    title: str = param()
-    message: str = param()
-    level: Level = param(default=Level.info)
-    data: dict[str, Any] | None = param(default=None)
+def _names(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 @attrs.frozen
@@ -138,26 +97,31 @@ class CatalogueEvent:
     params: type
     room: Callable[[Any], str]
     summary: str
+    #: param -> the values of other params that make it required
+    required_when: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+
+    def missing(self, params: Any) -> list[str]:
+        """Params this event's own rules require for these values and that are not given."""
+        return [
+            name for name, condition in self.required_when.items()
+            if getattr(params, name) in (None, "")
+            and all(_value(getattr(params, k)) == v for k, v in condition.items())
+        ]
 
 
-CATALOGUE: tuple[CatalogueEvent, ...] = (
-    CatalogueEvent("workspace.file_changed", FileChanged,
-                   lambda p: f"workspace:{p.workspace_id}", "A file in a workspace changed"),
-    CatalogueEvent("workspace.snapshot_created", SnapshotCreated,
-                   lambda p: f"workspace:{p.workspace_id}", "A workspace snapshot was taken"),
-    CatalogueEvent("workspace.state_changed", StateChanged,
-                   lambda p: f"workspace:{p.workspace_id}", "A workspace changed state"),
-    CatalogueEvent("session.message", SessionMessage,
-                   lambda p: f"session:{p.session_id}", "An AI session message or chunk"),
-    CatalogueEvent("session.task_status", TaskStatus,
-                   lambda p: f"session:{p.session_id}", "A session task changed status"),
-    CatalogueEvent("session.context_updated", ContextUpdated,
-                   lambda p: f"session:{p.session_id}", "A session's context changed"),
-    CatalogueEvent("notification.send", NotificationSent,
-                   lambda p: f"user:{p.user_id}", "A notification for this user"),
-    CatalogueEvent("notification.broadcast", NotificationBroadcast,
-                   lambda p: "broadcast", "A notification for everyone"),
+def _value(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+CATALOGUE: tuple[CatalogueEvent, ...] = tuple(
+    CatalogueEvent(
+        spec["name"], _params_class(spec), _room(spec["room"]), spec["summary"],
+        {f["name"]: f["required_when"] for f in spec["params"] if "required_when" in f},
+    )
+    for spec in CATALOGUE_DATA["events"]
 )
+#: the params classes, by class name (FileChanged, SessionMessage, ...)
+PARAMS: dict[str, type] = {e.params.__name__: e.params for e in CATALOGUE}
 
 
 def event_data(params: Any, extras: dict[str, Any]) -> dict[str, Any]:
