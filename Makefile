@@ -16,6 +16,8 @@ install:
 	$(PY) -m pip install --quiet --upgrade pip
 	# compat mode puts the checkout on sys.path, so twisted/plugins/ here is found
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench]' --config-settings editable_mode=compat
+	# the backend package (backend/): Django's side, only redis-py
+	$(PY) -m pip install --quiet -c constraints.txt -e ./backend
 	npm ci --no-audit --no-fund
 	$(PY) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	@$(TWIST) --help | grep -q unrealon-ws && echo "installed: twist unrealon-ws is available"
@@ -60,7 +62,7 @@ check-clients:
 	$(PY) -m unrealon.codegen --check
 
 lint:
-	$(VENV)/bin/ruff check unrealon tests twisted bench
+	$(VENV)/bin/ruff check unrealon backend tests twisted bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

@@ -1,5 +1,5 @@
 """
-Unit tests of the producer library (unrealon.backend) against a private
+Unit tests of the producer library (unrealon_backend, the backend package) against a private
 redis-server: what each helper appends, client-side validation, and call()
 with a stand-in responder (the end-to-end runs against real nodes are in
 tests.test_ingress).
@@ -19,16 +19,13 @@ import sys
 import uuid
 from typing import Any
 
+import unrealon_backend as backend
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
-
-from tests.helpers.ingress_support import sleep, sync_redis
-from tests.helpers.redis_server import start_redis
-from unrealon import backend
-from unrealon.backend import (
+from unrealon_backend import (
     BackendCallError,
     BackendUnavailable,
     CallTimeout,
@@ -39,6 +36,9 @@ from unrealon.backend import (
     MethodNotFound,
     Publisher,
 )
+
+from tests.helpers.ingress_support import sleep, sync_redis
+from tests.helpers.redis_server import start_redis
 
 STREAM = "stream:requests"
 
@@ -127,7 +127,7 @@ class SendTests(PublisherTestCase):
 
     def test_no_twisted(self) -> None:
         """The producer library runs in Django: it must not import Twisted."""
-        code = ("import sys, unrealon.backend; "
+        code = ("import sys, unrealon_backend; "
                 "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
                 "('twisted', 'txredisapi', 'autobahn', 'zope')); "
                 "print(bad); sys.exit(1 if bad else 0)")
@@ -203,22 +203,29 @@ class CatalogueTests(PublisherTestCase):
         self.assertEqual(backend.LEVELS, {c.value for c in Level})
 
     def test_validation(self) -> None:
+        """
+        The catalogue's rules, checked before anything is sent: a missing
+        required param, a value out of range or not allowed is a ValueError,
+        a value of the wrong type a TypeError.
+        """
         p = self.publisher
         bad: list[tuple[type[Exception], Any]] = [
             (ValueError, lambda: p.file_changed(1, "a", "moved")),
             (ValueError, lambda: p.file_changed(1, "a", "renamed")),
             (ValueError, lambda: p.file_changed(1, "a", "renamed", old_path="")),
-            (TypeError, lambda: p.file_changed(None, "a", "created")),
+            (ValueError, lambda: p.file_changed(None, "a", "created")),
             (TypeError, lambda: p.file_changed(True, "a", "created")),
             (TypeError, lambda: p.file_changed(1.5, "a", "created")),
             (ValueError, lambda: p.file_changed("", "a", "created")),
             (TypeError, lambda: p.file_changed(1, 5, "created")),
             (ValueError, lambda: p.session_message(1, 1, "bot", "x")),
             (ValueError, lambda: p.session_message(1, 1, "user", "x", seq=-1)),
-            (ValueError, lambda: p.session_message(1, 1, "user", "x", seq="1")),
-            (ValueError, lambda: p.session_message(1, 1, "user", "x", seq=True)),
+            (TypeError, lambda: p.session_message(1, 1, "user", "x", seq="1")),
+            (TypeError, lambda: p.session_message(1, 1, "user", "x", seq=True)),
             (TypeError, lambda: p.session_message(1, 1, "user", "x", done="yes")),
-            (TypeError, lambda: p.session_message(1, 1, "user", None)),
+            (ValueError, lambda: p.session_message(1, 1, "user", None)),
+            (ValueError, lambda: p.file_changed("x" * 129, "a", "created")),
+            (ValueError, lambda: p.event("no.such.event")),
             (ValueError, lambda: p.task_status(1, 1, "done")),
             (ValueError, lambda: p.task_status(1, 1, "running", progress=1.5)),
             (ValueError, lambda: p.task_status(1, 1, "running", progress=-0.1)),

@@ -1,7 +1,7 @@
 """
 The backend ingress end to end (PROTOCOL.md section 6): a private
 redis-server, real nodes, real WebSocket clients, and entries appended the
-way backends append them (the producer library, unrealon.backend, or raw
+way backends append them (the producer library, unrealon_backend, or raw
 XADDs of the documented payload).
 """
 
@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
+from unrealon_backend import Publisher
 
 from tests.helpers import ingress_support as support
 from tests.helpers.ingress_support import (
@@ -30,7 +31,6 @@ from tests.helpers.ingress_support import (
 )
 from tests.helpers.node import mint_token, start_node
 from tests.helpers.redis_server import start_redis
-from unrealon.backend import Publisher
 
 ROOMS = ["workspace:*", "session:*"]
 
@@ -372,9 +372,8 @@ class ValidationTests(IngressTestCase):
     @inlineCallbacks
     def test_producer_call_errors(self) -> Any:
         """call() against a real node raises the typed error of each error_code."""
+        import unrealon_backend as backend
         from twisted.internet.threads import deferToThread
-
-        from unrealon import backend
 
         yield self.node(extensions=(support.register,))
         cases = [

@@ -2,12 +2,12 @@
 The backend's side of the ingress: append requests to the unrealon-ws
 stream from Django (or any synchronous Python service) with redis-py.
 
-Install with the extra that brings redis-py::
-
-    pip install 'unrealon-ws[backend]'
-
-This module needs only redis-py and the standard library; it never imports
+This package needs only redis-py and the standard library; it never imports
 Twisted, so it is safe in a Django process, a Celery worker or a script.
+Install it from the repository (it is not on PyPI)::
+
+    pip install ./backend                                    # from a clone
+    pip install 'unrealon-backend @ git+https://<your git host>/unrealon-ws.git#subdirectory=backend'
 
 Django
 ======
@@ -20,7 +20,7 @@ settings.py::
 a module of your project (one Publisher per process; it is thread-safe)::
 
     from django.conf import settings
-    from unrealon.backend import Publisher
+    from unrealon_backend import Publisher
 
     publisher = Publisher(settings.UNREALON_REDIS_URL,
                           stream=settings.UNREALON_INGRESS_STREAM)
@@ -58,7 +58,6 @@ reply_to?, timeout?}}; replies are JSON objects LPUSHed on C{reply_to}.
 
 from __future__ import annotations
 
-import enum
 import json
 import time
 import uuid
@@ -66,6 +65,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import redis
+
+from unrealon_backend.catalogue import ENUMS, check_event
 
 __all__ = [
     "CHANGES",
@@ -88,10 +89,10 @@ DEFAULT_STREAM = "stream:requests"
 REPLY_PREFIX = "list:response:"
 
 #: the enum-like params of the event catalogue (PROTOCOL.md section 6)
-CHANGES = frozenset({"created", "modified", "deleted", "renamed"})
-ROLES = frozenset({"user", "assistant", "system", "tool"})
-TASK_STATUSES = frozenset({"queued", "running", "succeeded", "failed", "cancelled"})
-LEVELS = frozenset({"info", "success", "warning", "error"})
+CHANGES = ENUMS["Change"]
+ROLES = ENUMS["Role"]
+TASK_STATUSES = ENUMS["TaskState"]
+LEVELS = ENUMS["Level"]
 
 
 # -- errors ---------------------------------------------------------------------
@@ -169,14 +170,6 @@ def _id(name: str, value: Any) -> str:
     return text
 
 
-def _choice(name: str, value: Any, allowed: frozenset[str]) -> str:
-    if isinstance(value, enum.Enum):  # e.g. unrealon.events.Change.modified
-        value = value.value
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(sorted(allowed))}, got {value!r}")
-    return str(value)
-
-
 def _text(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, got {type(value).__name__}")
@@ -187,14 +180,6 @@ def _object(name: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise TypeError(f"{name} must be a mapping (a JSON object)")
     return dict(value)
-
-
-def _params(required: Mapping[str, Any], optional: Mapping[str, Any],
-            extra: Mapping[str, Any]) -> dict[str, Any]:
-    params = dict(extra)
-    params.update(required)
-    params.update({k: v for k, v in optional.items() if v is not None})
-    return params
 
 
 # -- the publisher --------------------------------------------------------------------
@@ -281,6 +266,14 @@ class Publisher:
     def _event(self, method: str, params: dict[str, Any]) -> str:
         return self.send(method, params, timeout=self.event_timeout)
 
+    def event(self, method: str, **params: Any) -> str:
+        """
+        Any catalogue event by name, its params checked against the catalogue
+        (the same file the server checks with): C{publisher.event(
+        "workspace.file_changed", workspace_id=42, path="a.py", change="modified")}.
+        """
+        return self._event(method, check_event(method, params))
+
     def call(
         self, method: str, params: Mapping[str, Any] | None = None, timeout: float = 5.0
     ) -> Any:
@@ -336,26 +329,19 @@ class Publisher:
     def file_changed(self, workspace_id: str | int, path: str, change: str,
                      old_path: str | None = None, **extra: Any) -> str:
         """C{workspace.file_changed} to room C{workspace:<workspace_id>}."""
-        change = _choice("change", change, CHANGES)
-        if change == "renamed" and not old_path:
-            raise ValueError("old_path is required when change is renamed")
-        return self._event("workspace.file_changed", _params(
-            {"workspace_id": _id("workspace_id", workspace_id), "path": _text("path", path),
-             "change": change},
-            {"old_path": old_path}, extra))
+        return self.event("workspace.file_changed", workspace_id=workspace_id, path=path,
+                          change=change, old_path=old_path, **extra)
 
     def snapshot_created(self, workspace_id: str | int, snapshot_id: str | int,
                          **extra: Any) -> str:
         """C{workspace.snapshot_created} to room C{workspace:<workspace_id>}."""
-        return self._event("workspace.snapshot_created", _params(
-            {"workspace_id": _id("workspace_id", workspace_id),
-             "snapshot_id": _id("snapshot_id", snapshot_id)}, {}, extra))
+        return self.event("workspace.snapshot_created", workspace_id=workspace_id,
+                          snapshot_id=snapshot_id, **extra)
 
     def state_changed(self, workspace_id: str | int, state: str, **extra: Any) -> str:
         """C{workspace.state_changed} to room C{workspace:<workspace_id>}."""
-        return self._event("workspace.state_changed", _params(
-            {"workspace_id": _id("workspace_id", workspace_id), "state": _text("state", state)},
-            {}, extra))
+        return self.event("workspace.state_changed", workspace_id=workspace_id, state=state,
+                          **extra)
 
     def session_message(self, session_id: str | int, message_id: str | int, role: str,
                         content: str, seq: int | None = None, done: bool | None = None,
@@ -365,49 +351,30 @@ class Publisher:
         answer send one call per chunk with C{seq} 0, 1, 2, ... and
         C{done=True} on the last: clients order chunks by C{seq}.
         """
-        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 0):
-            raise ValueError("seq must be an integer >= 0")
-        if done is not None and not isinstance(done, bool):
-            raise TypeError("done must be a boolean")
-        return self._event("session.message", _params(
-            {"session_id": _id("session_id", session_id),
-             "message_id": _id("message_id", message_id),
-             "role": _choice("role", role, ROLES), "content": _text("content", content)},
-            {"seq": seq, "done": done}, extra))
+        return self.event("session.message", session_id=session_id, message_id=message_id,
+                          role=role, content=content, seq=seq, done=done, **extra)
 
     def task_status(self, session_id: str | int, task_id: str | int, status: str,
                     progress: float | None = None, **extra: Any) -> str:
         """C{session.task_status} to room C{session:<session_id>}; C{progress} in 0..1."""
-        if progress is not None and (
-            isinstance(progress, bool) or not isinstance(progress, (int, float))
-            or not 0 <= progress <= 1
-        ):
-            raise ValueError("progress must be a number from 0 to 1")
-        return self._event("session.task_status", _params(
-            {"session_id": _id("session_id", session_id), "task_id": _id("task_id", task_id),
-             "status": _choice("status", status, TASK_STATUSES)},
-            {"progress": progress}, extra))
+        return self.event("session.task_status", session_id=session_id, task_id=task_id,
+                          status=status, progress=progress, **extra)
 
     def context_updated(self, session_id: str | int, **extra: Any) -> str:
         """C{session.context_updated} to room C{session:<session_id>}."""
-        return self._event("session.context_updated", _params(
-            {"session_id": _id("session_id", session_id)}, {}, extra))
+        return self.event("session.context_updated", session_id=session_id, **extra)
 
     def notify(self, user_id: str | int, title: str, message: str, level: str = "info",
                data: Mapping[str, Any] | None = None, **extra: Any) -> str:
         """C{notification.send} to every connection of one user (room C{user:<user_id>})."""
-        return self._event("notification.send", _params(
-            {"user_id": _id("user_id", user_id), "title": _text("title", title),
-             "message": _text("message", message), "level": _choice("level", level, LEVELS)},
-            {"data": None if data is None else _object("data", data)}, extra))
+        return self.event("notification.send", user_id=user_id, title=title, message=message,
+                          level=level, data=data, **extra)
 
     def broadcast(self, title: str, message: str, level: str = "info",
                   data: Mapping[str, Any] | None = None, **extra: Any) -> str:
         """C{notification.broadcast} to every connection (room C{broadcast})."""
-        return self._event("notification.broadcast", _params(
-            {"title": _text("title", title), "message": _text("message", message),
-             "level": _choice("level", level, LEVELS)},
-            {"data": None if data is None else _object("data", data)}, extra))
+        return self.event("notification.broadcast", title=title, message=message,
+                          level=level, data=data, **extra)
 
     def publish(self, room: str, event: str, data: Mapping[str, Any] | None = None) -> str:
         """Any event C{event} with C{data} to any room (C{publish})."""
