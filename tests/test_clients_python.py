@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients" / "python
 from unrealon_client import (
     Backoff,
     CallTimeoutError,
+    ConnectError,
     ConnectionClosedError,
     RecoveryInfo,
     RoomEventMeta,
@@ -404,6 +405,49 @@ class PythonClientTests(TestCase):
                 raise AssertionError("a closed client still called")
 
         return self.run_scenario(scenario)
+
+    def test_connect_to_a_server_that_is_down(self) -> Any:
+        """connect() does not wait for ever: a clear error after its timeout, and the client closed."""
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+
+        async def scenario(h: Harness) -> None:
+            c = UnrealonClient(f"ws://127.0.0.1:{port}/ws", token="t",
+                               backoff=Backoff(initial=0.05, maximum=0.2))
+            h.clients.append(c)
+            started = time.monotonic()
+            try:
+                await c.connect(timeout=1.0)
+            except ConnectError as e:
+                assert "cannot connect to ws://127.0.0.1" in str(e), e
+                assert "within 1.0 s" in str(e) and "refused" in str(e).lower(), e
+                assert e.status is None
+            else:
+                raise AssertionError("connected to nothing")
+            assert time.monotonic() - started < 3
+            assert c.state == "closed"
+
+        return self.run_scenario(scenario)
+
+    def test_connect_refused_by_the_server(self) -> Any:
+        """A handshake refusal another attempt cannot change is raised at once, with why."""
+        async def scenario(h: Harness) -> None:
+            c = UnrealonClient(self.url.replace("/ws", "/nope"), token="t")
+            h.clients.append(c)
+            try:
+                await c.connect(timeout=10)
+            except ConnectError as e:
+                assert e.status == 404, e
+                assert "/ws" in e.body, e.body
+                assert "HTTP 404" in str(e), e
+            else:
+                raise AssertionError("connected to a wrong path")
+            assert c.state == "closed"
+
+        return self.run_scenario(scenario, limit=5)
 
     def test_invalid_fixed_token_closes(self) -> Any:
         async def scenario(h: Harness) -> None:

@@ -28,6 +28,7 @@ import base64
 import contextlib
 import inspect
 import json
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 ConnectionState = Literal["connecting", "open", "reconnecting", "closed"]
 TokenProvider = Callable[[], "str | Awaitable[str]"]
@@ -69,6 +70,32 @@ class ConnectionClosedError(Exception):
         super().__init__(f"connection closed ({code}{': ' + reason if reason else ''})")
         self.code = code
         self.reason = reason
+
+
+class ConnectError(ConnectionClosedError):
+    """
+    The first connection could not be made: the server did not answer in
+    time, or refused the handshake (then ``status`` and ``body`` say why,
+    e.g. 401 and "unauthorized: token expired").
+    """
+
+    def __init__(self, url: str, reason: str, status: int | None = None, body: str = "") -> None:
+        super().__init__(CLOSE_ABNORMAL, f"cannot connect to {url}: {reason}")
+        self.url = url
+        self.status = status
+        self.body = body
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+#: handshake refusals that another attempt would not change (before any connection opened)
+FATAL_STATUSES = frozenset({400, 401, 403, 404})
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        self.status, self.body = status, body
 
 
 @dataclass(frozen=True)
@@ -239,8 +266,15 @@ class ClientCore:
         """Rooms joined (and tracked for recovery), with their last cursor."""
         return {room: t.cursor for room, t in self._tracked.items()}
 
-    async def connect(self) -> None:
-        """Connect; returns once authenticated, raises if the client closes first."""
+    async def connect(self, timeout: float | None = 30.0) -> None:
+        """
+        Connect; returns once authenticated.  Raises L{ConnectError} when no
+        connection opened within ``timeout`` seconds (retrying meanwhile, with
+        backoff) or when the server refused the handshake in a way another
+        attempt cannot change (400, 401, 403, 404: ``status`` and ``body`` say
+        why); the client is then closed.  Once connected, a lost connection
+        is reconnected as before.
+        """
         if self._state == "open":
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -248,9 +282,17 @@ class ClientCore:
         if not self._running:
             self._running = True
             self._attempt = 0
+            self._ever_open = False
+            self._last_failure = "no attempt finished"
             self._set_state("connecting")
             self._runner = asyncio.create_task(self._run())
-        await waiter
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            error = ConnectError(self.url, f"no connection within {timeout} s "
+                                           f"(last attempt: {self._last_failure})")
+            self._fail(error)
+            raise error from None
 
     async def close(self) -> None:
         """Close for good: no reconnect; pending calls are rejected."""
@@ -299,6 +341,10 @@ class ClientCore:
             try:
                 await self._session()
                 code, reason = CLOSE_ABNORMAL, ""
+            except _Refused as refused:
+                self._fail(ConnectError(self.url, self._last_failure, refused.status,
+                                        refused.body))
+                return
             except _Lost as lost:
                 code, reason = lost.code, lost.reason
             except Exception as e:  # a bug here must not end the reconnect loop
@@ -335,6 +381,16 @@ class ClientCore:
         return base * (1 - b.jitter * random.random())
 
     _was_open = False
+    _ever_open = False
+    _last_failure = ""
+
+    def _fail(self, error: ConnectError) -> None:
+        """Give up connecting: close, and raise C{error} in every connect() waiting."""
+        waiters, self._waiters = self._waiters, []
+        self._stop(CLOSE_ABNORMAL, str(error))
+        for w in waiters:
+            if not w.done():
+                w.set_exception(error)
 
     async def _session(self) -> None:
         """One connection, from token to close; raises _Lost with its close code."""
@@ -350,8 +406,19 @@ class ClientCore:
             ws = await asyncio.wait_for(
                 connect(self.url, open_timeout=None, **options), self._connect_timeout
             )
+        except InvalidStatus as e:
+            status = e.response.status_code
+            body = (e.response.body or b"").decode("utf-8", "replace").strip()
+            self._last_failure = f"HTTP {status}: {body}" if body else f"HTTP {status}"
+            if status in FATAL_STATUSES and not self._ever_open:
+                raise _Refused(status, body) from None
+            raise _Lost(CLOSE_ABNORMAL, self._last_failure) from None
+        except OSError as e:
+            self._last_failure = os.strerror(e.errno) if e.errno else (str(e) or type(e).__name__)
+            raise _Lost(CLOSE_ABNORMAL, self._last_failure) from None
         except Exception as e:
-            raise _Lost(CLOSE_ABNORMAL, str(e) or type(e).__name__) from None
+            self._last_failure = str(e) or type(e).__name__
+            raise _Lost(CLOSE_ABNORMAL, self._last_failure) from None
         if not self._running:
             await ws.close()
             raise _Lost(CLOSE_NORMAL, "closed by the client")
@@ -361,7 +428,7 @@ class ClientCore:
         helpers = [asyncio.create_task(self._reader(ws, sid)), asyncio.create_task(self._writer(ws, self._outbox))]
         try:
             await asyncio.wait_for(self._authenticate(sid, token), self._connect_timeout)
-            self._was_open = True
+            self._was_open = self._ever_open = True
             await helpers[0]
         except (TimeoutError, _Lost) as e:
             if self._lost_reason is None and ws.close_code is None:
