@@ -388,3 +388,21 @@ class KeyRequiredTests(SynchronousTestCase):
             config = load(cli, environ, dotenv)
             self.assertTrue(config.insecure_dev)
             self.assertEqual(config.jwt_keys, ())
+
+
+class ShortSecretTests(SynchronousTestCase):
+    """A JWT_SECRET under 32 bytes is refused (RFC 7518), unless UNREALON_INSECURE_DEV."""
+
+    def test_refused(self) -> None:
+        for secret in ("s3cret", "x" * 31):
+            with self.assertRaises(ConfigError) as raised:
+                load({}, {"JWT_SECRET": secret})
+            message = str(raised.exception)
+            self.assertIn("JWT_SECRET (--jwt-secret)", message)
+            self.assertIn("at least 32 bytes", message)
+            self.assertNotIn(secret, message.replace("secrets.token_urlsafe", ""))
+
+    def test_long_enough_or_insecure_dev(self) -> None:
+        self.assertEqual(len(load({}, {"JWT_SECRET": "x" * 32}).jwt_keys), 1)
+        config = load({}, {"JWT_SECRET": "s3cret", "UNREALON_INSECURE_DEV": "1"})
+        self.assertTrue(config.insecure_dev)

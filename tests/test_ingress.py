@@ -720,12 +720,16 @@ class HealthTests(IngressTestCase):
             yield self.reply(reply_to)
         code, metrics = yield running.http_get("/metrics")
         self.assertIn('unrealon_ingress_entries_total{outcome="ok"} 3.0', metrics.decode())
+        self.assertIn("\nunrealon_redis_up 1.0\n", metrics.decode())
 
-        # Redis goes away: 503 degraded
+        # Redis goes away: 503 degraded, and unrealon_redis_up says so
         yield self.server.stop()
         code, body = yield self.health(running)
         self.assertEqual((code, body["status"]), (503, "degraded"))
         self.assertFalse(body["redis"]["ok"])
+        yield wait_until(lambda: not running.service.node.broker.feed_ok, what="the outage seen")
+        code, metrics = yield running.http_get("/metrics")
+        self.assertIn("\nunrealon_redis_up 0.0\n", metrics.decode())
         # it comes back empty (no persistence): the group is recreated, 200 again,
         # and entries appended afterwards are handled
         yield self.server.start()

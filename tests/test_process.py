@@ -221,8 +221,9 @@ class BadSettingTests(TestCase):
     def test_start_failure_exits_non_zero(self) -> Any:
         """
         A listener that cannot be opened (the WebSocket port is taken) stops
-        the process with a non-zero status and a "cannot start" line, under
-        both runners, instead of leaving it running half-started.
+        the process with a non-zero status and one line naming the setting
+        and the address (no traceback), under both runners, instead of
+        leaving it running half-started.
         """
         from twisted.internet.protocol import Factory
 
@@ -234,8 +235,12 @@ class BadSettingTests(TestCase):
             code, _ = yield wait_ended(proc, 30)
             self.assertNotEqual(code, 0, proc.output())
             self.assertIsNotNone(code, proc.output())
-            last = proc.stderr.decode().strip().splitlines()[-1]
-            self.assertIn("cannot start", last, proc.output())
+            err = proc.stderr.decode().strip().splitlines()
+            self.assertEqual(len(err), 1, proc.output())
+            self.assertIn(f"cannot listen on tcp:{port}:interface=127.0.0.1", err[0])
+            self.assertIn("UNREALON_WS / --ws", err[0])
+            self.assertIn("address already in use", err[0])
+            self.assertNotIn("Traceback", proc.output())
 
 
 class SettingsPrecedenceTests(TestCase):
@@ -415,3 +420,40 @@ class ShutdownTests(TestCase):
     def fail_open() -> None:
         raise AssertionError("a connection was accepted while stopping")
 
+
+
+class LogFormatTests(TestCase):
+    """UNREALON_LOG_FORMAT: each event once, as text or as JSON lines, with either runner."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def check(self, runner: str, fmt: str) -> Any:
+        ws, http = free_port(), free_port()
+        env = base_env(JWT_SECRET=SECRET, UNREALON_LOG_FORMAT=fmt)
+        proc = spawn(self, runner, listen_args(ws, http), env=env)
+        yield wait_for(lambda: http_get(http, "/live"), proc)
+        proc.signal("TERM")
+        status = yield wait_ended(proc, 15)
+        self.assertEqual(status, (0, None), proc.output())
+        lines = [line for line in proc.stdout.decode().splitlines() if line.strip()]
+        serving = [line for line in lines if "serving WebSocket" in line]
+        self.assertEqual(len(serving), 1, proc.output())  # once, not twice
+        if fmt == "json":
+            events = [json.loads(line) for line in lines]  # every line is a JSON object
+            self.assertTrue(all(isinstance(e, dict) for e in events))
+            self.assertNotIn("\x1e", proc.stdout.decode())
+        else:
+            self.assertFalse(any(line.startswith("{") for line in lines), proc.output())
+
+    def test_twist_text(self) -> Any:
+        return self.check("twist", "text")
+
+    def test_twist_json(self) -> Any:
+        return self.check("twist", "json")
+
+    def test_twistd_text(self) -> Any:
+        return self.check("twistd", "text")
+
+    def test_twistd_json(self) -> Any:
+        return self.check("twistd", "json")

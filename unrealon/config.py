@@ -33,6 +33,11 @@ from unrealon.auth import (
 from unrealon.redisurl import parse_redis_url
 
 
+#: shortest JWT_SECRET accepted (RFC 7518 section 3.2: an HMAC key at least as
+#: long as the hash, 256 bits for HS256), except with UNREALON_INSECURE_DEV
+MIN_SECRET_BYTES = 32
+
+
 class ConfigError(Exception):
     """A setting has a value the node cannot run with."""
 
@@ -195,6 +200,15 @@ def _extensions(text: str) -> tuple[str, ...]:
     return names
 
 
+def _log_format(text: str) -> str | None:
+    fmt = text.strip().lower()
+    if not fmt:
+        return None  # the runner's choice
+    if fmt not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return fmt
+
+
 def _log_level(text: str) -> str:
     level = text.strip().lower()
     if level not in ("debug", "info", "warn", "error", "critical"):
@@ -273,6 +287,9 @@ SETTINGS: tuple[Setting, ...] = (
             "application methods: module.path:register callables, comma-separated"),
     Setting("log_level", "UNREALON_LOG_LEVEL", "log-level", "info", _log_level,
             "least important log level written"),
+    Setting("log_format", "UNREALON_LOG_FORMAT", "log-format", None, _log_format,
+            "the runner's log lines: text (one readable line per event) or json (NDJSON); "
+            "unset: the runner's choice (twist: text on a terminal, else JSON)"),
     Setting("log_file", "UNREALON_LOG_FILE", "log-file", None, _optional_text,
             "also write JSON log lines to this file"),
 )
@@ -321,6 +338,7 @@ class Config:
     compression: bool
     extensions: tuple[str, ...]
     log_level: str
+    log_format: str | None
     log_file: str | None
     #: loaded from jwt_secret and jwt_public_key_files
     jwt_keys: tuple[VerificationKey, ...] = attrs.field(repr=False)
@@ -411,6 +429,16 @@ def load_config(
     except KeyConfigError as e:
         env = SETTINGS_BY_NAME["jwt_public_key_files"]
         raise ConfigError(f"bad setting {env.env} ({env.cli}): {e}") from None
+    secret = values["jwt_secret"]
+    if secret is not None and len(secret.encode("utf-8")) < MIN_SECRET_BYTES and not values[
+        "insecure_dev"
+    ]:
+        env = SETTINGS_BY_NAME["jwt_secret"]
+        raise ConfigError(
+            f"bad setting {env.env} ({env.cli}): must be at least {MIN_SECRET_BYTES} bytes "
+            f"(RFC 7518: an HS256 key as long as the hash); generate one with "
+            f"python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+        )
     if not values["jwt_keys"] and not values["insecure_dev"]:
         raise ConfigError(
             "no JWT key: set JWT_SECRET (--jwt-secret) or JWT_PUBLIC_KEY_FILE "

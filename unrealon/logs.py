@@ -1,16 +1,20 @@
 """
-Log destinations beyond the runner's own: JSON lines to a file.
+Where log lines go, and in which format: one line per event, never twice.
 
-twistd/twist already write readable lines to the terminal; when
-C{UNREALON_LOG_FILE} is set, every event at or above C{UNREALON_LOG_LEVEL} is
-also written as one JSON object per line (no RFC 7464 separator, so log
-shippers and C{jq} read it as plain NDJSON).  Nothing here formats secrets:
-no code in this package passes a token or key to a log call.
+The runner (twist or twistd) writes every event once, to its output, in
+the format C{UNREALON_LOG_FORMAT} asks for: readable text, or JSON (NDJSON:
+one object per line, no RFC 7464 separator, so log shippers and C{jq} read
+it) (L{runner_observer}).  Unset, the runner chooses (twist: text on a
+terminal, JSON otherwise; twistd: text).  When C{UNREALON_LOG_FILE} is set, every event at or
+above C{UNREALON_LOG_LEVEL} is also written to that file as JSON lines.
+Nothing here formats secrets: no code in this package passes a token or key
+to a log call.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import IO
 
 import txaio
@@ -21,6 +25,7 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     globalLogPublisher,
     jsonFileLogObserver,
+    textFileLogObserver,
 )
 
 from unrealon.config import Config
@@ -32,6 +37,13 @@ _LEVELS = {
     "error": LogLevel.error,
     "critical": LogLevel.critical,
 }
+
+
+def runner_observer(fmt: str) -> Callable[[IO[str]], ILogObserver]:
+    """The observer factory for the runner's output in format C{fmt} (text or json)."""
+    if fmt == "json":
+        return lambda stream: jsonFileLogObserver(stream, recordSeparator="")
+    return textFileLogObserver
 
 
 def json_file_observer(stream: IO[str], level: str) -> ILogObserver:

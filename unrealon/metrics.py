@@ -149,7 +149,6 @@ class Metrics:
         self.ingress_dead = Gauge(
             "unrealon_ingress_dead_letters", "Entries in the dead-letter stream", registry=r
         )
-        self.redis_up = Gauge("unrealon_redis_up", "1 when Redis answers", registry=r)
         self.loop_failures = ReactorCounter(
             "unrealon_loop_failures",
             "Unexpected errors caught in supervised loops (each loop restarted)",
@@ -165,6 +164,16 @@ class Metrics:
     def call_outcome(self, method: str, outcome: str) -> None:
         """Count one call (C{calls.labels} keeps each pair's child)."""
         self.calls.labels(method=method, outcome=outcome).inc()
+
+    def watch_redis(self, up: Callable[[], bool]) -> None:
+        """
+        C{unrealon_redis_up}: 1 while Redis answers, 0 during an outage.  Only
+        the Redis engine has it (on the memory engine there is no Redis to
+        report, so the gauge is absent rather than a misleading 0).
+        """
+        gauge = Gauge("unrealon_redis_up", "1 while Redis answers, 0 during an outage",
+                      registry=self.registry)
+        gauge.set_function(lambda: 1.0 if up() else 0.0)
 
     def loop_failure(self, loop: str) -> None:
         """Count one unexpected error in the supervised loop C{loop}."""

@@ -28,8 +28,9 @@ from twisted.internet.defer import (
     maybeDeferred,
 )
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
 from unrealon.auth import TokenVerifier
@@ -90,6 +91,18 @@ class NodeService(Service):
         self.http_port: IListeningPort | None = None
         self.ready: Deferred[None] = Deferred()
         self._starting: Deferred[None] | None = None
+        #: the log observer twistd should use (UNREALON_LOG_FORMAT=json), if any
+        self.log_observer: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> Any:
+        """
+        Under twistd the parent is the application, whose C{ILogObserver}
+        component is the observer twistd logs with (set before twistd starts
+        logging): how C{UNREALON_LOG_FORMAT=json} reaches twistd.
+        """
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
 
     def startService(self) -> None:
         super().startService()
@@ -103,7 +116,11 @@ class NodeService(Service):
             log.info("node stopped before it had started")
             self.ready.errback(failure)
             return
-        log.failure("node failed to start", failure)
+        if failure.check(ListenError):
+            # a known cause, said in one line: no traceback
+            log.error("node cannot start: {why}", why=failure.getErrorMessage())
+        else:
+            log.failure("node failed to start", failure)
         self.ready.errback(failure)
         reactor = self.node.reactor
         if getattr(reactor, "running", False):
@@ -124,11 +141,12 @@ class NodeService(Service):
         )
         engine.addErrback(_first_error)
         try:
-            self.http_port = await serverFromString(reactor, node.config.http_endpoint).listen(
-                make_site(node, self.ingress, self.loops)
+            self.http_port = await _listen(
+                reactor, node.config.http_endpoint, make_site(node, self.ingress, self.loops),
+                "UNREALON_HTTP", "--http",
             )
-            self.ws_port = await serverFromString(reactor, node.config.ws_endpoint).listen(
-                self.factory
+            self.ws_port = await _listen(
+                reactor, node.config.ws_endpoint, self.factory, "UNREALON_WS", "--ws"
             )
         except BaseException:
             # the start fails for this; the engine's own outcome no longer matters
@@ -188,6 +206,19 @@ class NodeService(Service):
             for session in left:
                 transport: Any = session.transport
                 transport.abortConnection()
+
+
+class ListenError(Exception):
+    """A listener could not be opened; the message names the setting and the address."""
+
+
+async def _listen(reactor: Any, endpoint: str, factory: Any, env: str, cli: str) -> Any:
+    try:
+        return await serverFromString(reactor, endpoint).listen(factory)
+    except CannotListenError as e:
+        cause = e.socketError
+        why = cause.strerror.lower() if isinstance(cause, OSError) and cause.strerror else str(cause)
+        raise ListenError(f"cannot listen on {endpoint} ({env} / {cli}): {why}") from None
 
 
 def _first_error(failure: Failure) -> Failure:
@@ -303,6 +334,7 @@ def _redis_engine(config: Config, reactor: Any, hub: Hub, metrics: Metrics) -> _
     assert config.redis_url is not None
     connections = RedisConnections.open(config.redis_url, reactor)
     link, failed = connections.link, metrics.loop_failure
+    metrics.watch_redis(lambda: link.up)
     broker = RedisBroker(
         reactor, hub, connections.commands, connections.feed_reader,
         history_size=config.history_size, history_ttl=config.history_ttl,

@@ -65,11 +65,17 @@ def makeService(options: Options) -> Any:
         raise SystemExit(2) from None
     from twisted.internet import reactor
 
-    from unrealon.logs import start_file_logging
+    from unrealon._compat.runner import use_log_format
+    from unrealon.logs import runner_observer, start_file_logging
     from unrealon.service import makeService as make_node
 
     start_file_logging(config)
     service = make_node(config, reactor, extensions)
+    fmt = config.log_format
+    if fmt is not None and not use_log_format(options.parent, runner_observer(fmt)):
+        # twistd: its log observer is the application's ILogObserver component
+        if fmt == "json":
+            service.log_observer = runner_observer("json")(sys.stdout)
     service.ready.addCallbacks(_freeze_startup_objects, _exit_on_start_failure)
     reactor.addSystemEventTrigger("after", "shutdown", _forget_sigterm, reactor)
     return service
@@ -101,8 +107,12 @@ def _exit_on_start_failure(failure: Failure) -> None:
     if failure.check(CancelledError):
         return
     lines = failure.getErrorMessage().strip().splitlines() or [""]
-    kind = type(failure.value).__name__
-    message = f"unrealon-ws: cannot start: {kind}: {lines[0]}\n"
+    from unrealon.service import ListenError
+
+    if failure.check(ListenError):
+        message = f"unrealon-ws: {lines[0]}\n"
+    else:
+        message = f"unrealon-ws: cannot start: {type(failure.value).__name__}: {lines[0]}\n"
     for stream in (sys.__stdout__, sys.__stderr__):
         if stream is not None:
             stream.flush()
