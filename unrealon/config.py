@@ -32,7 +32,6 @@ from unrealon.auth import (
 )
 from unrealon.redisurl import parse_redis_url
 
-
 #: shortest JWT_SECRET accepted (RFC 7518 section 3.2: an HMAC key at least as
 #: long as the hash, 256 bits for HS256), except with UNREALON_INSECURE_DEV
 MIN_SECRET_BYTES = 32
