@@ -12,6 +12,7 @@ LOG_FILE ?= logs/unrealon-ws.json
         generate-client check-clients lint bench bench-peers bench-smoke token clean
 
 install:
+	@PYTHON=$(PYTHON) sh scripts/check-prereqs install
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# compat mode puts the checkout on sys.path, so twisted/plugins/ here is found
@@ -40,6 +41,7 @@ logs:
 	@mkdir -p logs; touch $(LOG_FILE); tail -F $(LOG_FILE)
 
 test:
+	@PYTHON=$(PY) sh scripts/check-prereqs test
 	$(PY) -m twisted.trial -j2 tests
 	$(PY) bench/run.py --smoke
 
