@@ -36,14 +36,17 @@ export declare const ErrorCodes: {
 export declare const CloseCodes: {
     readonly NORMAL: 1000;
     readonly GOING_AWAY: 1001;
+    readonly PROTOCOL_ERROR: 1002;
     readonly UNSUPPORTED: 1003;
     readonly ABNORMAL: 1006;
+    readonly INVALID_DATA: 1007;
     readonly TOO_BIG: 1009;
     readonly UNAUTHENTICATED: 4001;
     readonly DISCONNECTED: 4003;
     readonly SLOW_CONSUMER: 4008;
     readonly TOKEN_EXPIRED: 4009;
     readonly RATE_ABUSE: 4029;
+    readonly TOO_MANY_CONNECTIONS: 4030;
 };
 /** An error reply from the server. */
 export declare class RpcError extends Error {

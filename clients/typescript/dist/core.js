@@ -35,14 +35,17 @@ export const ErrorCodes = {
 export const CloseCodes = {
     NORMAL: 1000,
     GOING_AWAY: 1001,
+    PROTOCOL_ERROR: 1002,
     UNSUPPORTED: 1003,
     ABNORMAL: 1006,
+    INVALID_DATA: 1007,
     TOO_BIG: 1009,
     UNAUTHENTICATED: 4001,
     DISCONNECTED: 4003,
     SLOW_CONSUMER: 4008,
     TOKEN_EXPIRED: 4009,
     RATE_ABUSE: 4029,
+    TOO_MANY_CONNECTIONS: 4030,
 };
 /** An error reply from the server. */
 export class RpcError extends Error {
