@@ -1,8 +1,10 @@
 # unrealon-ws: one node per container.
 #
 #   docker build -t unrealon-ws:latest .                       (make docker-build)
+#   cp .env.example .env     # then set JWT_SECRET (and REDIS_URL) in it
 #   docker run --rm -p 8765:8765 -p 127.0.0.1:8766:8766 --env-file .env \
-#       --stop-timeout 30 unrealon-ws:latest
+#       --stop-timeout 30 unrealon-ws:latest                   (make docker-run)
+#   or, without a file: docker run ... -e JWT_SECRET=... -e REDIS_URL=... unrealon-ws:latest
 #
 # Options after the image name go to the node: `docker run ... unrealon-ws:latest
 # --rate-limit 100`. Settings come from the environment (PROTOCOL.md section 7,
@@ -86,8 +88,9 @@ STOPSIGNAL SIGTERM
 # The exec form makes twist PID 1, so it receives SIGTERM itself. No tini is needed: twist
 # installs its own SIGTERM/SIGINT handlers (PID 1 ignores signals that have no handler)
 # and starts no child processes whose zombies would need reaping. `twist` always runs in
-# the foreground. --log-format=json writes one JSON object per event to stdout. Twisted
-# puts an RFC 7464 record separator (0x1E) before each object; use `jq --seq` or a shipper
-# that strips it.
-ENTRYPOINT ["twist", "--log-format=json", "unrealon-ws"]
+# the foreground. UNREALON_LOG_FORMAT=json writes one JSON object per line (NDJSON) to
+# stdout, each event once, which any log shipper reads; `-e UNREALON_LOG_FORMAT=text` gives
+# readable lines for `docker logs`.
+ENV UNREALON_LOG_FORMAT=json
+ENTRYPOINT ["twist", "unrealon-ws"]
 CMD []

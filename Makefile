@@ -49,12 +49,13 @@ test-unit:
 	$(PY) -m twisted.trial tests
 
 run-prod:
-	$(TWIST) --log-format=json unrealon-ws
+	UNREALON_LOG_FORMAT=json $(TWIST) unrealon-ws
 
 docker-build:
 	docker build -t unrealon-ws:latest .
 
 docker-run:
+	@test -f .env || { echo "make docker-run reads .env: cp .env.example .env and set JWT_SECRET (or run docker run -e JWT_SECRET=... yourself, see the README)" >&2; exit 1; }
 	docker run --rm --stop-timeout 30 -p 8765:8765 -p 127.0.0.1:8766:8766 --env-file .env unrealon-ws:latest
 
 generate-client:

@@ -482,14 +482,15 @@ class DockerfileTests(SynchronousTestCase):
 
     def test_entrypoint_listeners_and_signals(self) -> None:
         """
-        twist (exec form, so it is PID 1 and gets SIGTERM) with JSON logs; both
-        listeners on 0.0.0.0 on the exposed ports; STOPSIGNAL SIGTERM.
+        twist (exec form, so it is PID 1 and gets SIGTERM) with NDJSON logs
+        (UNREALON_LOG_FORMAT, not twist's record-separated JSON); both listeners on
+        0.0.0.0 on the exposed ports; STOPSIGNAL SIGTERM.
         """
         instructions = dict(_dockerfile())
-        self.assertEqual(json.loads(instructions["ENTRYPOINT"]),
-                         ["twist", "--log-format=json", "unrealon-ws"])
+        self.assertEqual(json.loads(instructions["ENTRYPOINT"]), ["twist", "unrealon-ws"])
         self.assertEqual(instructions["STOPSIGNAL"], "SIGTERM")
         env = _docker_env(_dockerfile())
+        self.assertEqual(env["UNREALON_LOG_FORMAT"], "json")
         self.assertEqual(env["UNREALON_WS"], "tcp:8765:interface=0.0.0.0")
         self.assertEqual(env["UNREALON_HTTP"], "tcp:8766:interface=0.0.0.0")
         self.assertEqual(sorted(instructions["EXPOSE"].split()), ["8765", "8766"])
