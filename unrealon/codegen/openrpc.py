@@ -90,6 +90,14 @@ class Model:
     #: named object types, in first-use order (methods by name, then events)
     objects: tuple[Type, ...]
 
+    def declared(self) -> list[Type]:
+        """
+        The object types a client declares: all but the params of methods that take
+        none (those methods are generated without a params argument).
+        """
+        empty = {m.params.name for m in self.methods if not m.params.fields}
+        return [t for t in self.objects if t.name not in empty]
+
 
 def pascal(name: str) -> str:
     """C{"rooms.join"} -> C{"RoomsJoin"}; C{"file_changed"} -> C{"FileChanged"}."""

@@ -131,10 +131,9 @@ def generate(doc: dict[str, object]) -> str:
         "",
         "",
     ]
-    unused = {m.params.name for m in model.methods if not m.params.fields}
-    for t in model.objects:
-        if t.name not in unused:
-            out += _typed_dict(t)
+    declared = model.declared()
+    for t in declared:
+        out += _typed_dict(t)
     out.append("#: room: params are {room, cursor, data}; direct: params are the payload")
     out.append("EVENT_KINDS: dict[str, str] = {")
     out += [f"    {e.name!r}: {e.kind!r}," for e in model.events]
@@ -178,7 +177,7 @@ def generate(doc: dict[str, object]) -> str:
         "__all__ = [",
         *(f"    {name!r}," for name in sorted(
             ["API_VERSION", "EVENT_KINDS", "UnrealonClient"]
-            + [t.name for t in model.objects if t.name not in unused]
+            + [t.name for t in declared]
         )),
         "]",
         "",

@@ -124,10 +124,8 @@ def generate(doc: dict[str, object], core_ts: str) -> str:
         f"export const API_VERSION = {json.dumps(version)};",
         "",
     ]
-    unused = {m.params.name for m in model.methods if not m.params.fields}
-    for t in model.objects:
-        if t.name not in unused:
-            out += _interface(t)
+    for t in model.declared():
+        out += _interface(t)
     out.append("/** Handlers of the events the server pushes, by event name. */")
     out.append("export interface ServerEvents {")
     for e in model.events:

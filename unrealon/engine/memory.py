@@ -111,11 +111,7 @@ class MemoryBroker:
         return history
 
     def publish(
-        self,
-        room: str,
-        event: str,
-        data: Mapping[str, Any],
-        idempotency_key: str | None = None,
+        self, room: str, event: str, data: Mapping[str, Any], idempotency_key: str | None = None
     ) -> Deferred[str]:
         now = self._clock.seconds()
         if idempotency_key is not None:

@@ -296,11 +296,7 @@ class RedisBroker:
     # -- IBroker -----------------------------------------------------------------
 
     def publish(
-        self,
-        room: str,
-        event: str,
-        data: Mapping[str, Any],
-        idempotency_key: str | None = None,
+        self, room: str, event: str, data: Mapping[str, Any], idempotency_key: str | None = None
     ) -> Deferred[str]:
         head, tail = split_notification(event, room, data)
         keys = [
