@@ -57,14 +57,22 @@ class BackendCall:
     What a backend method handler is given.  C{entry_id} is the ingress
     entry being handled: the idempotency key of what it publishes, so an
     entry handled twice (a crash before its ack) publishes once.
+    C{request_key} does the same for an HTTP API request with an
+    C{Idempotency-Key} header (the hashed, scoped key of
+    L{unrealon.idempotency}), so a retried request publishes once.
     """
 
     node: Node
     entry_id: str | None = None
+    request_key: str | None = None
     caller = Caller.BACKEND
 
     def idempotency_key(self) -> str | None:
-        return None if self.entry_id is None else f"ingress:{self.entry_id}"
+        if self.entry_id is not None:
+            return f"ingress:{self.entry_id}"
+        if self.request_key is not None:
+            return f"api:{self.request_key}"
+        return None
 
 
 @attrs.frozen

@@ -199,6 +199,25 @@ def _extensions(text: str) -> tuple[str, ...]:
     return names
 
 
+#: an HTTP API key: printable ASCII without spaces or commas (the list separator)
+_API_KEY_RE = re.compile(r"^[\x21-\x2b\x2d-\x7e]{16,}$")
+
+
+def _api_keys(text: str) -> tuple[str, ...]:
+    """
+    Comma-separated HTTP API keys; empty: the API is off.  Never echoes a
+    key (the message says which one, by position).
+    """
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    for number, key in enumerate(keys, 1):
+        if not _API_KEY_RE.match(key):
+            raise ValueError(
+                f"key {number} of {len(keys)} must be at least 16 printable ASCII "
+                "characters, without spaces"
+            )
+    return keys
+
+
 def _log_level(text: str) -> str:
     level = text.strip().lower()
     if level not in ("debug", "info", "warn", "error", "critical"):
@@ -273,6 +292,9 @@ SETTINGS: tuple[Setting, ...] = (
             "accept permessage-deflate"),
     Setting("extensions", "UNREALON_EXTENSIONS", "extensions", "", _extensions,
             "application methods: module.path:register callables, comma-separated"),
+    Setting("api_keys", "UNREALON_API_KEY", "api-key", "", _api_keys,
+            "HTTP API keys (POST /api/<method>), comma-separated, each at least 16 "
+            "characters; unset: the HTTP API is off", secret=True),
     Setting("log_level", "UNREALON_LOG_LEVEL", "log-level", "info", _log_level,
             "least important log level written"),
     Setting("log_file", "UNREALON_LOG_FILE", "log-file", None, _optional_text,
@@ -318,6 +340,8 @@ class Config:
     handshake_timeout: float = 5.0
     compression: bool = False
     extensions: tuple[str, ...] = ()
+    #: HTTP API keys (PROTOCOL.md section 8); empty: the API is off
+    api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
     log_level: str = "info"
     log_file: str | None = None
     #: loaded from jwt_secret and jwt_public_key_files

@@ -5,7 +5,7 @@ C{/live} answers 200 while the process runs.  C{/health} is readiness: 200
 when the node can serve, 503 when its store is unreachable ("degraded") or it
 is draining for shutdown ("stopping"), with the JSON body of PROTOCOL.md
 section 1.  C{/metrics} is prometheus-client's Twisted resource over the
-node's own registry.
+node's own registry.  C{/api} is the HTTP server API (L{unrealon.httpapi}).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from unrealon.httpapi import ApiResource, BoundedRequest
 from unrealon.node import Node
 
 log = Logger(namespace="unrealon.http")
@@ -121,7 +122,9 @@ def make_site(node: Node) -> Site:
     root.putChild(b"health", HealthResource(node))
     root.putChild(b"live", LiveResource())
     root.putChild(b"metrics", MetricsResource(registry=node.metrics.registry))
+    root.putChild(b"api", ApiResource(node, node.api_replies))
     site = QuietSite(root)
+    site.requestFactory = BoundedRequest  # bodies of at most 1 MiB (the API's)
     site.noisy = False
     site.displayTracebacks = False
     return site

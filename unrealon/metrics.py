@@ -148,11 +148,14 @@ class Metrics:
         self.ingress_dead = Gauge(
             "unrealon_ingress_dead_letters", "Entries in the dead-letter stream", registry=r
         )
+        self.api_requests = ReactorCounter(
+            "unrealon_api_requests", "HTTP API requests answered", ["method", "status"]
+        )
         self.redis_up = Gauge("unrealon_redis_up", "1 when Redis answers", registry=r)
         r.register(
             _ReactorMetrics(
                 [self.calls, self.call_seconds, self.events_delivered, self.bytes_sent,
-                 self.ingress_handled]
+                 self.ingress_handled, self.api_requests]
             )
         )
 

@@ -40,6 +40,9 @@ class Node:
     #: set when the engine needs Redis (ingress state for /health)
     ingress: Any = None
     features: tuple[str, ...] = ()
+    #: the HTTP API's Idempotency-Key replies (L{unrealon.idempotency}); None:
+    #: kept in this process
+    api_replies: Any = None
     version: str = __version__
 
     @property

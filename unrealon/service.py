@@ -29,6 +29,7 @@ from unrealon.config import Config
 from unrealon.engine.memory import MemoryBroker, MemoryPresence
 from unrealon.http import make_site
 from unrealon.hub import Hub
+from unrealon.idempotency import MemoryReplyStore, RedisReplyStore
 from unrealon.metrics import Metrics
 from unrealon.node import Node
 from unrealon.rpc import Caller, Registry
@@ -217,6 +218,7 @@ def makeService(
             max_in_flight=config.ingress_max_in_flight,
             metrics=metrics,
         )
+        api_replies: Any = RedisReplyStore(connections.commands)
         # stopped in this order (started in reverse)
         stoppables.extend([ingress, presence, broker, connections])
         features: tuple[str, ...] = ("rooms", "history", "presence", "ingress", "cluster")
@@ -226,6 +228,7 @@ def makeService(
         )
         presence = MemoryPresence(broker.publish_ephemeral)
         ingress = None
+        api_replies = MemoryReplyStore(reactor)
         stoppables.extend([presence, broker])
         features = ("rooms", "history", "presence")
     hub.cursor_key = broker.cursor_key
@@ -241,6 +244,7 @@ def makeService(
         metrics=metrics,
         ingress=ingress,
         features=features,
+        api_replies=api_replies,
     )
     metrics.watch(
         lambda: hub.connection_count, lambda: hub.user_count, lambda: hub.room_count
