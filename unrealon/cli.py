@@ -43,7 +43,7 @@ class CommandError(Exception):
 def json_object(text: str, what: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
-    except ValueError as e:
+    except json.JSONDecodeError as e:
         raise CommandError(f"{what} is not JSON ({e.msg} at char {e.pos})") from None
     if not isinstance(value, dict):
         raise CommandError(f"{what} must be a JSON object, e.g. '{{\"text\": \"hi\"}}'")
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
-    api = argparse.ArgumentParser(add_help=False)
+    api = _Parser(add_help=False)
     api.add_argument("--url", default=os.environ.get("UNREALON_API_URL", DEFAULT_URL),
                      help="the node's HTTP listener (env UNREALON_API_URL; default %(default)s)")
     api.add_argument("--api-key", help="an API key of the server (default: env UNREALON_API_KEY)")
