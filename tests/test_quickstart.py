@@ -17,12 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jwt
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.helpers.node import connect
+from tests.helpers.node import SECRET, connect
 from tests.helpers.process import NodeProcess, base_env, free_port, http_get, sleep, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,9 +32,10 @@ VENV = Path(sys.executable).parent.parent
 ROOM = "workspace:42"
 
 
-def make(args: list[str]) -> Deferred[tuple[bytes, bytes, int]]:
+def make(args: list[str], **env: str) -> Deferred[tuple[bytes, bytes, int]]:
     d: Deferred[tuple[bytes, bytes, int]] = getProcessOutputAndValue(
-        "make", ["-s", f"VENV={VENV}", *args], env=base_env(), path=str(ROOT), reactor=reactor
+        "make", ["-s", f"VENV={VENV}", *args], env=base_env(**env), path=str(ROOT),
+        reactor=reactor,
     )
     d.addTimeout(30, reactor)  # type: ignore[arg-type]
     return d
@@ -103,6 +105,26 @@ class QuickstartTests(TestCase):
         self.assertEqual(event["method"], "demo.hello")
         self.assertEqual(event["params"]["room"], ROOM)
         self.assertEqual(event["params"]["data"], {"text": "hi"})
+
+
+class MakeTokenTests(TestCase):
+    @inlineCallbacks
+    def test_make_token_options(self) -> Any:
+        """make token takes USER_ID, TTL, ROOMS (space- or comma-separated) and INFO."""
+        out, err, code = yield make(
+            ["token", "USER_ID=bob", "TTL=90", "ROOMS=workspace:1 session:*",
+             'INFO={"name":"Bob"}'],
+            JWT_SECRET=SECRET,
+        )
+        self.assertEqual(code, 0, err)
+        claims = jwt.decode(out.decode().strip(), SECRET, algorithms=["HS256"])
+        self.assertEqual(claims["sub"], "bob")
+        self.assertEqual(claims["exp"] - claims["iat"], 90)
+        self.assertEqual(claims["rooms"], ["workspace:1", "session:*"])
+        self.assertEqual(claims["info"], {"name": "Bob"})
+        out, err, code = yield make(["token", "USER_ID=not valid"], JWT_SECRET=SECRET)
+        self.assertNotEqual(code, 0)
+        self.assertIn(b"not a valid sub", err)
 
 
 async def _fail(message: str) -> str:

@@ -84,6 +84,8 @@ DEADLINE = 4.0
 #: what storing or releasing an idempotency record may add to the deadline
 STORE_GRACE = 0.5
 MAX_FIELD_ERRORS = 20
+#: the shortest time between two "backend unavailable" warnings
+WARNING_INTERVAL = 30.0
 _IDEMPOTENCY_KEY_RE = re.compile(rb"^[\x20-\x7e]{1,128}$")
 #: outcomes that mean "not handled": their idempotency record is released,
 #: so a corrected or later retry is handled
@@ -266,6 +268,8 @@ class ApiResource(Resource):
         self._store: IReplyStore = store if store is not None else MemoryReplyStore(node.reactor)
         self._key_digests = tuple(_key_digest(k.encode()) for k in node.config.api_keys)
         self._openapi: bytes | None = None
+        self._last_warning = float("-inf")
+        self._unwarned = 0
 
     # -- twisted.web -----------------------------------------------------------------
 
@@ -400,8 +404,18 @@ class ApiResource(Resource):
         else:
             return Reply(200, jsonrpc.encode({"result": result}))
         if reply.status == 503:
-            log.warn("HTTP API call of {method}: backend unavailable", method=spec.name)
+            self._warn_unavailable(spec.name, "backend unavailable")
         return reply
+
+    def _warn_unavailable(self, method: str, what: str) -> None:
+        """A warning at most every L{WARNING_INTERVAL} s: an outage must not flood the log."""
+        now = self._node.reactor.seconds()
+        if now - self._last_warning < WARNING_INTERVAL:
+            self._unwarned += 1
+            return
+        log.warn("HTTP API call of {method}: {what} (and {more} more 503s since the last warning)",
+                 method=method, what=what, more=self._unwarned)
+        self._last_warning, self._unwarned = now, 0
 
     async def call_once(
         self, spec: MethodSpec[Any], params: dict[str, Any], key: str, deadline: float
@@ -412,8 +426,7 @@ class ApiResource(Resource):
         try:
             claim = await claim_or_wait(self._store, key, token, clock, deadline)
         except Exception as e:
-            log.warn("HTTP API call of {method}: idempotency record unavailable ({error})",
-                     method=spec.name, error=type(e).__name__)
+            self._warn_unavailable(spec.name, f"idempotency record unavailable ({type(e).__name__})")
             return _unavailable("Redis is unreachable; retry")
         if claim.reply is not None:
             return Reply(claim.reply.status, claim.reply.body,
