@@ -27,7 +27,8 @@ from tests.helpers.apiclient import API_KEY, API_KEY_2, api_request, post
 from tests.helpers.node import mint_token, raw_handshake, start_node
 from tests.helpers.redis_server import start_redis
 from unrealon.config import ConfigError, load_config
-from unrealon.httpapi import DEADLINE, MAX_BODY
+from unrealon.httpapi import DEADLINE
+from unrealon.httpbody import MAX_BODY
 from unrealon.idempotency import (
     KEY_PREFIX,
     PENDING_TTL,

@@ -20,7 +20,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from unrealon.httpapi import ApiResource, BoundedRequest
+from unrealon.httpapi import ApiResource
+from unrealon.httpbody import BoundedRequest
 from unrealon.node import Node
 
 log = Logger(namespace="unrealon.http")

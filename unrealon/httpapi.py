@@ -22,7 +22,7 @@ C{{"error": {"code", "message"}}} body:
      lengths, so not even the length leaks; no early exit on a match);
   4. no such backend method (a client-only name included): 404;
   5. not C{application/json} (a C{charset} parameter must say UTF-8): 415;
-  6. a body over 1 MiB (L{BoundedRequest}): 413;
+  6. a body over 1 MiB (L{unrealon.httpbody.BoundedRequest}): 413;
   7. a body that is not a JSON object, or an C{Idempotency-Key} that is not
      1-128 printable ASCII characters: 400 C{invalid_params};
   8. the call: 200 C{{"result": ...}}, or 400 C{invalid_params} with
@@ -46,7 +46,6 @@ import hashlib
 import hmac
 import re
 import secrets
-from io import BytesIO
 from typing import Any
 from urllib.parse import unquote
 
@@ -59,6 +58,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from unrealon import jsonrpc
 from unrealon.backendapi import BackendCall
+from unrealon.httpbody import MAX_BODY, TOO_LARGE_BODY
 from unrealon.idempotency import (
     IReplyStore,
     MemoryReplyStore,
@@ -73,12 +73,6 @@ from unrealon.rpc import Caller, MethodSpec
 
 log = Logger(namespace="unrealon.httpapi")
 
-#: the largest body (PROTOCOL.md: a JSON object of at most 1 MiB)
-MAX_BODY = 1024 * 1024
-#: a body past this is not read to its end: the 413 goes out at once and the
-#: connection is closed (up to it, the body is read and dropped, so that an
-#: ordinary client that sends all of it before reading gets a clean 413)
-DISCARD_LIMIT = 16 * MAX_BODY
 #: every reply within this many seconds (PROTOCOL.md: 503 within 5 s)
 DEADLINE = 4.0
 #: what storing or releasing an idempotency record may add to the deadline
@@ -179,78 +173,8 @@ def _is_json(request: Request) -> bool:
     return True
 
 
-class BoundedRequest(Request):
-    """
-    A request that keeps at most L{MAX_BODY} bytes of body.
-
-    Twisted reads a whole body (into a temporary file past 100 kB) before a
-    resource sees the request.  This one checks the declared
-    C{Content-Length} and counts what really arrives (chunked bodies have no
-    length): past the limit it keeps nothing and sets L{too_large}, and the
-    API answers 413.  A body so large that reading it to its end would be
-    abuse (past L{DISCARD_LIMIT}), or announced with C{Expect: 100-continue}
-    (the client waits to be told before sending it), is refused at once and
-    the connection closed.  No endpoint of this listener takes a larger
-    body, so the limit holds for every path.
-    """
-
-    too_large = False
-    _received = 0
-    _refused = False
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > MAX_BODY:
-            self.too_large = True
-            self.content = BytesIO()
-            expect = self.requestHeaders.getRawHeaders(b"expect") or []
-            if length > DISCARD_LIMIT or any(v.lower() == b"100-continue" for v in expect):
-                # the channel would send "100 Continue" after this method
-                self.requestHeaders.removeHeader(b"expect")
-                self._refuse_now()
-            return
-        if length is None:
-            self.content = BytesIO()  # chunked: bounded below
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        self._received += len(data)
-        if self.too_large:
-            if self._received > DISCARD_LIMIT:
-                self._refuse_now()
-            return
-        if self._received > MAX_BODY:
-            self.too_large = True
-            self.content = BytesIO()  # keep nothing of it
-            return
-        content: Any = self.content
-        content.write(data)
-
-    def _refuse_now(self) -> None:
-        if self._refused:
-            return
-        self._refused = True
-        reply = too_large_reply()
-        transport: Any = self.channel.transport
-        head = (
-            b"HTTP/1.1 413 Content Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Cache-Control: no-store\r\n"
-            b"Connection: close\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(reply.body)
-        )
-        transport.write(head + reply.body)
-        transport.loseConnection()
-
-    def process(self) -> None:
-        if self._refused:
-            return  # answered already; the connection is closing
-        super().process()
-
-
 def too_large_reply() -> Reply:
-    return error_reply(413, "payload_too_large",
-                       f"The body is larger than {MAX_BODY} bytes (1 MiB)")
+    return Reply(413, TOO_LARGE_BODY)
 
 
 def _key_digest(key: bytes) -> bytes:
