@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TWIST := $(VENV)/bin/twist
 DEV_JWT_SECRET ?= unrealon-dev-secret-not-for-production-0000
+DEV_API_KEY ?= unrealon-dev-api-key-0000
+UNREALON := $(VENV)/bin/unrealon
 WS_PORT ?= 8765
 HTTP_PORT ?= 8766
 LOG_FILE ?= logs/unrealon-ws.json
@@ -25,14 +27,26 @@ install:
 
 install-ipc: install
 
+# What `make dev` prints names only what differs from the defaults: the CLI
+# reads UNREALON_API_KEY itself when it is exported, and defaults to port 8766.
+DEV_KEY_ENV = $(if $(UNREALON_API_KEY),,UNREALON_API_KEY=$(DEV_API_KEY) )
+DEV_URL_ARG = $(if $(filter 8766,$(HTTP_PORT)),,--url http://127.0.0.1:$(HTTP_PORT) )
+DEV_WS_ARG = $(if $(filter 8765,$(WS_PORT)),,&ws=ws://127.0.0.1:$(WS_PORT)/ws)
+
 dev:
-	@mkdir -p logs
-	JWT_SECRET=$${JWT_SECRET:-$(DEV_JWT_SECRET)} UNREALON_LOG_FILE=$(LOG_FILE) \
-	  $(TWIST) --log-format=text unrealon-ws \
+	@mkdir -p $(dir $(LOG_FILE))
+	@echo "unrealon-ws for development: ws://127.0.0.1:$(WS_PORT)/ws, HTTP API http://127.0.0.1:$(HTTP_PORT)/api (docs/http-api.md)"
+	@echo "  token:   make token USER_ID=alice"
+	@echo "  browser: python3 -m http.server 8000, then open http://127.0.0.1:8000/examples/browser/#workspace=42$(DEV_WS_ARG)&token=<token>"
+	@echo "  publish: $(DEV_KEY_ENV)$(UNREALON) publish $(DEV_URL_ARG)workspace:42 demo.hello --data '{\"text\":\"hi\"}'"
+	JWT_SECRET=$${JWT_SECRET:-$(DEV_JWT_SECRET)} UNREALON_API_KEY=$${UNREALON_API_KEY:-$(DEV_API_KEY)} \
+	  UNREALON_LOG_FILE=$(LOG_FILE) $(TWIST) --log-format=text unrealon-ws \
 	  --ws tcp:$(WS_PORT):interface=127.0.0.1 --http tcp:$(HTTP_PORT):interface=127.0.0.1
 
+# make token [USER_ID=alice] [TTL=seconds] [ROOMS='workspace:* session:1'] [INFO='{"name":"Alice"}']
 token:
-	@JWT_SECRET=$${JWT_SECRET:-$(DEV_JWT_SECRET)} $(PY) -m unrealon.devtoken $(USER_ID)
+	@JWT_SECRET=$${JWT_SECRET:-$(DEV_JWT_SECRET)} $(UNREALON) token $(if $(USER_ID),'$(USER_ID)') \
+	  $(if $(TTL),--ttl '$(TTL)') $(if $(ROOMS),--rooms '$(ROOMS)') $(if $(INFO),--info '$(INFO)')
 
 health:
 	@curl -fsS http://127.0.0.1:$(HTTP_PORT)/health; echo

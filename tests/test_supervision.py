@@ -154,6 +154,32 @@ class SupervisedLoopTests(SynchronousTestCase):
         loop.stop()
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_stop_cancels_a_run_waiting_on_redis(self) -> None:
+        """
+        A run still waiting (on a Redis that is away, with a timeout of its
+        own) is cancelled by stop: no timer outlives the node, and being
+        stopped is not counted as a failure.
+        """
+        clock = Clock()
+        failures: list[str] = []
+        waiting: list[Deferred[None]] = []
+
+        def work() -> Deferred[None]:
+            d: Deferred[None] = Deferred()
+            d.addTimeout(1.0, clock)
+            waiting.append(d)
+            return d
+
+        loop = SupervisedLoop("stats", clock, 2.0, work, count_failure=failures.append)
+        loop.start(now=True)
+        clock.advance(0)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)  # the run's own timeout
+        loop.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertTrue(waiting[0].called)  # cancelled, and handled by the loop
+        self.assertEqual(failures, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
 
 class RedisLinkTests(SynchronousTestCase):
     def test_an_outage_is_logged_once_then_every_30_s_then_back(self) -> None:

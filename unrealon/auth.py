@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -35,6 +34,7 @@ from jwt.algorithms import HMACAlgorithm
 from twisted.internet.interfaces import IReactorTime
 
 from unrealon._compat.tokens import vetted_hmac_decoder
+from unrealon.names import ROOM_NAME_RE, USER_ID_RE
 
 __all__ = [
     "ROOM_NAME_RE",
@@ -53,11 +53,6 @@ __all__ = [
     "validate_algorithms",
 ]
 
-# PROTOCOL.md writes these with "$"; in Python "$" also matches before a trailing newline,
-# so "\Z" is the faithful spelling: "room\n" must not pass, whether callers use match() or
-# fullmatch().
-ROOM_NAME_RE: re.Pattern[str] = re.compile(r"^[A-Za-z0-9_.:@-]{1,200}\Z")
-USER_ID_RE: re.Pattern[str] = re.compile(r"^[A-Za-z0-9_.@-]{1,128}\Z")
 
 # Algorithm -> the family of key that may verify it. "none" is deliberately absent.
 _FAMILY_OF: Mapping[str, str] = {

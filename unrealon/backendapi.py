@@ -17,17 +17,12 @@ from typing import Any, TypeVar
 import attrs
 
 from unrealon import jsonrpc
-from unrealon.auth import ROOM_NAME_RE
 from unrealon.engine.interfaces import BackendUnavailable
 from unrealon.events import CATALOGUE, CatalogueEvent, event_data
 from unrealon.jsonrpc import FieldError, RPCError, invalid_params
+from unrealon.names import EVENT_NAME, ROOM_NAME, ROOM_NAME_RE
 from unrealon.node import Node
 from unrealon.rpc import Caller, Registry, param
-
-#: room names, PROTOCOL.md section 4 (auth.ROOM_NAME_RE is the anchored form)
-ROOM_PATTERN = r"[A-Za-z0-9_.:@-]{1,200}"
-EVENT_NAME_PATTERN = r"[A-Za-z0-9_.:-]{1,100}"
-
 
 R = TypeVar("R")
 P = TypeVar("P")
@@ -57,14 +52,22 @@ class BackendCall:
     What a backend method handler is given.  C{entry_id} is the ingress
     entry being handled: the idempotency key of what it publishes, so an
     entry handled twice (a crash before its ack) publishes once.
+    C{request_key} does the same for an HTTP API request with an
+    C{Idempotency-Key} header (the hashed, scoped key of
+    L{unrealon.idempotency}), so a retried request publishes once.
     """
 
     node: Node
     entry_id: str | None = None
+    request_key: str | None = None
     caller = Caller.BACKEND
 
     def idempotency_key(self) -> str | None:
-        return None if self.entry_id is None else f"ingress:{self.entry_id}"
+        if self.entry_id is not None:
+            return f"ingress:{self.entry_id}"
+        if self.request_key is not None:
+            return f"api:{self.request_key}"
+        return None
 
 
 @attrs.frozen
@@ -75,14 +78,14 @@ class Published:
 
 @attrs.frozen
 class PublishParams:
-    room: str = param(pattern=ROOM_PATTERN)
-    event: str = param(pattern=EVENT_NAME_PATTERN)
+    room: str = param(pattern=ROOM_NAME)
+    event: str = param(pattern=EVENT_NAME)
     data: dict[str, Any] = param(factory=dict)
 
 
 @attrs.frozen
 class PresenceListParams:
-    room: str = param(pattern=ROOM_PATTERN)
+    room: str = param(pattern=ROOM_NAME)
 
 
 @attrs.frozen

@@ -26,12 +26,9 @@ from unrealon.membership import (
     presence_tracked,
     room_token,
 )
+from unrealon.names import ROOM_NAME
 from unrealon.node import PROTOCOL_VERSION
 from unrealon.rpc import Caller, Registry, openrpc_document, param
-
-#: room names, PROTOCOL.md section 4 (auth.ROOM_NAME_RE is the anchored form)
-ROOM_PATTERN = r"[A-Za-z0-9_.:@-]{1,200}"
-
 
 # -- params and results -------------------------------------------------------
 
@@ -68,7 +65,7 @@ class InfoResult:
 
 @attrs.frozen
 class JoinParams:
-    room: str = param(pattern=ROOM_PATTERN)
+    room: str = param(pattern=ROOM_NAME)
     since: str | None = param(
         default=None, description="the last cursor seen; replays what came after it"
     )
@@ -87,7 +84,7 @@ class JoinResult:
 
 @attrs.frozen
 class RoomParams:
-    room: str = param(pattern=ROOM_PATTERN)
+    room: str = param(pattern=ROOM_NAME)
 
 
 @attrs.frozen

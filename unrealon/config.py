@@ -208,6 +208,25 @@ def _log_format(text: str) -> str | None:
     return fmt
 
 
+#: an HTTP API key: printable ASCII without spaces or commas (the list separator)
+_API_KEY_RE = re.compile(r"^[\x21-\x2b\x2d-\x7e]{16,}$")
+
+
+def _api_keys(text: str) -> tuple[str, ...]:
+    """
+    Comma-separated HTTP API keys; empty: the API is off.  Never echoes a
+    key (the message says which one, by position).
+    """
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    for number, key in enumerate(keys, 1):
+        if not _API_KEY_RE.match(key):
+            raise ValueError(
+                f"key {number} of {len(keys)} must be at least 16 printable ASCII "
+                "characters, without spaces"
+            )
+    return keys
+
+
 def _log_level(text: str) -> str:
     level = text.strip().lower()
     if level not in ("debug", "info", "warn", "error", "critical"):
@@ -284,6 +303,9 @@ SETTINGS: tuple[Setting, ...] = (
             "accept permessage-deflate"),
     Setting("extensions", "UNREALON_EXTENSIONS", "extensions", "", _extensions,
             "application methods: module.path:register callables, comma-separated"),
+    Setting("api_keys", "UNREALON_API_KEY", "api-key", "", _api_keys,
+            "HTTP API keys (POST /api/<method>), comma-separated, each at least 16 "
+            "characters; unset: the HTTP API is off", secret=True),
     Setting("log_level", "UNREALON_LOG_LEVEL", "log-level", "info", _log_level,
             "least important log level written"),
     Setting("log_format", "UNREALON_LOG_FORMAT", "log-format", None, _log_format,
@@ -336,6 +358,8 @@ class Config:
     handshake_timeout: float
     compression: bool
     extensions: tuple[str, ...]
+    #: HTTP API keys (PROTOCOL.md section 8); empty: the API is off
+    api_keys: tuple[str, ...] = attrs.field(repr=False)
     log_level: str
     log_format: str | None
     log_file: str | None

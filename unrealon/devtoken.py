@@ -1,46 +1,83 @@
 """
-``python -m unrealon.devtoken [USER] [--ttl SECONDS] [--rooms PATTERN ...]``
+Development connection tokens: what ``unrealon token`` (and ``make token``)
+mints.
 
-Prints a development connection token: HS256, signed with ``JWT_SECRET``
-from the environment, for USER (default "dev"), granting every room
-(``rooms: ["*"]``) for one hour.  ``make token USER_ID=alice`` runs it with the
-same secret ``make dev`` starts the server with.  For development only: real
-tokens come from the application's backend.
+HS256, signed with the server's ``JWT_SECRET``, for one user, granting room
+patterns (every room by default) for an hour by default, with an optional
+presence ``info`` object.  Every claim is checked here as the server checks
+it (PROTOCOL.md section 2), so a token this prints is never one the server
+refuses for its shape.  For development only: real tokens come from the
+application's backend.
+
+The command itself is L{unrealon.cli} (C{unrealon token}, or
+C{python -m unrealon token} where the script is not on the PATH).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
+import json
 import time
+from typing import Any
 
-import jwt
+from unrealon.names import ROOM_GRANT_RE, USER_ID_RE
+
+#: PROTOCOL.md section 2: info is a JSON object of at most 1 KiB
+MAX_INFO_BYTES = 1024
 
 
-def mint(user: str, secret: str, ttl: float = 3600, rooms: list[str] | None = None,
-         now: float | None = None) -> str:
+class TokenError(ValueError):
+    """A claim the server would refuse."""
+
+
+def check_sub(user: str) -> str:
+    if not USER_ID_RE.match(user):
+        raise TokenError(
+            f"user {user!r} is not a valid sub: 1-128 of A-Z a-z 0-9 _ . @ - (PROTOCOL.md section 2)"
+        )
+    return user
+
+
+def check_rooms(patterns: list[str]) -> list[str]:
+    for pattern in patterns:
+        if not ROOM_GRANT_RE.match(pattern):
+            raise TokenError(
+                f"room pattern {pattern!r} can match no room: use A-Z a-z 0-9 _ . : @ - and *"
+            )
+    return patterns
+
+
+def parse_info(text: str) -> dict[str, Any]:
+    """The C{info} claim from JSON text: an object of at most 1 KiB, as the server measures it."""
+    try:
+        info = json.loads(text)
+    except ValueError:
+        raise TokenError("--info is not JSON") from None
+    if not isinstance(info, dict):
+        raise TokenError("--info must be a JSON object, e.g. '{\"name\": \"Alice\"}'")
+    size = len(json.dumps(info, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    if size > MAX_INFO_BYTES:
+        raise TokenError(f"--info is {size} bytes; the server takes at most {MAX_INFO_BYTES}")
+    return info
+
+
+def mint(
+    user: str,
+    secret: str,
+    ttl: float = 3600,
+    rooms: list[str] | None = None,
+    now: float | None = None,
+    info: dict[str, Any] | None = None,
+) -> str:
+    """An HS256 connection token (claims C{sub}, C{iat}, C{exp}, C{rooms}, and C{info} if given)."""
+    import jwt
+
     issued = int(time.time() if now is None else now)
-    claims = {"sub": user, "iat": issued, "exp": int(issued + ttl), "rooms": rooms or ["*"]}
+    claims: dict[str, Any] = {
+        "sub": check_sub(user),
+        "iat": issued,
+        "exp": int(issued + ttl),
+        "rooms": check_rooms(rooms or ["*"]),
+    }
+    if info is not None:
+        claims["info"] = info
     return jwt.encode(claims, secret, algorithm="HS256")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m unrealon.devtoken", description=__doc__.split("\n\n")[1])
-    parser.add_argument("user", nargs="?", default="", help='the token\'s sub (default "dev")')
-    parser.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (default 3600)")
-    parser.add_argument("--rooms", nargs="+", default=["*"], help='room patterns (default "*")')
-    args = parser.parse_args(argv)
-    secret = os.environ.get("JWT_SECRET")
-    if not secret:
-        print("JWT_SECRET is not set: export the server's HMAC key (make token does)", file=sys.stderr)
-        return 2
-    if args.ttl <= 0:
-        print("--ttl must be positive", file=sys.stderr)
-        return 2
-    print(mint(args.user or "dev", secret, args.ttl, args.rooms))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ C{/live} answers 200 while the process runs.  C{/health} is readiness: 200
 when the node can serve, 503 when its store is unreachable ("degraded") or it
 is draining for shutdown ("stopping"), with the JSON body of PROTOCOL.md
 section 1.  C{/metrics} is prometheus-client's Twisted resource over the
-node's own registry.
+node's own registry.  C{/api} is the HTTP server API (L{unrealon.httpapi}).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from unrealon.engine.supervision import ISupervised
+from unrealon.httpapi import ApiResource
+from unrealon.httpbody import BoundedRequest
 from unrealon.node import Node
 
 log = Logger(namespace="unrealon.http")
@@ -133,7 +135,9 @@ def make_site(node: Node, ingress: Any = None, loops: tuple[ISupervised, ...] = 
     root.putChild(b"health", HealthResource(node, ingress, loops))
     root.putChild(b"live", LiveResource())
     root.putChild(b"metrics", MetricsResource(registry=node.metrics.registry))
+    root.putChild(b"api", ApiResource(node, node.api_replies))
     site = QuietSite(root)
+    site.requestFactory = BoundedRequest  # bodies of at most 1 MiB (the API's)
     site.noisy = False
     site.displayTracebacks = False
     return site

@@ -154,10 +154,13 @@ class Metrics:
             "Unexpected errors caught in supervised loops (each loop restarted)",
             ["loop"],
         )
+        self.api_requests = ReactorCounter(
+            "unrealon_api_requests", "HTTP API requests answered", ["method", "status"]
+        )
         r.register(
             _ReactorMetrics(
                 [self.calls, self.call_seconds, self.events_delivered, self.bytes_sent,
-                 self.ingress_handled, self.rate_limited, self.loop_failures]
+                 self.ingress_handled, self.rate_limited, self.loop_failures, self.api_requests]
             )
         )
 

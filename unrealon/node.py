@@ -17,6 +17,7 @@ from unrealon.auth import TokenVerifier
 from unrealon.config import Config
 from unrealon.engine.interfaces import IBroker, IPresence
 from unrealon.hub import Hub
+from unrealon.idempotency import IReplyStore
 from unrealon.metrics import Metrics
 from unrealon.rpc import Registry
 
@@ -39,6 +40,9 @@ class Node:
     #: "ok" while serving, "stopping" once shutdown began
     status: str = "ok"
     features: tuple[str, ...] = ()
+    #: the HTTP API's Idempotency-Key records (L{unrealon.idempotency}); None:
+    #: kept in this process
+    api_replies: IReplyStore | None = None
     version: str = __version__
 
     @property

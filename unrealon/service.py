@@ -43,6 +43,7 @@ from unrealon.engine.memory import cursor_key as memory_cursor_key
 from unrealon.engine.supervision import ISupervised
 from unrealon.http import make_site
 from unrealon.hub import Hub
+from unrealon.idempotency import IReplyStore, MemoryReplyStore
 from unrealon.metrics import Metrics
 from unrealon.node import Node
 from unrealon.rpc import Caller, Registry
@@ -273,6 +274,8 @@ class _Engine:
     stoppables: tuple[Any, ...]
     loops: tuple[ISupervised, ...]
     features: tuple[str, ...]
+    #: the HTTP API's Idempotency-Key records
+    api_replies: IReplyStore
     ingress: Any = None
 
 
@@ -303,6 +306,7 @@ def makeService(
         verifier=verifier,
         metrics=metrics,
         features=engine.features,
+        api_replies=engine.api_replies,
     )
     metrics.watch(
         lambda: hub.connection_count, lambda: hub.user_count, lambda: hub.room_count
@@ -323,13 +327,15 @@ def _memory_engine(config: Config, reactor: Any, hub: Hub) -> _Engine:
     )
     presence = MemoryPresence(broker.publish_ephemeral)
     return _Engine(broker=broker, presence=presence, stoppables=(presence, broker),
-                   loops=broker.loops, features=("rooms", "history", "presence"))
+                   loops=broker.loops, features=("rooms", "history", "presence"),
+                   api_replies=MemoryReplyStore(reactor))
 
 
 def _redis_engine(config: Config, reactor: Any, hub: Hub, metrics: Metrics) -> _Engine:
     from unrealon.engine.redis import RedisConnections
     from unrealon.engine.redisbroker import RedisBroker
     from unrealon.engine.redispresence import RedisPresence
+    from unrealon.engine.redisreplies import RedisReplyStore
 
     assert config.redis_url is not None
     connections = RedisConnections.open(config.redis_url, reactor)
@@ -347,6 +353,7 @@ def _redis_engine(config: Config, reactor: Any, hub: Hub, metrics: Metrics) -> _
         broker=broker, presence=presence, stoppables=(presence, broker, connections),
         loops=(broker.reader, *presence.loops),
         features=("rooms", "history", "presence", "ingress", "cluster"),
+        api_replies=RedisReplyStore(connections.commands),
         ingress=connections,
     )
 

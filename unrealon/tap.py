@@ -39,6 +39,13 @@ class Options(usage.Options):
         if s.name not in _FLAGS
     ]
 
+    def opt_version(self) -> None:
+        """Print the unrealon-ws version and exit."""
+        from unrealon import __version__
+
+        print(f"unrealon-ws {__version__}")
+        sys.exit(0)
+
     def cli_values(self) -> dict[str, str | None]:
         values: dict[str, str | None] = {}
         for setting in SETTINGS:

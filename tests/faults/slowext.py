@@ -11,21 +11,18 @@ read them.
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from unrealon.backendapi import BackendCall, Published
+from unrealon.backendapi import BackendCall, Published, PublishParams
 from unrealon.rpc import Caller, Registry, param
 
 
 @attrs.frozen
-class SlowPublishParams:
-    room: str = param(pattern=r"[A-Za-z0-9_.:@-]{1,200}")
-    event: str = param(min_length=1)
-    data: dict[str, Any] = param(factory=dict)
+class SlowPublishParams(PublishParams):
+    """The backend's publish params, and how long to wait first."""
+
     delay_ms: int = param(default=0, minimum=0)
 
 

@@ -45,13 +45,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from unrealon import jsonrpc
-from unrealon.backendapi import (
-    EVENT_NAME_PATTERN,
-    ROOM_PATTERN,
-    BackendCall,
-    Published,
-    store_errors,
-)
+from unrealon.backendapi import BackendCall, Published, PublishParams, store_errors
 from unrealon.engine.interfaces import BackendUnavailable
 from unrealon.jsonrpc import RPCError
 from unrealon.rpc import Caller, Registry, param
@@ -116,13 +110,6 @@ def group_info(r: redis.Redis[str], stream: str = STREAM, group: str = GROUP) ->
 @attrs.frozen
 class AnyParams:
     note: str = param(default="")
-
-
-@attrs.frozen
-class PublishParams:
-    room: str = param(pattern=ROOM_PATTERN)
-    event: str = param(pattern=EVENT_NAME_PATTERN)
-    data: dict[str, Any] = param(factory=dict)
 
 
 @attrs.define

@@ -44,26 +44,26 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from twisted.web.static import File
 
+from unrealon.backendapi import PublishParams
 from unrealon.config import load_config
 from unrealon.dispatch import ClientCall
+from unrealon.names import ROOM_NAME
 from unrealon.rpc import Caller, Registry, param
 from unrealon.service import makeService
 
 ROOT = Path(__file__).resolve().parents[2]
-ROOM = r"[A-Za-z0-9_.:@-]{1,200}"
 
 
 @attrs.frozen
-class PublishParams:
-    room: str = param(pattern=ROOM)
-    event: str = param(min_length=1)
-    data: dict[str, Any] = param(factory=dict)
+class RepeatedPublishParams(PublishParams):
+    """The backend's publish params, and how many times to publish."""
+
     count: int = param(default=1, minimum=1, maximum=10000)
 
 
 @attrs.frozen
 class StreamParams:
-    room: str = param(pattern=ROOM)
+    room: str = param(pattern=ROOM_NAME)
     event: str = param(min_length=1)
     count: int = param(minimum=1, maximum=10000)
     interval_ms: int = param(default=10, minimum=0)
@@ -82,7 +82,7 @@ class SleepParams:
     ms: int = param(minimum=0, maximum=60000)
 
 
-async def publish(call: ClientCall, p: PublishParams) -> dict[str, Any]:
+async def publish(call: ClientCall, p: RepeatedPublishParams) -> dict[str, Any]:
     cursor = ""
     for n in range(p.count):
         data = dict(p.data, n=n) if p.count > 1 else p.data
@@ -101,7 +101,7 @@ class TestExtension:
         self.sleeps: dict[Deferred[Any], Any] = {}
 
     def __call__(self, registry: Registry) -> None:
-        registry.method("test.publish", params=PublishParams, callers=Caller.CLIENT)(publish)
+        registry.method("test.publish", params=RepeatedPublishParams, callers=Caller.CLIENT)(publish)
         registry.method("test.stream", params=StreamParams, callers=Caller.CLIENT)(self.stream)
         registry.method("test.drop", params=DropParams, callers=Caller.CLIENT)(drop)
         registry.method("test.sleep", params=SleepParams, callers=Caller.CLIENT)(self.sleep)

@@ -34,3 +34,8 @@ def epoch_key(room: str) -> str:
 def idempotency_key(key: str) -> str:
     """What remembers that a publication with this key was made."""
     return f"{PREFIX}idem:{key}"
+
+
+def api_reply_key(scoped: str) -> str:
+    """An HTTP API Idempotency-Key record (L{unrealon.idempotency.scoped_key})."""
+    return f"{PREFIX}api:idem:{scoped}"

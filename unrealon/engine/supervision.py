@@ -300,6 +300,8 @@ class SupervisedLoop:
         self._work = work
         self._failures = _Failures(name, link, count_failure)
         self._call: IDelayedCall | None = None
+        #: the run in progress, cancelled by stop (it may be waiting on Redis)
+        self._current: Deferred[Any] | None = None
         self._running = False
         #: whether the last run succeeded
         self.healthy = True
@@ -316,6 +318,8 @@ class SupervisedLoop:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+        if self._current is not None:
+            self._current.cancel()
 
     def _schedule(self, delay: float) -> None:
         if self._running:
@@ -323,14 +327,20 @@ class SupervisedLoop:
 
     def _run(self) -> None:
         self._call = None
-        d = maybeDeferred(self._work)
+        d = self._current = maybeDeferred(self._work)
         d.addCallbacks(self._succeeded, self._failed)
-        d.addBoth(lambda _: self._schedule(self._interval))
+        d.addBoth(self._ran)
+
+    def _ran(self, _: Any) -> None:
+        self._current = None
+        self._schedule(self._interval)
 
     def _succeeded(self, _: Any) -> None:
         self.healthy = True
         self._failures.fine()
 
     def _failed(self, failure: Failure) -> None:
+        if not self._running and failure.check(CancelledError):
+            return  # stopped mid-run: nothing went wrong
         self.healthy = False
         self._failures.caught(failure)
