@@ -1,8 +1,9 @@
 """
-The README's first steps, walked for real: C{make dev} (on free ports), a
-token from C{make token}, a WebSocket client in the browser example's room,
-then the publish command C{make dev} printed, run as printed: the event must
-reach the client.
+The README's first steps, walked for real, as the README writes them: the
+lines between its C{<!-- quickstart -->} markers are read from README.md and
+run (C{make dev} on free ports, given through the environment; C{make token};
+the publish command), with a WebSocket client in the room in between: the
+event must reach it.  The publish command C{make dev} prints is run too.
 
 C{make dev} runs in a session of its own (C{setsid}), so the cleanup ends
 make, its shell and the node together, by that session's process group.
@@ -32,6 +33,29 @@ VENV = Path(sys.executable).parent.parent
 ROOM = "workspace:42"
 
 
+def readme_quickstart() -> list[str]:
+    """The command lines of the README's quickstart block, comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- quickstart\b.*?-->\s*```sh\n(.*?)```\s*<!-- /quickstart -->",
+                      text, re.DOTALL)
+    if match is None:
+        raise AssertionError("README.md has no quickstart block")
+    lines = [re.sub(r"\s+#.*$", "", line).strip() for line in match.group(1).splitlines()]
+    return [line for line in lines if line]
+
+
+def shell(command: str, **env: str) -> Deferred[tuple[bytes, bytes, int]]:
+    """C{command} run by sh in the repository, as a reader would paste it."""
+    if VENV != ROOT / ".venv":  # the suite runs from another venv: use that one
+        command = command.replace(".venv/", f"{VENV}/")
+    d: Deferred[tuple[bytes, bytes, int]] = getProcessOutputAndValue(
+        "/bin/sh", ["-c", command], env=base_env(VENV=str(VENV), **env), path=str(ROOT),
+        reactor=reactor,
+    )
+    d.addTimeout(30, reactor)  # type: ignore[arg-type]
+    return d
+
+
 def make(args: list[str], **env: str) -> Deferred[tuple[bytes, bytes, int]]:
     d: Deferred[tuple[bytes, bytes, int]] = getProcessOutputAndValue(
         "make", ["-s", f"VENV={VENV}", *args], env=base_env(**env), path=str(ROOT),
@@ -44,17 +68,17 @@ def make(args: list[str], **env: str) -> Deferred[tuple[bytes, bytes, int]]:
 class QuickstartTests(TestCase):
     timeout = 60
 
-    def start_dev(self, ws_port: int, http_port: int) -> NodeProcess:
+    def start_dev(self, command: str, ws_port: int, http_port: int) -> NodeProcess:
         for tool in ("make", "setsid", "sh"):
             if not any(os.access(os.path.join(d, tool), os.X_OK)
                        for d in os.environ.get("PATH", "").split(os.pathsep)):
                 raise SkipTest(f"{tool} is not installed")
         log_file = os.path.abspath(self.mktemp()) + ".json"
-        argv = ["setsid", "make", "dev", f"VENV={VENV}", f"WS_PORT={ws_port}",
-                f"HTTP_PORT={http_port}", f"LOG_FILE={log_file}"]
+        env = base_env(VENV=str(VENV), WS_PORT=str(ws_port), HTTP_PORT=str(http_port),
+                       LOG_FILE=log_file)
         proc = NodeProcess()
         transport = reactor.spawnProcess(  # type: ignore[attr-defined]
-            proc, "/usr/bin/env", ["env", *argv], env=base_env(), path=str(ROOT)
+            proc, "/usr/bin/env", ["env", "setsid", "sh", "-c", command], env=env, path=str(ROOT)
         )
         self.addCleanup(self.stop_group, proc, transport.pid)
         return proc
@@ -75,9 +99,11 @@ class QuickstartTests(TestCase):
                 break
 
     @inlineCallbacks
-    def test_make_dev_then_printed_publish(self) -> Any:
+    def test_readme_quickstart(self) -> Any:
+        dev, token_line, publish = readme_quickstart()
+        self.assertEqual(dev, "make dev")
         ws_port, http_port = free_port(), free_port()
-        proc = self.start_dev(ws_port, http_port)
+        proc = self.start_dev(dev, ws_port, http_port)
 
         def printed() -> Deferred[str]:
             match = re.search(rb"^\s*publish:\s*(.+)$", proc.stdout, re.MULTILINE)
@@ -85,26 +111,29 @@ class QuickstartTests(TestCase):
                 return Deferred.fromCoroutine(_fail("make dev printed no publish command"))
             return http_get(http_port, "/live").addCallback(lambda _: match.group(1).decode())
 
-        command = yield wait_for(printed, None, timeout=20)
-        self.assertIn(f"{VENV}/bin/unrealon publish", command)
-        self.assertIn(ROOM, command)
-        out, err, code = yield make(["token", "USER_ID=alice"])
+        printed_publish = yield wait_for(printed, None, timeout=20)
+        self.assertIn(f"{VENV}/bin/unrealon publish", printed_publish)
+        self.assertIn(ROOM, printed_publish)
+        out, err, code = yield shell(token_line)
         self.assertEqual(code, 0, err)
         token = out.decode().strip()
+        self.assertEqual(jwt.decode(token, options={"verify_signature": False})["sub"], "alice")
         client = yield connect(f"ws://127.0.0.1:{ws_port}/ws?token={token}", port=ws_port)
         self.addCleanup(client.drop)
         yield client.call("rooms.join", {"room": ROOM})
-        out, err, code = yield getProcessOutputAndValue(
-            "/bin/sh", ["-c", command], env=base_env(), path=str(ROOT), reactor=reactor
-        )
-        self.assertEqual(code, 0, (command, err))
-        while True:
-            event = yield client.next()
-            if not event.get("method", "").startswith("presence."):
-                break
-        self.assertEqual(event["method"], "demo.hello")
-        self.assertEqual(event["params"]["room"], ROOM)
-        self.assertEqual(event["params"]["data"], {"text": "hi"})
+        # the README's line as written (the port is the only difference, and the
+        # command reads it from the environment), then the one make dev printed
+        for command, env in ((publish, {"UNREALON_API_URL": f"http://127.0.0.1:{http_port}"}),
+                             (printed_publish, {})):
+            out, err, code = yield shell(command, **env)
+            self.assertEqual(code, 0, (command, err))
+            while True:
+                event = yield client.next()
+                if not event.get("method", "").startswith("presence."):
+                    break
+            self.assertEqual(event["method"], "demo.hello")
+            self.assertEqual(event["params"]["room"], ROOM)
+            self.assertEqual(event["params"]["data"], {"text": "hi"})
 
 
 class MakeTokenTests(TestCase):
