@@ -28,13 +28,14 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import eventAsJSON, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from tests.helpers.node import SECRET, mint_token, raw_handshake, start_node, test_config
+from tests.helpers.waiting import wait_until
 from unrealon.authstate import AuthState
 from unrealon.closecodes import TOO_MANY_CONNECTIONS as CLOSE_TOO_MANY_CONNECTIONS
 from unrealon.service import makeService
@@ -61,20 +62,6 @@ WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
-@inlineCallbacks
-def wait_until(predicate: Any, timeout: float = 5.0) -> Any:
-    """Poll C{predicate} every 10 ms until it holds; fail after C{timeout} s."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        yield sleep(0.01)
 
 
 def closed_within(client: Any, seconds: float = 5.0) -> Deferred[Any]:

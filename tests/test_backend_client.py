@@ -37,8 +37,9 @@ from unrealon_backend import (
     Publisher,
 )
 
-from tests.helpers.ingress_support import sleep, sync_redis
+from tests.helpers.ingress_support import sync_redis
 from tests.helpers.redis_server import start_redis
+from tests.helpers.waiting import wait_until
 
 STREAM = "stream:requests"
 
@@ -336,7 +337,8 @@ class CallTests(PublisherTestCase):
         """A reply that comes while call() still waits is taken."""
         responder = Responder(self.r, lambda p: [reply(p, result="late")])
         d = deferToThread(self.publisher.call, "m", {}, 3.0)
-        yield sleep(0.5)
+        # the request is in the stream, and call() waits for the reply
+        yield wait_until(lambda: self.r.xlen(STREAM) == 1, what="the request")
         responder.loop.start(0.01)
         self.addCleanup(lambda: responder.loop.running and responder.loop.stop())
         result = yield d

@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.helpers.apiclient import API_KEY
 from tests.helpers.node import SECRET, connect, start_node
-from tests.helpers.process import base_env, free_port, spawn, wait_ended
+from tests.helpers.process import base_env, free_port, spawn
 from unrealon import __version__
 from unrealon.rpc import Caller
 
@@ -209,7 +209,7 @@ class VersionTests(TestCase):
         self.assertEqual((code, out.decode().strip()), (0, f"unrealon {__version__}"), err)
         for runner in ("twist", "twistd"):
             proc = spawn(self, runner, ["--version"])
-            status = yield wait_ended(proc, 30)
+            status = yield proc.wait_ended(30)
             self.assertEqual(status, (0, None), proc.output())
             self.assertEqual(proc.stdout.decode().strip(), f"unrealon-ws {__version__}")
 
@@ -226,7 +226,7 @@ class VersionTests(TestCase):
                  "--http", f"tcp:{free_port()}:interface=127.0.0.1"],
                 env=base_env(JWT_SECRET=SECRET, UNREALON_API_KEY=f"{API_KEY},tiny-key-9"),
             )
-            code, _ = yield wait_ended(proc, 30)
+            code, _ = yield proc.wait_ended(30)
             lines = proc.stderr.decode().strip().splitlines()
             self.assertNotEqual(code, 0, proc.output())
             self.assertEqual(len(lines), 1, proc.output())

@@ -24,17 +24,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from tests.helpers.cluster import (
-    EVENT,
-    FakeSink,
-    NodeProcess,
-    Tap,
-    sleep,
-    start_cluster,
-    wait_until,
-)
+from tests.helpers.cluster import EVENT, FakeSink, Tap, barrier, start_cluster
+from tests.helpers.ingress_support import sync_redis
 from tests.helpers.node import WSClient, mint_token, start_node
+from tests.helpers.process import NodeProcess
 from tests.helpers.redis_server import start_redis
+from tests.helpers.waiting import sleep, wait_until
 from unrealon.engine.redisbroker import RedisBroker, parse_cursor
 from unrealon.engine.redisclient import StreamClient, connect, parse_redis_url
 
@@ -90,13 +85,9 @@ class ClusterTestCase(TestCase):
         """An ingress request with reply_to; fires with the reply."""
         reply_to = f"list:response:{uuid.uuid4()}"
         yield self.xadd(method, params, reply_to=reply_to, correlation_id="c1")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            reply = yield self.redis.execute_command("RPOP", reply_to)
-            if reply is not None:
-                return json.loads(reply)
-            yield sleep(0.02)
-        raise AssertionError(f"no reply to {method}")
+        reply = yield wait_until(lambda: self.redis.execute_command("RPOP", reply_to),
+                                 what=f"the reply to {method}")
+        return json.loads(reply)
 
     @inlineCallbacks
     def publish(self, room: str, seqs: range, key_prefix: str | None = None) -> Any:
@@ -117,6 +108,23 @@ class ClusterTestCase(TestCase):
 
     def wait(self, predicate: Callable[[], bool], timeout: float = 15, what: str = "") -> Any:
         return wait_until(predicate, timeout=timeout, what=what)
+
+    @inlineCallbacks
+    def settled(self, room: str, taps: list[Tap]) -> Any:
+        """
+        Every ingress entry acknowledged (none can be handled, so published,
+        again), then a barrier through the room: what the taps hold now is
+        everything they will ever get.
+        """
+
+        @inlineCallbacks
+        def acknowledged() -> Any:
+            groups = yield self.redis.execute_command("XINFO", "GROUPS", "stream:requests")
+            info = dict(zip(groups[0][::2], groups[0][1::2], strict=True))
+            return int(info["pending"]) == 0 and int(info["lag"]) == 0
+
+        yield wait_until(acknowledged, what="every ingress entry acknowledged")
+        yield barrier(self.publisher.publish, room, taps)
 
 
 class DeliveryTests(ClusterTestCase):
@@ -140,7 +148,7 @@ class DeliveryTests(ClusterTestCase):
                 "publish", {"room": room, "event": EVENT, "data": {"seq": seq}}
             )
         yield self.wait(lambda: all(len(t.events) >= count for t in taps), what="all events")
-        yield sleep(0.2)  # anything extra (a duplicate) would have arrived by now
+        yield self.settled(room, taps)  # a duplicate would have arrived by now
         reference = [e["cursor"] for e in taps[0].events]
         for tap in taps:
             self.assertEqual(sorted(tap.seqs()), list(range(count)))
@@ -174,7 +182,8 @@ class DeliveryTests(ClusterTestCase):
             )
             since = tap.cursor(room)
             yield tap.client.drop()
-            yield sleep(0.05)  # events keep coming while the client is away
+            away = len(watcher.events)  # events keep coming while the client is away
+            yield self.wait(lambda away=away: len(watcher.events) >= away + 10, what="more events")
             fresh = yield self.client(target, "alice")
             fresh.events = tap.events  # one history across connections
             tap = fresh
@@ -182,7 +191,7 @@ class DeliveryTests(ClusterTestCase):
             rejoins.append(result)
         yield publishing
         yield self.wait(lambda: len(tap.events) >= count and len(watcher.events) >= count)
-        yield sleep(0.2)
+        yield barrier(self.publisher.publish, room, [tap, watcher])  # nothing more to come
         self.assertEqual(tap.seqs(), list(range(count)))
         self.assertEqual(watcher.seqs(), list(range(count)))
         for result in rejoins:
@@ -221,18 +230,9 @@ class DeliveryTests(ClusterTestCase):
 
 
 class PresenceTests(ClusterTestCase):
-    @inlineCallbacks
-    def sentinel(self, room: str, *taps: Tap) -> Any:
-        """Publish a marker and wait until every tap has it: what came before has arrived."""
-        marker = len(self.sentinels)
-        self.sentinels.append(marker)
-        yield self.publisher.publish(room, EVENT, {"seq": -1 - marker})
-        yield self.wait(
-            lambda: all(-1 - marker in t.seqs(room) for t in taps), what="the sentinel"
-        )
-
-    def setUp(self) -> None:
-        self.sentinels: list[int] = []
+    def sentinel(self, room: str, *taps: Tap) -> Deferred[None]:
+        """What came before has arrived at every tap (L{barrier})."""
+        return barrier(self.publisher.publish, room, taps)
 
     @inlineCallbacks
     def test_presence_agrees_across_nodes(self) -> Any:
@@ -344,12 +344,31 @@ class JoinRaceTests(TestCase):
                 yield tap.client.drop()
             yield sleep(0.1)
             server.resume()
-            yield sleep(0.3)
-        listed = yield watcher.client.call("presence.list", {"room": "workspace:race"})
-        self.assertEqual([u["user_id"] for u in listed["users"]], ["watcher"])
-        yield sleep(1.2)  # a heartbeat later (TTL/3): still nobody else
-        listed = yield watcher.client.call("presence.list", {"room": "workspace:race"})
-        self.assertEqual([u["user_id"] for u in listed["users"]], ["watcher"])
+            if how == "drop":
+                yield wait_until(lambda u=user: running.node.hub.user_connections(u) == 0,
+                                 what=f"{user} gone")
+            else:  # both replies: the join and the leave are done
+                yield wait_until(lambda t=tap: {m.get("id") for m in t.client.messages
+                                                if isinstance(m, dict)} >= {1, 2},
+                                 what=f"{user}'s join and leave answered")
+        # two heartbeats (TTL/3 apart) after the last resume: every join and leave
+        # has landed long since, and a ghost entry would have been renewed
+        members = sync_redis(server.url)
+        self.addCleanup(members.close)
+        for _ in range(2):
+            yield self.heartbeat(members, "workspace:race", "watcher|")
+            listed = yield watcher.client.call("presence.list", {"room": "workspace:race"})
+            self.assertEqual([u["user_id"] for u in listed["users"]], ["watcher"])
+
+    def heartbeat(self, redis: Any, room: str, member: str) -> Deferred[Any]:
+        """Fires once C{member}'s presence entry in C{room} has been renewed by a heartbeat."""
+
+        def expiry() -> float:
+            scores = redis.zrange(f"unrealon:p:{room}:m", 0, -1, withscores=True)
+            return max(score for name, score in scores if name.startswith(member))
+
+        first = expiry()
+        return wait_until(lambda: expiry() > first, what="a presence heartbeat")
 
 
 class OverlappingJoinTests(TestCase):
@@ -398,8 +417,9 @@ class OverlappingJoinTests(TestCase):
         yield sleep(0.1)
         yield broker.publish(room, EVENT, {"seq": 3})
         yield wait_until(lambda: "first" in order and 3 in order, what="first reply and 3")
-        yield sleep(0.1)
-        self.assertEqual(order, ["second", "first", 3])
+        yield broker.publish(room, EVENT, {"seq": 4})  # behind anything else that could come
+        yield wait_until(lambda: 4 in order, what="the last event")
+        self.assertEqual(order, ["second", "first", 3, 4])
 
 
 class BackendTests(ClusterTestCase):
@@ -520,7 +540,7 @@ class RedisOutageTests(ClusterTestCase):
             lambda: all(_seqs(f["events"])[-1:] == [count - 1] for f in followers),
             timeout=30, what="the last event",
         )
-        yield sleep(0.3)
+        yield barrier(self.publisher.publish, room, [f["tap"] for f in followers])
         for follower in followers:
             events = follower["events"]
             seqs = _seqs(events)

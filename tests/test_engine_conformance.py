@@ -24,8 +24,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from tests.helpers.cluster import FakeSink, sleep, wait_until
+from tests.helpers.cluster import FakeSink
 from tests.helpers.redis_server import start_redis
+from tests.helpers.waiting import sleep, wait_until
 from unrealon.engine.interfaces import (
     EphemeralEvent,
     IBroker,
@@ -514,6 +515,14 @@ class RedisEngineTests(EngineConformance, TestCase):
         self.assertEqual(list((yield node1.online(["bob"]))), ["bob"])
 
     @inlineCallbacks
+    def alice_expiry(self) -> Any:
+        """When alice's presence entry in ROOM expires (ms), as the last heartbeat set it."""
+        flat = yield self.connections.commands.execute_command(
+            "ZRANGE", f"unrealon:p:{ROOM}:m", 0, -1, "WITHSCORES")
+        pairs = zip(flat[::2], flat[1::2], strict=True)
+        return max(float(score) for member, score in pairs if str(member).startswith("alice|"))
+
+    @inlineCallbacks
     def test_redis_hang_does_not_make_everyone_leave(self) -> Any:
         """
         Redis hangs longer than an entry's lifetime: no node could heartbeat,
@@ -526,11 +535,15 @@ class RedisEngineTests(EngineConformance, TestCase):
         yield node.join(ROOM, "alice", "c1", {})
         node.start()
         self.addCleanup(node.stop)
-        yield sleep(0.4)
+        yield sleep(0.4)  # a heartbeat or so before the hang
+        before = yield self.alice_expiry()
         self.server.pause()
         yield sleep(1.6)  # > the entries' lifetime (1.125 s)
         self.server.resume()
-        yield sleep(1.0)
+        # a heartbeat after the hang renewed alice; a sweep that ran before it
+        # would have announced her leaving before the marker below
+        yield wait_until(lambda: self.alice_expiry().addCallback(lambda e: e > before + 1600),
+                         what="alice renewed after the hang")
         yield self.broker.publish(ROOM, "test.event", {})
         yield self.delivered(1)
         self.assertEqual(self.sink.presence(), [("presence.joined", ROOM, "alice", "alice")])

@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.helpers.process import base_env, spawn, wait_ended
+from tests.helpers.process import base_env, spawn
 from unrealon.extensions import ExtensionError, load_extension
 
 
@@ -66,7 +66,7 @@ class NodeStartTests(TestCase):
         env = base_env(JWT_SECRET="x" * 40, UNREALON_EXTENSIONS="ext_for_node:register",
                        PYTHONPATH=directory)
         proc = spawn(self, "twist", ["--ws", "tcp:0", "--http", "tcp:0"], env=env)
-        status = yield wait_ended(proc, 20)
+        status = yield proc.wait_ended(20)
         self.assertEqual(status, (2, None), proc.output())
         err = proc.stderr.decode()
         self.assertEqual(len(err.strip().splitlines()), 1, err)

@@ -23,14 +23,14 @@ from tests.helpers.ingress_support import (
     STREAM,
     TIMESTAMP_RE,
     group_info,
-    sleep,
     sync_redis,
     wait_reply,
-    wait_until,
     xadd_payload,
 )
 from tests.helpers.node import mint_token, start_node
+from tests.helpers.process import NodeProcess
 from tests.helpers.redis_server import start_redis
+from tests.helpers.waiting import wait_until
 
 ROOMS = ["workspace:*", "session:*"]
 
@@ -69,15 +69,13 @@ class IngressTestCase(TestCase):
     @inlineCallbacks
     def close_clients(self) -> Any:
         """
-        Close, and let the nodes finish their presence clean-up before they
-        stop: a node's shutdown does not wait for it, and a presence write
-        still in flight when the node releases Redis is logged as a failure.
+        Close, and wait until each node has seen its connections go (their
+        presence clean-up is then on its way; stopping the node waits for it).
         """
         for _, client in self._clients:
             yield client.close()
         for running, _ in self._clients:
             yield wait_until(lambda r=running: r.node.hub.connection_count == 0, what="closed")
-        yield sleep(0.05)
 
     def request(self, method: str, params: Any, **extra: Any) -> tuple[str, str]:
         """XADD a request with a fresh reply_to; (entry id, reply_to)."""
@@ -102,10 +100,18 @@ class IngressTestCase(TestCase):
         return reply["error_code"]
 
     @inlineCallbacks
-    def assert_quiet(self, client: Any, seconds: float = 0.3) -> Any:
-        """Nothing more arrives on C{client} for a while."""
-        yield sleep(seconds)
-        self.assertEqual(list(client.messages), [])
+    def assert_quiet(self, client: Any) -> Any:
+        """
+        Nothing more arrives on C{client}: once every entry is acknowledged
+        (none can be handled, so publish, again), a marker published behind
+        them on the one ordered cluster feed is the next thing it receives.
+        """
+        yield wait_until(lambda: self.pending() == 0 and group_info(self.r)["lag"] == 0,
+                         what="every entry acknowledged")
+        running = self._clients[0][0]
+        yield running.node.broker.publish("broadcast", "test.barrier", {})
+        message = yield client.next()
+        self.assertEqual(message.get("method"), "test.barrier", message)
 
     def pending(self) -> int:
         return int(group_info(self.r)["pending"])
@@ -163,7 +169,7 @@ class DeliveryTests(IngressTestCase):
         self.assertTrue(55 <= ttl <= 60, ttl)
         # acknowledged, and nothing else was sent
         yield wait_until(lambda: self.pending() == 0, what="pending 0")
-        yield self.assert_quiet(client, 0.1)
+        yield self.assert_quiet(client)
 
     @inlineCallbacks
     def test_every_catalogue_event_goes_to_its_room(self) -> Any:
@@ -212,8 +218,8 @@ class DeliveryTests(IngressTestCase):
         event = yield other.next()
         self.assertEqual((event["method"], event["params"]["room"]),
                          ("notification.broadcast", "broadcast"))
-        yield self.assert_quiet(other, 0.1)
-        yield self.assert_quiet(member, 0.1)
+        yield self.assert_quiet(other)
+        yield self.assert_quiet(member)
 
     @inlineCallbacks
     def test_defaults_and_raw_numbers(self) -> Any:
@@ -307,7 +313,7 @@ class ValidationTests(IngressTestCase):
         reply = yield self.reply(reply_to)
         self.assertIn("old_path", reply["error"])
         # none of them reached a client, and all were acknowledged
-        yield self.assert_quiet(client, 0.1)
+        yield self.assert_quiet(client)
         self.assertEqual(self.pending(), 0)
 
     @inlineCallbacks
@@ -458,7 +464,7 @@ class MalformedTests(IngressTestCase):
             self.assertEqual(fields["payload"], original.get("payload", ""))
         self.assertEqual(self.pending(), 0)
         # nothing but the good event reached the client
-        yield self.assert_quiet(client, 0.1)
+        yield self.assert_quiet(client)
         # unanswerable ones have no reply list lying around
         self.assertEqual(self.r.keys("list:response:*"), [])
 
@@ -492,7 +498,7 @@ class DeadlineTests(IngressTestCase):
             event = yield client.next()
             paths.append(event["params"]["data"]["path"])
         self.assertEqual(paths, ["late-but-ok", "fresh"])
-        yield self.assert_quiet(client, 0.1)
+        yield self.assert_quiet(client)
         self.assertEqual(self.pending(), 0)
         self.assertEqual(self.r.xlen(DEAD), 0)
 
@@ -506,9 +512,9 @@ class DeadlineTests(IngressTestCase):
         _, reply_to = self.request("test.slow", {"note": "late"}, timeout=0.5)
         reply = yield self.reply(reply_to)
         self.assertEqual(reply["error_code"], "deadline_exceeded")
+        # acknowledged with its deadline reply: no claim can take it again, so
+        # it is never retried (XAUTOCLAIM sees only pending entries)
         self.assertEqual(self.pending(), 0)
-        # not retried after claim_idle
-        yield sleep(0.6)
         self.assertEqual(support.SLOW.started, 1)
         self.assertEqual(self.r.xlen(DEAD), 0)
         self.flushLoggedErrors(CancelledError)  # unrealon.rpc logs the cancellation
@@ -589,7 +595,7 @@ class RecoveryTests(IngressTestCase):
             paths.append(event["params"]["data"]["path"])
         self.assertEqual(sorted(paths), ["f0", "f1", "f2"])
         yield wait_until(lambda: self.pending() == 0, what="pending 0")
-        yield self.assert_quiet(client, 0.1)
+        yield self.assert_quiet(client)
 
     @inlineCallbacks
     def test_restarted_node_handles_its_own_pending_entries(self) -> Any:
@@ -608,24 +614,29 @@ class RecoveryTests(IngressTestCase):
         A restarted node's own backlog is taken first, then dead consumers'
         idle entries and new ones -- never more than max_in_flight at once.
         """
-        running = yield self.node(node_id="stable-node", claim_idle=0.3,
+        running = yield self.node(node_id="stable-node", claim_idle=0.3, ingress_max_in_flight=2,
                                   extensions=(support.register,))
         ingress = running.service.ingress
         yield ingress.stop()
-        ingress._max_in_flight = 2
         own = [self.request("test.slow", {"note": f"own{i}"}) for i in range(4)]
         self.r.xreadgroup(GROUP, "stable-node", {STREAM: ">"}, count=10)
         dead = [self.request("test.slow", {"note": f"dead{i}"}) for i in range(3)]
         self.r.xreadgroup(GROUP, "dead-node", {STREAM: ">"}, count=10)
         new = [self.request("test.slow", {"note": f"new{i}"}) for i in range(2)]
-        yield sleep(0.3)  # the dead node's entries are idle long enough now
+        # the dead node's entries idle past claim_idle (XPENDING says so)
+        yield wait_until(lambda: all(p["time_since_delivered"] >= 300 for p in
+                                     self.r.xpending_range(STREAM, GROUP, "-", "+", 100,
+                                                           consumername="dead-node")),
+                         what="the dead node's entries idle")
         yield ingress.start()
         sent = own + dead + new
         for done in range(len(sent)):
             yield wait_until(lambda n=done: support.SLOW.waiting and
                              support.SLOW.started >= min(len(sent), n + 2),
                              what=f"call {done + 2}")
-            yield sleep(0.05)
+            # two in flight and the reader parked (or nothing left to read)
+            yield wait_until(lambda n=done: ingress.waiting_for_a_slot or n + 2 >= len(sent),
+                             what="the reader waiting for a slot")
             self.assertLessEqual(len(support.SLOW.waiting), 2)
             _, d = support.SLOW.waiting.pop(0)
             d.callback(None)
@@ -642,14 +653,12 @@ class RecoveryTests(IngressTestCase):
     @inlineCallbacks
     def test_bounded_concurrency(self) -> Any:
         """With max_in_flight entries being handled, the node reads no more."""
-        running = yield self.node(extensions=(support.register,))
+        running = yield self.node(ingress_max_in_flight=2, extensions=(support.register,))
         ingress = running.service.ingress
-        yield ingress.stop()
-        ingress._max_in_flight = 2  # no setting for it (yet)
-        yield ingress.start()
         sent = [self.request("test.slow", {"note": str(i)}) for i in range(6)]
         yield wait_until(lambda: support.SLOW.started == 2, what="two calls started")
-        yield sleep(0.3)
+        # the reader parks until one finishes: nothing more is read meanwhile
+        yield wait_until(lambda: ingress.waiting_for_a_slot, what="the reader waiting for a slot")
         self.assertEqual(support.SLOW.started, 2)
         info = group_info(self.r)
         self.assertEqual((info["pending"], info["lag"]), (2, 4))
@@ -683,29 +692,17 @@ class HealthTests(IngressTestCase):
 
     @inlineCallbacks
     def test_health_and_metrics(self) -> Any:
-        running = yield self.node(extensions=(support.register,))
+        running = yield self.node(ingress_max_in_flight=1, extensions=(support.register,))
         code, body = yield self.health(running)
         self.assertEqual((code, body["status"]), (200, "ok"))
         self.assertEqual(body["ingress"], {"lag": 0, "pending": 0, "dead": 0})
-        ingress = running.service.ingress
-        yield ingress.stop()
-        ingress._max_in_flight = 1
-        yield ingress.start()
         xadd_payload(self.r, "not json")
         sent = [self.request("test.slow", {}) for _ in range(3)]
         yield wait_until(lambda: support.SLOW.started == 1, what="a slow call")
-
-        @inlineCallbacks
-        def reported() -> Any:
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                code, body = yield self.health(running)
-                if body["ingress"] == {"lag": 2, "pending": 1, "dead": 1}:
-                    return code, body
-                yield sleep(0.1)
-            raise AssertionError(f"/health said {body}")
-
-        code, body = yield reported()
+        code, body = yield wait_until(
+            lambda: self.health(running).addCallback(
+                lambda r: r if r[1]["ingress"] == {"lag": 2, "pending": 1, "dead": 1} else None),
+            timeout=5, what="/health reporting lag 2, pending 1, dead 1")
         self.assertEqual((code, body["status"]), (200, "ok"))
         code, metrics = yield running.http_get("/metrics")
         text = metrics.decode()
@@ -734,17 +731,9 @@ class HealthTests(IngressTestCase):
         # and entries appended afterwards are handled
         yield self.server.start()
 
-        @inlineCallbacks
-        def healthy_again() -> Any:
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                code, body = yield self.health(running)
-                if code == 200:
-                    return body
-                yield sleep(0.2)
-            raise AssertionError(f"/health still says {body}")
-
-        body = yield healthy_again()
+        code, body = yield wait_until(
+            lambda: self.health(running).addCallback(lambda r: r if r[0] == 200 else None),
+            timeout=15, what="/health 200 again")
         self.assertEqual(body["status"], "ok")
         r = sync_redis(self.server.url)
         self.addCleanup(r.close)
@@ -838,7 +827,7 @@ class RedisRestartTests(IngressTestCase):
         # one reply per entry, except that an entry handled again after the
         # restart (its ack lost) is answered again: at least once
         self.assertGreaterEqual(len(replies), len(entries))
-        yield self.assert_quiet(client, 0.2)
+        yield self.assert_quiet(client)
         yield wait_until(lambda: self.pending() == 0, what="pending 0")
 
 
@@ -857,22 +846,18 @@ class CrashTests(IngressTestCase):
         client = yield self.client(running, join=("workspace:1",))
         # node-b stands aside while node-a takes the entry
         yield running.service.ingress.stop()
-        process = support.spawn_node(self, self.server.url, "node-a",
-                                     "--claim-idle", str(claim_idle),
-                                     env={support.EXIT_ENV: "1"})
-
-        # node-a is the only reader left once it serves (its ingress starts first)
-        try:
-            yield wait_until(lambda: "serving WebSocket" in process.text() or
-                             not process.running, timeout=15, what="node-a to start")
-        except AssertionError:
-            raise AssertionError("node-a did not start:\n" + process.text()) from None
-        self.assertTrue(process.running, process.text())
+        process = NodeProcess(self, self.server.url, "node-a", {
+            "UNREALON_CLAIM_IDLE": str(claim_idle),
+            "UNREALON_EXTENSIONS": "tests.helpers.ingress_support:register",
+            support.EXIT_ENV: "1",
+        })
+        # node-a is the only reader left once it serves
+        yield process.start()
         entry_id, reply_to = self.request(
             "test.publish_then_exit",
             {"room": "workspace:1", "event": "crash.test", "data": {"n": 1}})
-        exit_code = yield process.ended
-        self.assertEqual(exit_code, 17, process.text())
+        status = yield process.wait_ended(timeout=15)
+        self.assertEqual(status, (17, None), process.output())
         event = yield client.next()
         self.assertEqual((event["method"], event["params"]["data"]), ("crash.test", {"n": 1}))
         # published, not answered, not acknowledged: pending for the dead node-a
@@ -888,7 +873,7 @@ class CrashTests(IngressTestCase):
         self.assertEqual(reply["result"],
                          {"room": "workspace:1", "cursor": event["params"]["cursor"]})
         yield wait_until(lambda: self.pending() == 0, what="pending 0")
-        yield self.assert_quiet(client, 0.3)
+        yield self.assert_quiet(client)
         # and the room's history holds it once
         joined = yield client.call("rooms.join", {"room": "workspace:1",
                                                   "since": _start_cursor(event)})

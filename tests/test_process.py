@@ -33,9 +33,8 @@ from tests.helpers.process import (
     free_port,
     http_get,
     spawn,
-    wait_ended,
-    wait_for,
 )
+from tests.helpers.waiting import wait_until
 
 
 def listen_args(ws_port: int, http_port: int) -> list[str]:
@@ -158,7 +157,7 @@ class BadSettingTests(TestCase):
             env=base_env(JWT_SECRET=SECRET, **env),
             cwd=cwd,
         )
-        return wait_ended(proc, 30).addCallback(lambda status: (proc, status))
+        return proc.wait_ended(30).addCallback(lambda status: (proc, status))
 
     @inlineCallbacks
     def test_bad_settings(self) -> Any:
@@ -198,7 +197,7 @@ class BadSettingTests(TestCase):
         """
         for runner in RUNNERS:
             proc = spawn(self, runner, listen_args(free_port(), free_port()), env=base_env())
-            code, _ = yield wait_ended(proc, 30)
+            code, _ = yield proc.wait_ended(30)
             self.assertNotEqual(code, 0, proc.output())
             lines = proc.stderr.decode().strip().splitlines()
             self.assertEqual(len(lines), 1, proc.output())
@@ -211,10 +210,10 @@ class BadSettingTests(TestCase):
         """With UNREALON_INSECURE_DEV=1 and no key the node starts (and stops with 0)."""
         ws, http = free_port(), free_port()
         proc = spawn(self, "twist", listen_args(ws, http), env=base_env(UNREALON_INSECURE_DEV="1"))
-        code, _ = yield wait_for(lambda: http_get(http, "/health"), proc)
+        code, _ = yield wait_until(lambda: http_get(http, "/health"), stop_if=proc.exited, timeout=15)
         self.assertEqual(code, 200)
         proc.signal("TERM")
-        status = yield wait_ended(proc, 15)
+        status = yield proc.wait_ended(15)
         self.assertEqual(status, (0, None), proc.output())
 
     @inlineCallbacks
@@ -232,7 +231,7 @@ class BadSettingTests(TestCase):
         port = taken.getHost().port
         for runner in RUNNERS:
             proc = spawn(self, runner, listen_args(port, free_port()), env=base_env(JWT_SECRET=SECRET))
-            code, _ = yield wait_ended(proc, 30)
+            code, _ = yield proc.wait_ended(30)
             self.assertNotEqual(code, 0, proc.output())
             self.assertIsNotNone(code, proc.output())
             err = proc.stderr.decode().strip().splitlines()
@@ -269,7 +268,7 @@ class SettingsPrecedenceTests(TestCase):
             )
         env = base_env(UNREALON_NODE_ID="from-env", UNREALON_WS=f"tcp:{ws_env}:interface=127.0.0.1")
         proc = spawn(self, "twist", ["--node-id", "from-cli"], env=env, cwd=cwd)
-        code, body = yield wait_for(lambda: http_get(http, "/health"), proc)
+        code, body = yield wait_until(lambda: http_get(http, "/health"), stop_if=proc.exited, timeout=15)
         self.assertEqual(code, 200)
         self.assertEqual(json.loads(body)["node_id"], "from-cli")
         client = yield connect(
@@ -281,7 +280,7 @@ class SettingsPrecedenceTests(TestCase):
         self.assertEqual(info["node_id"], "from-cli")
         yield client.close()
         proc.signal("TERM")
-        status = yield wait_ended(proc, 15)
+        status = yield proc.wait_ended(15)
         self.assertEqual(status, (0, None), proc.output())
 
 
@@ -295,7 +294,7 @@ class ShutdownTests(TestCase):
         ws, http = free_port(), free_port()
         env = base_env(JWT_SECRET=SECRET, UNREALON_SHUTDOWN_TIMEOUT=str(self.SHUTDOWN_TIMEOUT))
         proc = spawn(self, runner, listen_args(ws, http), env=env)
-        code, _ = yield wait_for(lambda: http_get(http, "/health"), proc)
+        code, _ = yield wait_until(lambda: http_get(http, "/health"), stop_if=proc.exited, timeout=15)
         self.assertEqual(code, 200)
         return proc, ws, http
 
@@ -331,14 +330,14 @@ class ShutdownTests(TestCase):
 
             return http_get(http, "/health").addCallback(check)
 
-        code, body = yield wait_for(stopping, proc, timeout=self.SHUTDOWN_TIMEOUT)
+        code, body = yield wait_until(stopping, stop_if=proc.exited, timeout=self.SHUTDOWN_TIMEOUT)
         self.assertEqual(json.loads(body)["status"], "stopping")
         code, _ = yield http_get(http, "/live")
         self.assertEqual(code, 200)
 
         yield stubborn.lost
         self.assertEqual(stubborn.close_code(), 1001)
-        status = yield wait_ended(proc, self.SHUTDOWN_TIMEOUT + 5)
+        status = yield proc.wait_ended(self.SHUTDOWN_TIMEOUT + 5)
         elapsed = time.monotonic() - started
         self.assertEqual(status, (0, None), proc.output())
         # the drain may take all of it; allow for the interpreter's own exit
@@ -354,7 +353,7 @@ class ShutdownTests(TestCase):
         proc.signal("TERM")
         close_code, _ = yield client.closed
         self.assertEqual(close_code, 1001)
-        status = yield wait_ended(proc, self.SHUTDOWN_TIMEOUT + 5)
+        status = yield proc.wait_ended(self.SHUTDOWN_TIMEOUT + 5)
         self.assertEqual(status, (0, None), proc.output())
         self.assertLess(time.monotonic() - started, self.SHUTDOWN_TIMEOUT, proc.output())
 
@@ -374,22 +373,15 @@ class ShutdownTests(TestCase):
         )
         proc = spawn(self, "twist", listen_args(ws, http), env=env)
 
-        def reactor_running() -> Deferred[None]:
-            d: Deferred[None] = Deferred()
-            if b"Starting reactor" in proc.stdout:
-                d.callback(None)
-            else:
-                d.errback(AssertionError("reactor not started yet"))
-            return d
-
-        yield wait_for(reactor_running, proc)
-        status_code, body = yield wait_for(lambda: http_get(http, "/health"), proc)
+        yield wait_until(lambda: b"Starting reactor" in proc.stdout, stop_if=proc.exited,
+                         timeout=15, what="the reactor to start")
+        status_code, body = yield wait_until(lambda: http_get(http, "/health"), stop_if=proc.exited, timeout=15)
         self.assertEqual((status_code, json.loads(body)["status"]), (503, "degraded"))
         live, _ = yield http_get(http, "/live")
         self.assertEqual(live, 200)
         started = time.monotonic()
         proc.signal("TERM")
-        status = yield wait_ended(proc, self.SHUTDOWN_TIMEOUT + 5)
+        status = yield proc.wait_ended(self.SHUTDOWN_TIMEOUT + 5)
         self.assertEqual(status, (0, None), proc.output())
         self.assertLess(time.monotonic() - started, self.SHUTDOWN_TIMEOUT, proc.output())
 
@@ -401,9 +393,10 @@ class ShutdownTests(TestCase):
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", ws), stubborn)
         yield stubborn.upgraded
         proc.signal("TERM")
-        yield wait_for(lambda: self.refused(ws), proc, timeout=self.SHUTDOWN_TIMEOUT)
+        yield wait_until(lambda: self.refused(ws).addCallback(lambda _: True), stop_if=proc.exited,
+                         timeout=self.SHUTDOWN_TIMEOUT, what="the listener closed")
         yield stubborn.lost
-        status = yield wait_ended(proc, self.SHUTDOWN_TIMEOUT + 5)
+        status = yield proc.wait_ended(self.SHUTDOWN_TIMEOUT + 5)
         self.assertEqual(status, (0, None), proc.output())
 
     def refused(self, port: int) -> Deferred[None]:
@@ -432,9 +425,9 @@ class LogFormatTests(TestCase):
         ws, http = free_port(), free_port()
         env = base_env(JWT_SECRET=SECRET, UNREALON_LOG_FORMAT=fmt)
         proc = spawn(self, runner, listen_args(ws, http), env=env)
-        yield wait_for(lambda: http_get(http, "/live"), proc)
+        yield wait_until(lambda: http_get(http, "/live"), stop_if=proc.exited, timeout=15)
         proc.signal("TERM")
-        status = yield wait_ended(proc, 15)
+        status = yield proc.wait_ended(15)
         self.assertEqual(status, (0, None), proc.output())
         lines = [line for line in proc.stdout.decode().splitlines() if line.strip()]
         serving = [line for line in lines if "serving WebSocket" in line]

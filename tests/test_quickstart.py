@@ -25,7 +25,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.helpers.node import SECRET, connect
-from tests.helpers.process import NodeProcess, base_env, free_port, http_get, sleep, wait_for
+from tests.helpers.process import ChildProcess, base_env, free_port, http_get
+from tests.helpers.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent.parent
@@ -68,7 +69,7 @@ def make(args: list[str], **env: str) -> Deferred[tuple[bytes, bytes, int]]:
 class QuickstartTests(TestCase):
     timeout = 60
 
-    def start_dev(self, command: str, ws_port: int, http_port: int) -> NodeProcess:
+    def start_dev(self, command: str, ws_port: int, http_port: int) -> ChildProcess:
         for tool in ("make", "setsid", "sh"):
             if not any(os.access(os.path.join(d, tool), os.X_OK)
                        for d in os.environ.get("PATH", "").split(os.pathsep)):
@@ -76,7 +77,7 @@ class QuickstartTests(TestCase):
         log_file = os.path.abspath(self.mktemp()) + ".json"
         env = base_env(VENV=str(VENV), WS_PORT=str(ws_port), HTTP_PORT=str(http_port),
                        LOG_FILE=log_file)
-        proc = NodeProcess()
+        proc = ChildProcess()
         transport = reactor.spawnProcess(  # type: ignore[attr-defined]
             proc, "/usr/bin/env", ["env", "setsid", "sh", "-c", command], env=env, path=str(ROOT)
         )
@@ -84,19 +85,18 @@ class QuickstartTests(TestCase):
         return proc
 
     @inlineCallbacks
-    def stop_group(self, proc: NodeProcess, pgid: int) -> Any:
+    def stop_group(self, proc: ChildProcess, pgid: int) -> Any:
         """SIGTERM the session make dev runs in, SIGKILL what is left after 10 s."""
         for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(pgid, sig)
             except ProcessLookupError:
                 break
-            waited = 0.0
-            while proc.running and waited < wait:
-                yield sleep(0.1)
-                waited += 0.1
-            if not proc.running:
+            try:
+                yield proc.wait_ended(wait)
                 break
+            except Exception:  # still running: the next signal
+                continue
 
     @inlineCallbacks
     def test_readme_quickstart(self) -> Any:
@@ -111,7 +111,7 @@ class QuickstartTests(TestCase):
                 return Deferred.fromCoroutine(_fail("make dev printed no publish command"))
             return http_get(http_port, "/live").addCallback(lambda _: match.group(1).decode())
 
-        printed_publish = yield wait_for(printed, None, timeout=20)
+        printed_publish = yield wait_until(printed, timeout=20, what="make dev's publish command")
         self.assertIn(f"{VENV}/bin/unrealon publish", printed_publish)
         self.assertIn(ROOM, printed_publish)
         out, err, code = yield shell(token_line)

@@ -15,10 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from tests.helpers.redis_server import RedisServer, RedisServerError, start_redis
+from tests.helpers.waiting import sleep, wait_until
 from unrealon._compat.redis import LeanEncodingProtocol as _LeanEncodingProtocol
 from unrealon.engine.redisclient import (
     REPLY_SCRIPT,
@@ -38,21 +39,22 @@ from unrealon.redisurl import DEFAULT_PORT
 Gen = Generator[Any, Any, None]
 
 
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
+def blocked_in_redis(client: StreamClient) -> Deferred[Any]:
+    """Fires once Redis reports a client blocked in XREADGROUP (CLIENT LIST, flag b)."""
+
+    def blocked() -> Deferred[bool]:
+        d = client.redis.execute_command("CLIENT", "LIST")
+        return d.addCallback(lambda text: any(
+            "cmd=xreadgroup" in line and "b" in line.split(" flags=")[1].split(" ")[0]
+            for line in str(text).splitlines()))
+
+    return wait_until(blocked, timeout=5, what="the read blocked in Redis")
 
 
-@inlineCallbacks
-def wait_until_ping(client: StreamClient, attempts: int = 40) -> Gen:
-    """Poll (bounded) until the handler answers a PING again."""
-    for _ in range(attempts):
-        try:
-            yield client.ping(0.25, reactor)
-        except (defer.TimeoutError, txredisapi.ConnectionError):
-            yield sleep(0.05)
-        else:
-            return
-    raise AssertionError("Redis did not come back")
+def wait_until_ping(client: StreamClient) -> Deferred[Any]:
+    """Fires once the handler answers a PING again."""
+    return wait_until(lambda: client.ping(0.25, reactor).addCallback(lambda _: True),
+                      timeout=5, what="Redis answering PING")
 
 
 # --------------------------------------------------------------------- URLs
@@ -357,7 +359,7 @@ class StreamCommandTests(RedisTestCase):
         yield self.client.xgroup_create("s", "g")
         started = time.monotonic()
         read = blocking.xreadgroup("g", "a", {"s": ">"}, count=10, block_ms=3000)
-        yield sleep(0.05)
+        yield blocked_in_redis(self.client)
         self.assertNoResult(read)
         for _ in range(5):
             latency = yield self.client.ping(1.0, reactor)
@@ -646,7 +648,7 @@ class PersistentOutageTests(RedisTestCase):
         # deliver both (they stay pending), then block for more
         yield blocking.xreadgroup("g", "a", {"s": ">"}, count=10, block_ms=None)
         in_flight = blocking.xreadgroup("g", "a", {"s": ">"}, count=1, block_ms=5000)
-        yield sleep(0.05)
+        yield blocked_in_redis(c)
         self.assertNoResult(in_flight)
 
         yield self.server.restart()

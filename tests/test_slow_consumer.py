@@ -26,9 +26,10 @@ from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 
-from tests.helpers.cluster import EVENT, Tap, wait_until
+from tests.helpers.cluster import EVENT, Tap
 from tests.helpers.node import mint_token, start_node
 from tests.helpers.redis_server import start_redis
+from tests.helpers.waiting import wait_until
 from unrealon._compat.transport import unsent
 from unrealon.engine.redisbroker import DISPATCH_SLICE
 from unrealon.engine.redisclient import StreamClient, connect, parse_redis_url

@@ -326,6 +326,14 @@ class IngressConsumer:
         self._next_claim = 0.0  # and claim what dead nodes left, at once
         self._reader_id = await self._reader_client_id()
 
+    @property
+    def waiting_for_a_slot(self) -> bool:
+        """
+        Whether the reader is parked because C{max_in_flight} entries are being
+        handled: it reads nothing more until one of them finishes.
+        """
+        return self._slot is not None and not self._slot.called
+
     def _free(self) -> int:
         """How many more entries this node may take on now."""
         return self._max_in_flight - len(self._in_flight)

@@ -15,30 +15,20 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, inlineCallbacks
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from tests.helpers.cluster import EVENT, NodeProcess, Tap, wait_until
+from tests.helpers.cluster import EVENT, Tap
 from tests.helpers.node import SECRET, mint_token, start_node
+from tests.helpers.process import NodeProcess
 from tests.helpers.rawws import RawWebSocket, open_raw
 from tests.helpers.redis_server import start_redis
+from tests.helpers.waiting import sleep, wait_until
 from unrealon.engine.redisclient import StreamClient, connect, parse_redis_url
-
-
-async def wait_until_async(
-    condition: Callable[[], Awaitable[bool]], timeout: float, what: str
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.1, lambda: None)
 
 
 def ping(i: Any = 1) -> str:
@@ -227,7 +217,7 @@ class FloodTests(TestCase):
             t0 = time.monotonic()
             yield healthy.call("system.ping")
             rtts.append(time.monotonic() - t0)
-            yield deferLater(reactor, 0.04, lambda: None)  # within its own limit
+            yield sleep(0.04)  # within its own limit
         yield flooder.wait_for(flooder.close_frames)
         elapsed = time.monotonic() - started
         flooding.stop()
@@ -337,6 +327,6 @@ class ChurnTests(TestCase):
             health = await node.health()
             return health["connections"] == 0 and len(os.listdir(fds)) == baseline
 
-        yield wait_until_async(settled, timeout=15, what="connections gone, fds at baseline")
+        yield wait_until(settled, timeout=15, what="connections gone, fds at baseline")
         print(f"\n  10,000 connections churned in {time.monotonic() - started:.1f} s: {outcomes}",
               end=" ")

@@ -16,9 +16,11 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from tests.helpers.cluster import EVENT, NodeProcess, Tap, wait_until
+from tests.helpers.cluster import EVENT, Tap, barrier
 from tests.helpers.node import mint_token
+from tests.helpers.process import NodeProcess
 from tests.helpers.redis_server import start_redis
+from tests.helpers.waiting import wait_until
 from unrealon.engine.redisclient import StreamClient, connect, parse_redis_url
 
 ROOM = "workspace:nodes"
@@ -44,6 +46,11 @@ class NodeFaultTests(TestCase):
         self.addCleanup(self.redis.disconnect)
         self.streams = StreamClient(self.redis)
 
+    def publish(self, room: str, event: str, data: dict[str, Any]) -> Any:
+        """Publish through the ingress stream, as the backend does."""
+        payload = {"method": "publish", "params": {"room": room, "event": event, "data": data}}
+        return self.streams.xadd(STREAM, {"payload": json.dumps(payload)})
+
     @inlineCallbacks
     def pending_of(self, consumer: str) -> Any:
         pending = yield self.streams.xpending_range(STREAM, "rpc_group", count=1000,
@@ -67,7 +74,7 @@ class NodeFaultTests(TestCase):
             n = yield self.pending_of("n1")
             return n == 20
 
-        yield _until(all_pending, "n1 holding 20 entries")
+        yield wait_until(all_pending, timeout=20, what="n1 holding 20 entries")
         yield n1.kill()
         n2 = NodeProcess(self, self.server.url, "n2", ENV)
         yield n2.start()
@@ -84,8 +91,9 @@ class NodeFaultTests(TestCase):
             info = yield self.streams.xinfo_groups(STREAM)
             return info[0].pending == 0
 
-        yield _until(nothing_pending, "every entry acknowledged")
-        self.assertEqual(sorted(tap.seqs()), list(range(30)))  # and nothing more came
+        yield wait_until(nothing_pending, timeout=20, what="every entry acknowledged")
+        yield barrier(self.publish, ROOM, [tap])  # nothing more will come
+        self.assertEqual(sorted(tap.seqs()), list(range(30)))
 
     @inlineCallbacks
     def test_node_stopped_past_the_claim_idle(self) -> Any:
@@ -111,7 +119,7 @@ class NodeFaultTests(TestCase):
             n = yield self.pending_of("n1")
             return n > 0
 
-        yield _until(n1_holds_some, "n1 holding entries")
+        yield wait_until(n1_holds_some, timeout=20, what="n1 holding entries")
         n1.pause()
         held = yield self.pending_of("n1")
         # past the claim idle (1 s): n2 takes n1's entries and publishes them all
@@ -124,25 +132,9 @@ class NodeFaultTests(TestCase):
             info = yield self.streams.xinfo_groups(STREAM)
             return info[0].pending == 0
 
-        yield _until(nothing_pending, "every entry acknowledged")
+        yield wait_until(nothing_pending, timeout=20, what="every entry acknowledged")
+        yield barrier(self.publish, ROOM, [on1, on2])  # nothing more will come
         for tap in (on1, on2):
             self.assertEqual(sorted(tap.seqs()), list(range(20)))
         self.assertEqual(on1.seqs(), on2.seqs())  # one order for the room
         print(f"\n  n1 held {held} entries when stopped; each published once", end=" ")
-
-
-@inlineCallbacks
-def _until(check: Any, what: str, timeout: float = 20.0) -> Any:
-    import time
-
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    deadline = time.monotonic() + timeout
-    while True:
-        done = yield check()
-        if done:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        yield deferLater(reactor, 0.05, lambda: None)

@@ -15,13 +15,15 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from tests.helpers.cluster import EVENT, NodeProcess, Tap, wait_until
+from tests.helpers.cluster import EVENT, Tap
 from tests.helpers.node import mint_token, start_node
+from tests.helpers.process import NodeProcess
 from tests.helpers.redis_server import RedisServer, redis_server_binary, start_redis
+from tests.helpers.waiting import sleep, wait_until
 from unrealon.engine.redisclient import StreamClient, connect, parse_redis_url
 
 ROOM = "workspace:faults"
@@ -102,7 +104,7 @@ class RedisRestartTests(TestCase):
                          what="the node noticing")
         code, _ = yield running.http_get("/health")
         self.assertEqual(code, 503)
-        yield deferLater(reactor, 1.0, lambda: None)  # an outage of a second or so
+        yield sleep(1.0)  # an outage of a second or so
         yield server.start()
         back = time.monotonic()
         before = len(tap.events)
@@ -112,7 +114,8 @@ class RedisRestartTests(TestCase):
             status, _ = yield running.http_get("/health")
             return status == 200
 
-        health_at = yield _poll_until(healthy, timeout=10)
+        yield wait_until(healthy, timeout=10, what="/health 200")
+        health_at = time.monotonic()
         yield wait_until(lambda: len(tap.events) > before, timeout=10, what="an event after")
         first_event_at = time.monotonic()
         yield wait_until(lambda: len(tap.events) >= producer.total, timeout=40,
@@ -155,10 +158,10 @@ class RedisAbsentAtStartTests(TestCase):
         self.assertEqual(reply["error"]["code"], -32011)
         self.assertIs(reply["error"]["data"]["retryable"], True)
         self.assertLess(time.monotonic() - asked, 6.0)
-        warnings = [line for line in node.output.splitlines() if "unreachable" in line]
-        self.assertTrue(warnings, node.output[-2000:])
+        warnings = [line for line in node.output().splitlines() if "unreachable" in line]
+        self.assertTrue(warnings, node.output()[-2000:])
         self.assertTrue(any(server.socket_path in line for line in warnings))
-        self.assertNotIn(password, node.output)
+        self.assertNotIn(password, node.output())
         self.assertLessEqual(len(warnings), 2)  # one, and no line per retry
         yield server.start()
         back = time.monotonic()
@@ -168,7 +171,8 @@ class RedisAbsentAtStartTests(TestCase):
             status, _ = yield node.http_get("/health")
             return status == 200
 
-        health_at = yield _poll_until(healthy, timeout=10)
+        yield wait_until(healthy, timeout=10, what="/health 200")
+        health_at = time.monotonic()
         self.assertLess(health_at - back, 3.0)
         tap = Tap(client)
         yield tap.join(ROOM)
@@ -176,8 +180,8 @@ class RedisAbsentAtStartTests(TestCase):
         self.addCleanup(redis.disconnect)
         yield StreamClient(redis).xadd("stream:requests", entry(7))
         yield wait_until(lambda: tap.seqs() == [7], timeout=10, what="the event")
-        self.assertTrue(any("reachable again" in line for line in node.output.splitlines()))
-        self.assertNotIn(password, node.output)
+        self.assertTrue(any("reachable again" in line for line in node.output().splitlines()))
+        self.assertNotIn(password, node.output())
         print(f"\n  Redis started: /health 200 after {health_at - back:.2f} s", end=" ")
 
 
@@ -210,7 +214,7 @@ class ReaderFailureTests(TestCase):
             status, body = yield running.http_get("/health")
             return status == 503 and json.loads(body)["status"] == "degraded"
 
-        yield _poll_until(degraded, timeout=10)
+        yield wait_until(degraded, timeout=10, what="/health degraded")
         self.assertTrue(failures)
         self.assertIn("injected", failures[0]["log_failure"].getTraceback())
         _, metrics = yield running.http_get("/metrics")
@@ -222,7 +226,7 @@ class ReaderFailureTests(TestCase):
             status, _ = yield running.http_get("/health")
             return status == 200
 
-        yield _poll_until(healthy, timeout=10)
+        yield wait_until(healthy, timeout=10, what="/health 200")
         yield StreamClient(redis).xadd("stream:requests", entry(1))
         yield wait_until(lambda: tap.seqs() == [1], timeout=10, what="the event")
         # logged with their traceback, as trial sees too
@@ -253,19 +257,3 @@ class ReaderFailureTests(TestCase):
 
 def _injected(*args: Any, **kwargs: Any) -> Deferred[Any]:
     raise RuntimeError("injected bug in the read")
-
-
-@inlineCallbacks
-def _poll_until(check: Any, timeout: float) -> Any:
-    """The time (monotonic) at which C{check()} first fired with True; fails after C{timeout}."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            ok = yield check()
-        except Exception:
-            ok = False
-        if ok:
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout} s")
-        yield deferLater(reactor, 0.05, lambda: None)

@@ -1,6 +1,6 @@
 """
-Support for the backend-ingress tests: a producer's Redis connection,
-polling helpers, and test-only backend methods registered as extensions.
+Support for the backend-ingress tests: a producer's Redis connection, its
+replies, and test-only backend methods registered as extensions.
 
 Producer side calls go through redis-py (synchronous).  Against a private
 redis-server on a Unix socket a single command takes well under a
@@ -19,8 +19,8 @@ The extension L{register} adds backend-only methods:
     process with C{os._exit} before the ingress can reply or acknowledge:
     a node crashing between its publish and its ack.
 
-A subprocess node loads it with C{--extensions
-tests.helpers.ingress_support:register}.
+A node process loads it with C{UNREALON_EXTENSIONS=tests.helpers.ingress_support:register}
+(L{tests.helpers.process.NodeProcess} puts the repository on its path).
 """
 
 from __future__ import annotations
@@ -28,22 +28,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
-import time
-from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import redis
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IReactorProcess
-from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.internet.defer import Deferred, inlineCallbacks
 
+from tests.helpers.waiting import wait_until
 from unrealon import jsonrpc
 from unrealon.backendapi import BackendCall, Published, PublishParams, store_errors
 from unrealon.engine.interfaces import BackendUnavailable
@@ -57,34 +48,15 @@ DEAD = "stream:requests:dead"
 EXIT_ENV = "UNREALON_TEST_EXIT_AFTER_PUBLISH"
 
 
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
 def sync_redis(url: str) -> redis.Redis[str]:
     """A redis-py client of the fixture server, answering str."""
     return redis.Redis.from_url(url, decode_responses=True, socket_timeout=10)
 
 
 @inlineCallbacks
-def wait_until(
-    predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02, what: str = ""
-) -> Any:
-    """Poll C{predicate} (sync) until it is truthy; return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        yield sleep(interval)
-
-
-@inlineCallbacks
 def wait_reply(r: redis.Redis[str], key: str, timeout: float = 5.0) -> Any:
     """(reply object, TTL of the list when the reply was there) of the next reply on C{key}."""
-    yield wait_until(lambda: r.llen(key), timeout, what=f"a reply on {key}")
+    yield wait_until(lambda: r.llen(key), timeout=timeout, what=f"a reply on {key}")
     ttl = r.ttl(key)
     raw = r.rpop(key)
     return json.loads(raw), ttl
@@ -178,71 +150,3 @@ def register(registry: Registry) -> None:
     registry.method("test.slow", params=AnyParams, callers=Caller.BACKEND)(slow)
     registry.method("test.publish_then_exit", params=PublishParams, result=Published,
                     callers=Caller.BACKEND)(publish_then_exit)
-
-
-# -- a node in a process of its own -------------------------------------------------
-
-
-class NodeProcess(ProcessProtocol):
-    """C{twist unrealon-ws} in a subprocess; its output is kept for diagnostics."""
-
-    def __init__(self) -> None:
-        self.output = bytearray()
-        self.ended: Deferred[int | None] = Deferred()
-        self.exit_code: int | None = None
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.output += data
-
-    def processEnded(self, reason: Failure) -> None:
-        self.exit_code = getattr(reason.value, "exitCode", None)
-        self.ended.callback(self.exit_code)
-
-    @property
-    def running(self) -> bool:
-        return not self.ended.called
-
-    def text(self) -> str:
-        return bytes(self.output).decode("utf-8", "replace")
-
-    def stop(self) -> Deferred[Any]:
-        if not self.running or self.transport is None:
-            return succeed(None)
-        try:
-            self.transport.signalProcess("KILL")
-        except ProcessExitedAlready:
-            return succeed(None)
-        return self.ended
-
-
-def spawn_node(testcase: TestCase, redis_url: str, node_id: str, *args: str,
-               env: dict[str, str] | None = None) -> NodeProcess:
-    """
-    Start C{twist unrealon-ws} on free ports with the test secret and the
-    test-only methods (this module's L{register}); killed in cleanup.
-    """
-    from tests.helpers.node import SECRET
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    twist = os.path.join(os.path.dirname(sys.executable), "twist")
-    argv = [
-        twist, "unrealon-ws",
-        "--ws", "tcp:0:interface=127.0.0.1", "--http", "tcp:0:interface=127.0.0.1",
-        "--redis-url", redis_url, "--jwt-secret", SECRET, "--node-id", node_id,
-        "--extensions", "tests.helpers.ingress_support:register",
-        *args,
-    ]  # fmt: skip
-    child_env = {k: v for k, v in os.environ.items()
-                 if not k.startswith(("UNREALON_", "REDIS_URL", "JWT_"))}
-    child_env["PYTHONPATH"] = root
-    child_env.update(env or {})
-    process = NodeProcess()
-    cast(IReactorProcess, reactor).spawnProcess(
-        process, twist, argv, env=child_env, path=root,
-        childFDs={0: "w", 1: "r", 2: "r"},
-    )
-    testcase.addCleanup(process.stop)
-    return process

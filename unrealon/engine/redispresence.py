@@ -40,7 +40,7 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
+from twisted.internet.defer import Deferred, DeferredList, FirstError, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -116,6 +116,9 @@ class RedisPresence:
         #: connections that left a room before their join came: that join is
         #: dropped (see IPresence.leave)
         self._cancelled: dict[tuple[str, str], bool] = {}
+        #: joins and leaves on their way to Redis: stop waits for them, so a
+        #: node that closes its connections and stops leaves no ghost entry
+        self._writes: set[Deferred[None]] = set()
         self.loops = (
             SupervisedLoop("presence heartbeat", reactor, ttl / 3, self.heartbeat,
                            link=link, count_failure=count_failure),
@@ -130,9 +133,22 @@ class RedisPresence:
         return succeed(None)
 
     def stop(self) -> Deferred[None]:
+        """Stop the loops; fires once the joins and leaves on their way have landed."""
         for loop in self.loops:
             loop.stop()
-        return succeed(None)
+        if not self._writes:
+            return succeed(None)
+        landed = DeferredList(list(self._writes), consumeErrors=True)
+        return landed.addCallback(lambda _: None)
+
+    def _track(self, d: Deferred[None]) -> Deferred[None]:
+        self._writes.add(d)
+
+        def landed(result: Any) -> Any:
+            self._writes.discard(d)
+            return result
+
+        return d.addBoth(landed)
 
     # -- periodic work -------------------------------------------------------
 
@@ -214,7 +230,7 @@ class RedisPresence:
             [members, counts, infos, P + "rooms", FEED],
             [room, user_id, member, self._lifetime_ms, info_json, message, FEED_MAXLEN],
         )
-        return d.addCallbacks(lambda _: None, unavailable)
+        return self._track(d.addCallbacks(lambda _: None, unavailable))
 
     def _leave(self, room: str, user_id: str, conn_id: str, message: bytes | str) -> Deferred[None]:
         member = self._member(user_id, conn_id)
@@ -231,7 +247,7 @@ class RedisPresence:
             [members, counts, infos, FEED],
             [room, user_id, member, message, FEED_MAXLEN],
         )
-        return d.addCallbacks(lambda _: None, unavailable)
+        return self._track(d.addCallbacks(lambda _: None, unavailable))
 
     def join(self, room: str, user_id: str, conn_id: str, info: Mapping[str, Any]) -> Deferred[None]:
         message = encode(
