@@ -1,5 +1,5 @@
 """
-Node settings: one table, four sources, one frozen L{Config}.
+Node settings: one table (C{settings.json}), four sources, one frozen L{Config}.
 
 Every setting has a CLI option and an environment variable (PROTOCOL.md
 section 7).  The CLI wins, then the environment, then a C{.env} file in the
@@ -14,6 +14,7 @@ import the reactor or anything that does (txredisapi does).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -234,87 +235,46 @@ def _log_level(text: str) -> str:
     return level
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("ws_endpoint", "UNREALON_WS", "ws", "tcp:8765:interface=127.0.0.1", _endpoint,
-            "WebSocket listener (Twisted endpoint string); path /ws"),
-    Setting("http_endpoint", "UNREALON_HTTP", "http", "tcp:8766:interface=127.0.0.1", _endpoint,
-            "health/liveness/metrics listener"),
-    Setting("redis_url", "REDIS_URL", "redis-url", None, _redis_url,
-            "redis://host:port/db or unix:///path?db=N; unset: in-memory engine, one node",
-            secret=True),
-    Setting("jwt_secret", "JWT_SECRET", "jwt-secret", None, _optional_text,
-            "HMAC key for HS256/384/512 tokens", secret=True),
-    Setting("jwt_public_key_files", "JWT_PUBLIC_KEY_FILE", "jwt-public-key-file", "", _key_files,
-            "PEM public key or JWKS file(s), comma-separated (RS*/ES*; kid rotation)"),
-    Setting("jwt_algorithms", "JWT_ALGORITHMS", "jwt-algorithms", "HS256", _algorithms,
-            "accepted JWT algorithms, comma-separated"),
-    Setting("jwt_audience", "JWT_AUDIENCE", "jwt-audience", None, _optional_text,
-            "required aud claim"),
-    Setting("jwt_issuer", "JWT_ISSUER", "jwt-issuer", None, _optional_text,
-            "required iss claim"),
-    Setting("jwt_leeway", "JWT_LEEWAY", "jwt-leeway", "5", _non_negative_float,
-            "seconds of clock leeway for exp/nbf/iat"),
-    Setting("insecure_dev", "UNREALON_INSECURE_DEV", "insecure-dev", "0", _flag,
-            "allow starting without any JWT key (development only)"),
-    Setting("node_id", "UNREALON_NODE_ID", "node-id", None, _optional_text,
-            "stable node id (consumer name); default host name and WebSocket port"),
-    Setting("ingress_stream", "UNREALON_INGRESS_STREAM", "ingress-stream", "stream:requests", _text,
-            "backend ingress stream"),
-    Setting("ingress_group", "UNREALON_INGRESS_GROUP", "ingress-group", "rpc_group", _text,
-            "backend ingress consumer group"),
-    Setting("claim_idle", "UNREALON_CLAIM_IDLE", "claim-idle", "30", _positive_float,
-            "seconds before a dead node's pending ingress entries are claimed"),
-    Setting("max_deliveries", "UNREALON_MAX_DELIVERIES", "max-deliveries", "5", _positive_int,
-            "deliveries before an ingress entry goes to the dead-letter stream"),
-    Setting("ingress_max_in_flight", "UNREALON_INGRESS_MAX_IN_FLIGHT", "ingress-max-in-flight",
-            "64", _positive_int, "ingress entries handled at once per node"),
-    Setting("dead_letter_stream", "UNREALON_DEAD_LETTER_STREAM", "dead-letter-stream",
-            "stream:requests:dead", _text, "dead-letter stream"),
-    Setting("auth_timeout", "UNREALON_AUTH_TIMEOUT", "auth-timeout", "10", _positive_float,
-            "seconds to authenticate after the handshake (else close 4001)"),
-    Setting("presence_ttl", "UNREALON_PRESENCE_TTL", "presence-ttl", "30", _positive_float,
-            "presence entry lifetime without heartbeat (s)"),
-    Setting("history_size", "UNREALON_HISTORY_SIZE", "history-size", "1000", _positive_int,
-            "events kept per room"),
-    Setting("history_ttl", "UNREALON_HISTORY_TTL", "history-ttl", "86400", _positive_float,
-            "seconds events are kept per room"),
-    Setting("max_message_size", "UNREALON_MAX_MESSAGE_SIZE", "max-message-size", "65536",
-            _positive_int, "largest client message in bytes (close 1009)"),
-    Setting("send_buffer_limit", "UNREALON_SEND_BUFFER_LIMIT", "send-buffer-limit", "1048576",
-            _positive_int, "unsent bytes per connection before close 4008"),
-    Setting("rate_limit", "UNREALON_RATE_LIMIT", "rate-limit", "50", _positive_float,
-            "client calls per second per connection (burst twice that)"),
-    Setting("allowed_origins", "UNREALON_ALLOWED_ORIGINS", "allowed-origins", "*", _origins,
-            "comma-separated Origin allow-list, or *"),
-    Setting("shutdown_timeout", "UNREALON_SHUTDOWN_TIMEOUT", "shutdown-timeout", "10",
-            _positive_float, "longest drain on SIGTERM (s)"),
-    Setting("max_connections_per_user", "UNREALON_MAX_CONNECTIONS_PER_USER",
-            "max-connections-per-user", "100", _positive_int,
-            "connections one user may hold on this node"),
-    Setting("max_unauthenticated", "UNREALON_MAX_UNAUTHENTICATED", "max-unauthenticated", "5000",
-            _positive_int, "connections open and not yet authenticated on this node"),
-    Setting("ping_interval", "UNREALON_PING_INTERVAL", "ping-interval", "20", _positive_float,
-            "seconds between WebSocket pings"),
-    Setting("ping_timeout", "UNREALON_PING_TIMEOUT", "ping-timeout", "10", _positive_float,
-            "seconds to wait for a pong before dropping the connection"),
-    Setting("handshake_timeout", "UNREALON_HANDSHAKE_TIMEOUT", "handshake-timeout", "5",
-            _positive_float, "seconds for the opening (and closing) handshake"),
-    Setting("compression", "UNREALON_COMPRESSION", "compression", "0", _flag,
-            "accept permessage-deflate"),
-    Setting("extensions", "UNREALON_EXTENSIONS", "extensions", "", _extensions,
-            "application methods: module.path:register callables, comma-separated"),
-    Setting("api_keys", "UNREALON_API_KEY", "api-key", "", _api_keys,
-            "HTTP API keys (POST /api/<method>), comma-separated, each at least 16 "
-            "characters; unset: the HTTP API is off", secret=True),
-    Setting("log_level", "UNREALON_LOG_LEVEL", "log-level", "info", _log_level,
-            "least important log level written"),
-    Setting("log_format", "UNREALON_LOG_FORMAT", "log-format", None, _log_format,
-            "the runner's log lines: text (one readable line per event) or json (NDJSON); "
-            "unset: the runner's choice (twist: text on a terminal, else JSON)"),
-    Setting("log_file", "UNREALON_LOG_FILE", "log-file", None, _optional_text,
-            "also write JSON log lines to this file"),
-)
+#: the parsers the settings table names in its C{type} column
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "positive_int": _positive_int,
+    "positive_float": _positive_float,
+    "non_negative_float": _non_negative_float,
+    "flag": _flag,
+    "text": _text,
+    "optional_text": _optional_text,
+    "endpoint": _endpoint,
+    "redis_url": _redis_url,
+    "algorithms": _algorithms,
+    "key_files": _key_files,
+    "origins": _origins,
+    "extensions": _extensions,
+    "api_keys": _api_keys,
+    "log_level": _log_level,
+    "log_format": _log_format,
+}
 
+
+def _option(env: str) -> str:
+    """The CLI option of a variable: UNREALON_CLAIM_IDLE -> claim-idle, REDIS_URL -> redis-url."""
+    return env.removeprefix("UNREALON_").lower().replace("_", "-")
+
+
+def _read_settings() -> tuple[Setting, ...]:
+    """
+    The settings table, C{settings.json} next to this module: data, so the
+    defaults are stated once and the docs and checks read the same rows.
+    """
+    rows = json.loads((Path(__file__).parent / "settings.json").read_text("utf-8"))["settings"]
+    return tuple(
+        Setting(name=row["name"], env=row["env"], option=_option(row["env"]),
+                default=row["default"], parse=_PARSERS[row["type"]], doc=row["doc"],
+                secret=row.get("secret", False))
+        for row in rows
+    )
+
+
+SETTINGS: tuple[Setting, ...] = _read_settings()
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
 
@@ -409,6 +369,17 @@ def _default_node_id(ws_endpoint: str) -> str:
     match = re.match(r"^(?:tcp6?|ssl):(?:port=)?(\d+)", ws_endpoint)
     host = socket.gethostname() or "unrealon"
     return f"{host}-{match.group(1)}" if match else host
+
+
+def _check_table() -> None:
+    """The settings table and L{Config} name the same fields (checked at import)."""
+    table = {s.name for s in SETTINGS}
+    fields = {f.name for f in attrs.fields(Config)} - {"jwt_keys"}
+    if table != fields:
+        raise RuntimeError(f"settings.json and Config disagree: {sorted(table ^ fields)}")
+
+
+_check_table()
 
 
 def load_config(
