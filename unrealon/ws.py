@@ -144,12 +144,9 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
         )
         self.membership = RoomMembership(self, node.hub, node.broker, node.presence, node.reactor)
         self._outbox = Outbox(self, factory.coalescer, config.send_buffer_limit)
-        super().connectionMade()
-
-    def _connectionMade(self) -> None:
         # Autobahn's pretty-printed options dump for a debug line, made lazy
         with compat_websocket.lazy_options_dump():
-            super()._connectionMade()
+            super().connectionMade()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         try:
