@@ -139,6 +139,14 @@ def _is_optional(tp: Any) -> tuple[bool, Any]:
     return False, tp
 
 
+def _enum_member(tp: type[enum.Enum], value: Any) -> enum.Enum | None:
+    """The member of C{tp} whose value is C{value}; None if there is none (a type error follows)."""
+    try:
+        return tp(value)
+    except (ValueError, TypeError):
+        return None
+
+
 def _convert(tp: Any, value: Any, path: str) -> Any:
     """Check C{value} against type C{tp}; return the typed value."""
     if type(value) is tp and tp in _PLAIN_TYPES:
@@ -166,10 +174,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif isinstance(tp, type) and issubclass(tp, enum.Enum):
-        try:
-            return tp(value)
-        except (ValueError, TypeError):
-            pass
+        member = _enum_member(tp, value)
+        if member is not None:
+            return member
     elif origin in (list, tuple) or tp in (list, tuple):
         if isinstance(value, list):
             args = typing.get_args(tp)

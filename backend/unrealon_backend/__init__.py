@@ -13,43 +13,10 @@ and L{unrealon_backend.catalogue} for the event catalogue it checks against.
 
 from __future__ import annotations
 
-from unrealon_backend.catalogue import ENUMS, EVENTS, check_event, event_room
-from unrealon_backend.publisher import (
-    CHANGES,
-    LEVELS,
-    ROLES,
-    TASK_STATUSES,
-    BackendCallError,
-    BackendError,
-    BackendUnavailable,
-    CallTimeout,
-    DeadlineExceeded,
-    Forbidden,
-    InternalError,
-    InvalidParams,
-    MethodNotFound,
-    Publisher,
-)
+from unrealon_backend import catalogue, publisher
+from unrealon_backend.catalogue import *  # noqa: F403 (its __all__)
+from unrealon_backend.publisher import *  # noqa: F403 (its __all__)
 
 __version__ = "0.2.0"
 
-__all__ = [
-    "CHANGES",
-    "ENUMS",
-    "EVENTS",
-    "LEVELS",
-    "ROLES",
-    "TASK_STATUSES",
-    "BackendCallError",
-    "BackendError",
-    "BackendUnavailable",
-    "CallTimeout",
-    "DeadlineExceeded",
-    "Forbidden",
-    "InternalError",
-    "InvalidParams",
-    "MethodNotFound",
-    "Publisher",
-    "check_event",
-    "event_room",
-]
+__all__ = sorted([*catalogue.__all__, *publisher.__all__])
