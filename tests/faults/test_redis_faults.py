@@ -109,13 +109,7 @@ class RedisRestartTests(TestCase):
         back = time.monotonic()
         before = len(tap.events)
 
-        @inlineCallbacks
-        def healthy() -> Any:
-            status, _ = yield running.http_get("/health")
-            return status == 200
-
-        yield wait_until(healthy, timeout=10, what="/health 200")
-        health_at = time.monotonic()
+        health_at = yield healthy_again(running)
         yield wait_until(lambda: len(tap.events) > before, timeout=10, what="an event after")
         first_event_at = time.monotonic()
         yield wait_until(lambda: len(tap.events) >= producer.total, timeout=40,
@@ -166,13 +160,7 @@ class RedisAbsentAtStartTests(TestCase):
         yield server.start()
         back = time.monotonic()
 
-        @inlineCallbacks
-        def healthy() -> Any:
-            status, _ = yield node.http_get("/health")
-            return status == 200
-
-        yield wait_until(healthy, timeout=10, what="/health 200")
-        health_at = time.monotonic()
+        health_at = yield healthy_again(node)
         self.assertLess(health_at - back, 3.0)
         tap = Tap(client)
         yield tap.join(ROOM)
@@ -221,12 +209,7 @@ class ReaderFailureTests(TestCase):
         self.assertIn(f'unrealon_loop_failures_total{{loop="{reader_name}"}}'.encode(), metrics)
         repair(running.service)
 
-        @inlineCallbacks
-        def healthy() -> Any:
-            status, _ = yield running.http_get("/health")
-            return status == 200
-
-        yield wait_until(healthy, timeout=10, what="/health 200")
+        yield healthy_again(running)
         yield StreamClient(redis).xadd("stream:requests", entry(1))
         yield wait_until(lambda: tap.seqs() == [1], timeout=10, what="the event")
         # logged with their traceback, as trial sees too
@@ -253,6 +236,13 @@ class ReaderFailureTests(TestCase):
             reader.xread = reader.original
 
         return self.check_reader("cluster feed reader", break_it, repair)
+
+
+def healthy_again(node: Any) -> Deferred[float]:
+    """The time (monotonic) at which C{node}'s /health first answered 200 (within 10 s)."""
+    d = wait_until(lambda: node.http_get("/health").addCallback(lambda r: r[0] == 200),
+                   timeout=10, what="/health 200")
+    return d.addCallback(lambda _: time.monotonic())
 
 
 def _injected(*args: Any, **kwargs: Any) -> Deferred[Any]:
