@@ -415,14 +415,16 @@ class PythonClientTests(TestCase):
             port = s.getsockname()[1]
 
         async def scenario(h: Harness) -> None:
-            c = UnrealonClient(f"ws://127.0.0.1:{port}/ws", token="t",
+            # a token someone put in the URL never reaches the message (nor a log)
+            c = UnrealonClient(f"ws://user:pw@127.0.0.1:{port}/ws?token=SECRET-IN-URL", token="t",
                                backoff=Backoff(initial=0.05, maximum=0.2))
             h.clients.append(c)
             started = time.monotonic()
             try:
                 await c.connect(timeout=1.0)
             except ConnectError as e:
-                assert "cannot connect to ws://127.0.0.1" in str(e), e
+                assert f"cannot connect to ws://127.0.0.1:{port}/ws:" in str(e), e
+                assert "SECRET-IN-URL" not in str(e) and "pw" not in str(e), e
                 assert "within 1.0 s" in str(e) and "refused" in str(e).lower(), e
                 assert e.status is None
             else:

@@ -31,6 +31,7 @@ import json
 import os
 import random
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -80,13 +81,23 @@ class ConnectError(ConnectionClosedError):
     """
 
     def __init__(self, url: str, reason: str, status: int | None = None, body: str = "") -> None:
-        super().__init__(CLOSE_ABNORMAL, f"cannot connect to {url}: {reason}")
+        super().__init__(CLOSE_ABNORMAL, f"cannot connect to {_shown(url)}: {reason}")
         self.url = url
         self.status = status
         self.body = body
 
     def __str__(self) -> str:
         return self.reason
+
+
+def _shown(url: str) -> str:
+    """C{url} without query or user info: a token or password there must not reach a log."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 #: handshake refusals that another attempt would not change (before any connection opened)
@@ -291,6 +302,10 @@ class ClientCore:
         except TimeoutError:
             error = ConnectError(self.url, f"no connection within {timeout} s "
                                            f"(last attempt: {self._last_failure})")
+            # this caller raises it; its own waiter needs no exception nobody would read
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            waiter.cancel()
             self._fail(error)
             raise error from None
 
