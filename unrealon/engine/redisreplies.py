@@ -10,35 +10,13 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from unrealon.engine import scripts
 from unrealon.engine.rediskeys import api_reply_key
 from unrealon.idempotency import PENDING_TTL, REPLY_TTL, Claim, IReplyStore, StoredReply
 
 # Records in Redis are strings: "p:<token>" while pending, "d:<status>:<body>"
-# when done.  Each step is one script, so checking who holds a key and
-# changing it happen together.  EVAL (not EVALSHA): the API is not a hot
-# path, and Redis caches the compiled script anyway.
-
-#: KEYS[1] = record; ARGV = pending value, pending ttl.  "" when claimed, else the record.
-_CLAIM = """\
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then return '' end
-return redis.call('GET', KEYS[1]) or ''
-"""
-
-#: KEYS[1] = record; ARGV = pending value, done value, reply ttl.
-_FINISH = """\
-local current = redis.call('GET', KEYS[1])
-if current == ARGV[1] or not current then
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
-  return 1
-end
-return 0
-"""
-
-#: KEYS[1] = record; ARGV = pending value.
-_RELEASE = """\
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+# when done.  Each step is one script (scripts.API_CLAIM, API_FINISH,
+# API_RELEASE), so checking who holds a key and changing it happen together.
 
 
 def _parse_record(value: Any) -> Claim:
@@ -64,20 +42,14 @@ class RedisReplyStore:
         self._redis = redis
 
     def claim(self, key: str, token: str) -> Deferred[Claim]:
-        d: Deferred[Any] = self._redis.execute_command(
-            "EVAL", _CLAIM, 1, api_reply_key(key), "p:" + token, PENDING_TTL
-        )
+        d = scripts.API_CLAIM(self._redis, [api_reply_key(key)], ["p:" + token, PENDING_TTL])
         return d.addCallback(_parse_record)
 
     def finish(self, key: str, token: str, reply: StoredReply) -> Deferred[None]:
         done = f"d:{reply.status}:".encode() + reply.body
-        d: Deferred[Any] = self._redis.execute_command(
-            "EVAL", _FINISH, 1, api_reply_key(key), "p:" + token, done, REPLY_TTL
-        )
+        d = scripts.API_FINISH(self._redis, [api_reply_key(key)], ["p:" + token, done, REPLY_TTL])
         return d.addCallback(lambda _: None)
 
     def release(self, key: str, token: str) -> Deferred[None]:
-        d: Deferred[Any] = self._redis.execute_command(
-            "EVAL", _RELEASE, 1, api_reply_key(key), "p:" + token
-        )
+        d = scripts.API_RELEASE(self._redis, [api_reply_key(key)], ["p:" + token])
         return d.addCallback(lambda _: None)

@@ -317,3 +317,36 @@ end
 return out
 """
 )
+
+
+# -- the HTTP API's Idempotency-Key records (unrealon.engine.redisreplies) ------
+
+#: KEYS: record.  ARGV: pending value, pending ttl (s).
+#: "" when this request claimed the key, else the record as it stands.
+API_CLAIM = LuaScript(
+    """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then return '' end
+return redis.call('GET', KEYS[1]) or ''
+"""
+)
+
+#: KEYS: record.  ARGV: pending value, done value, reply ttl (s).
+#: Stores the reply unless another request holds the key now.
+API_FINISH = LuaScript(
+    """
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] or not current then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+  return 1
+end
+return 0
+"""
+)
+
+#: KEYS: record.  ARGV: pending value.  Frees the key if this request still holds it.
+API_RELEASE = LuaScript(
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+)
