@@ -231,3 +231,43 @@ class BoundsTests(SynchronousTestCase):
             installed = tuple(int(p) for p in version(package).split(".")[:2])
             bound = tuple(int(p) for p in upper.group(1).split("."))
             self.assertLess(installed[: len(bound)], bound, (package, version(package)))
+
+
+class IdleConnectionMemoryTests(TestCase):
+    """
+    What an opened connection no longer keeps (L{websocket.release_handshake},
+    L{websocket.lazy_send_queue}), on a real node with a real client: the
+    handshake leftovers are empty, and a write Autobahn queues still arrives.
+    """
+
+    @inlineCallbacks
+    def _session(self) -> Any:
+        from tests.helpers.node import mint_token, start_node
+
+        running = yield start_node(self)
+        client = yield running.connect(mint_token("alice"))
+        self.addCleanup(client.drop)
+        session = next(iter(running.service.factory.connections))
+        return client, session
+
+    @inlineCallbacks
+    def test_handshake_leftovers_are_released(self) -> None:
+        client, session = yield self._session()
+        for name in websocket.HANDSHAKE_LEFTOVERS:
+            self.assertIn(name, vars(session), f"Autobahn no longer sets {name}")
+            self.assertEqual(len(getattr(session, name)), 0, name)
+        self.assertEqual(session.send_queue, ())
+        reply = yield client.call("system.ping")
+        self.assertTrue(reply["pong"])
+
+    @inlineCallbacks
+    def test_sync_and_chopped_writes_get_a_queue(self) -> None:
+        from unrealon.frames import text_frame
+
+        client, session = yield self._session()
+        session.sendData(text_frame(b'{"n":1}'), sync=True)
+        session.sendData(text_frame(b'{"n":2}'), chopsize=3)
+        first = yield client.next()
+        second = yield client.next()
+        self.assertEqual((first, second), ({"n": 1}, {"n": 2}))
+        self.assertNotEqual(type(session.send_queue), tuple)

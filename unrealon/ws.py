@@ -147,6 +147,7 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
         # Autobahn's pretty-printed options dump for a debug line, made lazy
         with compat_websocket.lazy_options_dump():
             super().connectionMade()
+        compat_websocket.lazy_send_queue(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         try:
@@ -159,6 +160,7 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
 
     def onOpen(self) -> None:
         self.enable_direct_frames()
+        compat_websocket.release_handshake(self)
         node = self.node
         self._opened = True
         node.metrics.connections_opened.inc()
@@ -257,6 +259,7 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
         outbox = getattr(self, "_outbox", None)
         if outbox is not None:
             outbox.flush()
+        compat_websocket.ensure_send_queue(self, sync, chopsize)
         super().sendData(data, sync, chopsize)
 
     def sendMessage(

@@ -19,13 +19,26 @@ Autobahn's WebSocket protocol: the internals the session adjusts.
   - Autobahn applies C{maxMessagePayloadSize} to outgoing messages too; the
     limit is for client messages only.  L{outgoing_size_unlimited} lifts it
     around one send.  Upstream: separate incoming and outgoing limits.
+  - Autobahn keeps the opening handshake for the connection's life: the raw
+    request, its status line, URI, parsed headers and query, and the raw
+    response, about 2.5 KiB per connection, never read after the handshake.
+    L{release_handshake} drops them when the connection opens.  It also
+    gives every connection an empty C{deque} for chopped and "sync" writes
+    (760 bytes; neither is used here): L{lazy_send_queue} puts an empty
+    tuple in its place and L{ensure_send_queue} makes the deque before the
+    first write that needs one.  Together a quarter of the memory of an idle
+    connection (bench/, idle_memory).  Upstream: drop the handshake data
+    after C{succeedHandshake} unless a debug option keeps it, and make the
+    send queue on first use.
 """
 
 from __future__ import annotations
 
 import pprint
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any
 
 from autobahn.websocket import protocol as autobahn_protocol
@@ -37,8 +50,22 @@ from unrealon._compat import require, unsupported
 REGISTERED_CLOSE_CODES = (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014)
 
 
+#: what Autobahn's server protocol keeps of the opening handshake, and the
+#: empty value each is left with (the types Autobahn itself starts from)
+HANDSHAKE_LEFTOVERS: dict[str, Any] = {
+    "http_request_data": b"",
+    "http_status_line": "",
+    "http_request_uri": "",
+    # read-only: one empty mapping shared by every connection
+    "http_headers": MappingProxyType({}),
+    "http_request_params": MappingProxyType({}),
+    "http_response_data": "",
+}
+
+
 def check() -> None:
-    require("autobahn", WebSocketProtocol, ("CLOSE_STATUS_CODES_ALLOWED", "_connectionMade"))
+    require("autobahn", WebSocketProtocol, ("CLOSE_STATUS_CODES_ALLOWED", "_connectionMade",
+                                            "sendData", "_send"))
     require("autobahn", autobahn_protocol, ("pformat",))
     if not isinstance(WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED, list):
         raise unsupported("autobahn", "CLOSE_STATUS_CODES_ALLOWED is no longer a list")
@@ -85,6 +112,33 @@ def cancel_close_handshake_timer(protocol: Any) -> None:
     if timer is not None:
         protocol.closeHandshakeTimeoutCall = None
         timer.cancel()
+
+
+def release_handshake(protocol: Any) -> None:
+    """
+    Drop what Autobahn kept of an opened connection's handshake.  Each
+    attribute is rebound to a shared empty value rather than deleted: code
+    that reads one later (a log line) finds it empty instead of failing.
+    """
+    for name, empty in HANDSHAKE_LEFTOVERS.items():
+        if name in protocol.__dict__:
+            setattr(protocol, name, empty)
+
+
+def lazy_send_queue(protocol: Any) -> None:
+    """Replace the connection's (still empty) send queue with an empty tuple."""
+    if not protocol.send_queue:
+        protocol.send_queue = ()
+
+
+def ensure_send_queue(protocol: Any, sync: bool, chopsize: int | None) -> None:
+    """
+    Before C{sendData(data, sync, chopsize)}: a write Autobahn would queue
+    gets a real deque.  Autobahn queues a write when it is "sync", chopped,
+    or something is queued already (then the deque exists).
+    """
+    if (sync or chopsize) and type(protocol.send_queue) is tuple:
+        protocol.send_queue = deque()
 
 
 @contextmanager
