@@ -37,7 +37,7 @@ COPY twisted ./twisted
 # /src. pip builds in an isolated environment with the backend pinned in pyproject.toml,
 # then installs the dependencies from PyPI. All of them ship wheels or are pure Python,
 # so slim needs no compiler.
-RUN pip install --no-cache-dir -c constraints.txt . \
+RUN pip install --no-cache-dir -c constraints.txt '.[fast]' \
  && cd / && rm -rf /src
 
 # The node reads ./.env from its working directory. Use an empty, root-owned directory

@@ -18,7 +18,7 @@ install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# compat mode puts the checkout on sys.path, so twisted/plugins/ here is found
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench,fast]' --config-settings editable_mode=compat
 	# the backend package (backend/): Django's side, only redis-py
 	$(PY) -m pip install --quiet -c constraints.txt -e ./backend
 	npm ci --no-audit --no-fund

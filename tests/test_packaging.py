@@ -446,13 +446,14 @@ class DockerfileTests(SynchronousTestCase):
     def test_base_and_install(self) -> None:
         """
         python:3.11-slim; the package is installed as a normal, non-editable
-        package, within the tested versions of constraints.txt.
+        package with its fast JSON codec, within the tested versions of
+        constraints.txt.
         """
         instructions = _dockerfile()
         self.assertEqual(instructions[0], ("FROM", "python:3.11-slim"))
         installs = [a for k, a in instructions if k == "RUN" and "pip install" in a]
         self.assertEqual(len(installs), 1, installs)
-        self.assertIn("pip install --no-cache-dir -c constraints.txt .", installs[0])
+        self.assertIn("pip install --no-cache-dir -c constraints.txt '.[fast]'", installs[0])
         self.assertNotIn("-e", shlex.split(installs[0].split("&&")[0]))
         for source in ("pyproject.toml", "setup.cfg", "README.md", "constraints.txt", "unrealon",
                        "twisted"):

@@ -9,11 +9,11 @@ only the fixed messages below and caller-chosen C{data}.
 
 from __future__ import annotations
 
-import json
-import math
 from typing import Any, Union
 
 import attrs
+
+from unrealon import jsoncodec
 
 JSONRPC = "2.0"
 
@@ -173,35 +173,9 @@ def parse_entry(obj: Any) -> Entry:
     )
 
 
-def decode_json(payload: bytes | str) -> Any:
-    """
-    Decode JSON text strictly: UTF-8 only (C{json.loads} would guess UTF-16
-    or UTF-32 from NUL bytes), no NaN/Infinity, which are not JSON, and no
-    number too large for a float (C{1e999} would become infinity, which no
-    reply could echo).
-
-    Raises L{ValueError} (including L{UnicodeDecodeError}) on bad input.
-    """
-    if isinstance(payload, bytes):
-        payload = payload.decode("utf-8")
-    return _DECODER.decode(payload)
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError("number out of range")
-    return value
-
-
-# Built once: json.loads/dumps with options build a new coder per call (hot path).
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-_ASCII_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+#: strict decode, UTF-8 only, no NaN/Infinity or numbers beyond a float;
+#: raises L{ValueError} (L{unrealon.jsoncodec.decode})
+decode_json = jsoncodec.decode
 
 
 def parse_message(payload: bytes | str) -> Incoming:
@@ -255,17 +229,7 @@ def notification(method: str, params: Any) -> dict[str, Any]:
     return {"jsonrpc": JSONRPC, "method": method, "params": params}
 
 
-def encode(message: Any) -> bytes:
-    """
-    Compact UTF-8 JSON, the one encoding used for every frame we send.
-
-    A string with a lone surrogate (JSON allows C{"\\ud800"}, and so an id
-    may hold one) cannot be UTF-8: such a message is written with C{\\u}
-    escapes instead, which still reads back as the very same string.
-    Raises L{TypeError} or L{ValueError} for values JSON cannot carry.
-    """
-    text = _ENCODER.encode(message)
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return _ASCII_ENCODER.encode(message).encode("ascii")
+#: compact UTF-8 JSON, the one encoding of every frame we send; raises
+#: L{TypeError} or L{ValueError} for values JSON cannot carry
+#: (L{unrealon.jsoncodec.encode})
+encode = jsoncodec.encode

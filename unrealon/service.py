@@ -33,6 +33,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
+from unrealon import jsoncodec
 from unrealon.auth import TokenVerifier
 from unrealon.backendapi import BackendCall, register_backend_methods
 from unrealon.clientapi import register_client_methods
@@ -155,11 +156,13 @@ class NodeService(Service):
                                                  error=f.getErrorMessage()))
             raise
         log.info(
-            "node {node_id} serving WebSocket on {ws} and health on {http} ({engine} engine)",
+            "node {node_id} serving WebSocket on {ws} and health on {http} ({engine} engine,"
+            " JSON by {codec})",
             node_id=node.node_id,
             ws=_address(self.ws_port),
             http=_address(self.http_port),
             engine="redis" if node.config.redis_url else "memory",
+            codec=jsoncodec.BACKEND,
         )
         if not engine.called:
             log.info("node {node_id} waiting for Redis", node_id=node.node_id)

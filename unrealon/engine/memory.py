@@ -10,7 +10,6 @@ conformance tests; it just cannot span nodes.
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +20,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
+from unrealon import jsoncodec
 from unrealon.engine.interfaces import (
     EphemeralEvent,
     IBroker,
@@ -145,7 +145,7 @@ class MemoryBroker:
         first = history.entries[0][0] if history.entries else history.last_seq + 1
         if since_seq < first - 1 or history.last_seq - since_seq > self._size:
             return succeed(Recovery(cursor=current, recovered=False))
-        missed = tuple(json.loads(m) for seq, m in history.entries if seq > since_seq)
+        missed = tuple(jsoncodec.decode(m) for seq, m in history.entries if seq > since_seq)
         return succeed(Recovery(cursor=current, recovered=True, missed=missed))
 
     def cursor_key(self, cursor: str) -> tuple[Any, ...] | None:

@@ -28,7 +28,6 @@ position check to detect loss.
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,6 +39,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from unrealon import jsoncodec
 from unrealon.engine import rediskeys, scripts
 from unrealon.engine.interfaces import (
     EphemeralEvent,
@@ -73,8 +73,7 @@ READ_COUNT = 1000
 #: writes reach the kernel first, so only real slow readers accumulate.
 DISPATCH_SLICE = 64 * 1024
 
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_json = jsoncodec.text
 
 
 def split_notification(event: str, room: str, data: Mapping[str, Any]) -> tuple[str, str]:
@@ -336,7 +335,7 @@ class RedisBroker:
             return Recovery(
                 cursor=f"{epoch}:{last}",
                 recovered=bool(int(recovered)),
-                missed=tuple(json.loads(m) for m in missed or ()),
+                missed=tuple(jsoncodec.decode(m) for m in missed or ()),
             )
 
         return d.addCallbacks(done, unavailable)

@@ -1,0 +1,169 @@
+"""
+L{unrealon.jsoncodec}: the fast codec and the reference are one codec on the
+wire.  Differential tests: every input, given to both, gets the same bytes
+out (encoding) or the same value of the same types, or an error from both
+(decoding).  The contract's edge cases one by one, then generated values.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import json
+import math
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from unrealon import jsoncodec
+from unrealon.jsoncodec import reference_decode, reference_encode, reference_text
+
+PROFILE = settings(max_examples=300)
+
+any_text = st.lists(st.characters() | st.characters(categories=["Cs"]), max_size=20).map("".join)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | any_text
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(any_text, children, max_size=4),
+    max_leaves=12,
+)
+#: number literals of every shape JSON allows, long ones included
+number_literals = st.from_regex(
+    r"-?(0|[1-9][0-9]{0,24})(\.[0-9]{1,24})?([eE][-+]?[0-9]{1,3})?", fullmatch=True
+)
+
+
+class Outcome:
+    """What a decode gave: a value, or that it was refused."""
+
+    def __init__(self, decode: Any, payload: bytes | str) -> None:
+        try:
+            self.value, self.refused = decode(payload), False
+        except (ValueError, RecursionError):
+            self.value, self.refused = None, True
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal values of the same types all the way down (-0.0 is not 0.0)."""
+    pairs = [(a, b)]  # a stack, not recursion: some cases nest 1,100 deep
+    while pairs:
+        x, y = pairs.pop()
+        if type(x) is not type(y):
+            return False
+        if isinstance(x, float):
+            if x.hex() != y.hex():
+                return False
+        elif isinstance(x, list):
+            if len(x) != len(y):
+                return False
+            pairs.extend(zip(x, y, strict=True))
+        elif isinstance(x, dict):
+            if list(x) != list(y):
+                return False
+            pairs.extend((x[k], y[k]) for k in x)
+        elif x != y:
+            return False
+    return True
+
+
+class DecodeTests(SynchronousTestCase):
+    def assertSameDecode(self, payload: bytes | str) -> None:
+        fast, ref = Outcome(jsoncodec.decode, payload), Outcome(reference_decode, payload)
+        self.assertEqual(fast.refused, ref.refused, payload)
+        self.assertTrue(same(fast.value, ref.value), (payload, fast.value, ref.value))
+
+    def test_backend_is_named(self) -> None:
+        self.assertTrue(jsoncodec.BACKEND == "stdlib" or jsoncodec.BACKEND.startswith("orjson "))
+
+    def test_edge_cases_of_the_contract(self) -> None:
+        cases = [
+            # lone surrogates: legal as escapes, not as raw UTF-8 bytes
+            b'"\\ud800"', b'"\\udc00x"', b'{"id":"\\ud83d"}', b'"\\ud83d\\ude00"', b'"\xed\xa0\x80"',
+            # integers beyond 64 bits, and at the edges
+            b"18446744073709551615", b"18446744073709551616", b"-9223372036854775808",
+            b"-9223372036854775809", b"123456789012345678901234567890", b"1" * 4301,
+            b'{"id":99999999999999999999}', b"1234567890123456789.5",
+            # not JSON: NaN, Infinity, numbers beyond a float
+            b"NaN", b"-Infinity", b"[1,NaN]", b"1e999", b"-1e400", b"1e-400",
+            # duplicate keys: the last one wins in both
+            b'{"a":1,"a":2}', b'{"id":1,"method":"x","id":"2"}',
+            # nesting past orjson's limit, and within it
+            b"[" * 1100 + b"]" * 1100, b"[" * 500 + b"]" * 500, b"[" * 5000 + b"]" * 5000,
+            # encodings and framing
+            b"\xef\xbb\xbf{}", b"\xff", b"{}\x00", b'"\x01"', b" {} ", b"", b"  ", b"[1,]", b"{'a':1}",
+            "\"é\"", "\"\ud800\"",
+            # numbers of every shape
+            b"-0", b"-0.0", b"0.1", b"1E2", b"1e+2", b"5e-324", b"1.7976931348623157e308",
+        ]
+        for payload in cases:
+            self.assertSameDecode(payload)
+
+    @PROFILE
+    @given(json_values)
+    def test_what_we_encode_decodes_alike(self, value: Any) -> None:
+        self.assertSameDecode(reference_encode(value))
+        self.assertSameDecode(json.dumps(value))
+
+    @PROFILE
+    @given(st.lists(number_literals, min_size=1, max_size=5))
+    def test_number_literals(self, numbers: list[str]) -> None:
+        self.assertSameDecode(("[" + ",".join(numbers) + "]").encode())
+        self.assertSameDecode(numbers[0].encode())
+
+    @PROFILE
+    @given(st.binary(max_size=200))
+    def test_any_bytes(self, payload: bytes) -> None:
+        self.assertSameDecode(payload)
+
+
+class _Colour(enum.IntEnum):
+    RED = 1
+
+
+class _Name(str):
+    pass
+
+
+class EncodeTests(SynchronousTestCase):
+    def assertSameEncode(self, value: Any) -> None:
+        for fast, ref in ((jsoncodec.encode, reference_encode), (jsoncodec.text, reference_text)):
+            try:
+                expected: Any = ref(value)
+            except (TypeError, ValueError) as e:
+                self.assertRaises(type(e), fast, value)
+            else:
+                self.assertEqual(fast(value), expected, repr(value))
+
+    def test_edge_cases_of_the_contract(self) -> None:
+        cases: list[Any] = [
+            "\ud800", {"id": "\ud83d", "result": "é\u2028"}, "\ud83d\ude00",
+            2**64, -(2**63) - 1, 2**63, -(2**63), 10**40, [2**100, 1],
+            math.nan, math.inf, -math.inf, [1.0, math.nan],
+            1e-07, 1e-05, 1e-4, 0.0001, 1e16, 1e15, 1e22, 5e-324, -0.0, 1.0, 100.0,
+            1.5e300, 123456789012345680.0, 12345678.9, [1e-9, "1e-9"],
+            {"a": None}, [None, "null"], "null", True, False,
+            {1: "a"}, {"a": {2: 3}}, (1, 2), _Colour.RED, _Name("x"), {_Name("k"): 1},
+            datetime.datetime(2026, 12, 5), object(), b"bytes", {1.5: 2},
+        ]
+        for value in cases:
+            self.assertSameEncode(value)
+
+    @PROFILE
+    @given(json_values)
+    def test_any_json_value(self, value: Any) -> None:
+        self.assertSameEncode(value)
+
+    @PROFILE
+    @given(st.floats(allow_nan=True, allow_infinity=True))
+    def test_any_float(self, value: float) -> None:
+        self.assertSameEncode(value)
+        self.assertSameEncode({"x": [value]})
