@@ -108,14 +108,12 @@ if orjson is not None:
     _NOT_DIGITS = bytes(b for b in range(256) if not 0x30 <= b <= 0x39)
     _DIGIT_MAP = bytes(0x31 if 0x30 <= b <= 0x39 else 0x30 for b in range(256))
     _DIGIT_RUN = b"1" * 19
-    _LONG_DIGITS_TEXT = re.compile(r"[0-9]{19}").search
 
-    def _may_hold_a_long_integer(payload: bytes | str) -> bool:
-        if isinstance(payload, str):
-            return _LONG_DIGITS_TEXT(payload) is not None
+    def _may_hold_a_long_integer(payload: bytes) -> bool:
         if len(payload.translate(None, _NOT_DIGITS)) < 19:
             return False
         return _DIGIT_RUN in payload.translate(_DIGIT_MAP)
+
     #: an exponent of one digit (orjson 1e-7, the reference 1e-07)
     _SHORT_EXPONENT = re.compile(rb"\de[-+]\d(?!\d)").search
 
@@ -140,10 +138,18 @@ if orjson is not None:
 
         Raises L{ValueError} (including L{UnicodeDecodeError}) on bad input.
         """
-        if _may_hold_a_long_integer(payload):
+        if isinstance(payload, str):
+            # (an ingress entry's field): the checks below work on bytes
+            try:
+                data = payload.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: the reference decides
+                return reference_decode(payload)
+        else:
+            data = payload
+        if _may_hold_a_long_integer(data):
             return reference_decode(payload)
         try:
-            return _loads(payload)
+            return _loads(data)
         except _JSONDecodeError:
             # orjson refuses more than the reference (lone surrogate
             # escapes, deep nesting): the reference decides.
