@@ -19,6 +19,7 @@ from unrealon._compat import (
     IncompatibleDependency,
     directframes,
     endpoints,
+    reactorlog,
     redis,
     require,
     runner,
@@ -271,3 +272,38 @@ class IdleConnectionMemoryTests(TestCase):
         second = yield client.next()
         self.assertEqual((first, second), ({"n": 1}, {"n": 2}))
         self.assertNotEqual(type(session.send_queue), tuple)
+
+
+class ReactorLogTests(SynchronousTestCase):
+    """The epoll reactor's events without the legacy log context."""
+
+    def test_install_replaces_only_call_with_logger(self) -> None:
+        from twisted.internet import epollreactor
+        from twisted.python import log as legacy_log
+
+        self.addCleanup(reactorlog.install)  # as every node in this process has it
+        reactorlog.uninstall()
+        self.assertIs(epollreactor.log, legacy_log)
+        reactorlog.install()
+        self.assertIs(epollreactor.log.callWithLogger, reactorlog.call_without_context)
+        self.assertIs(epollreactor.log.err, legacy_log.err)
+
+    def test_result_passed_and_errors_logged_with_the_prefix(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        class Selectable:
+            def logPrefix(self) -> str:
+                return "RPCSession,7,127.0.0.1"
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.assertEqual(reactorlog.call_without_context(Selectable(), lambda x: x * 2, 21), 42)
+
+        def broken() -> None:
+            raise ZeroDivisionError("in a handler")
+
+        self.assertIsNone(reactorlog.call_without_context(Selectable(), broken))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        logged = [e for e in events if e.get("isError")]
+        self.assertEqual([e["log_system"] for e in logged], ["RPCSession,7,127.0.0.1"])

@@ -34,6 +34,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
 from unrealon import jsoncodec
+from unrealon._compat import reactorlog
 from unrealon.auth import TokenVerifier
 from unrealon.backendapi import BackendCall, register_backend_methods
 from unrealon.clientapi import register_client_methods
@@ -288,6 +289,8 @@ def makeService(
     extensions: tuple[Extension, ...] = (),
 ) -> NodeService:
     """Build a node from its configuration."""
+    # the reactor's events without the legacy log context: ~2 us per event
+    reactorlog.install()
     registry = build_registry(extensions)
     metrics = Metrics()
     verifier = TokenVerifier(config.jwt_settings(), reactor) if config.jwt_keys else None

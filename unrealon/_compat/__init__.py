@@ -26,6 +26,8 @@ C{tokens} through the settings) pulls in nothing else.
     SIGTERM.
   - L{unrealon._compat.endpoints} (Twisted): endpoint strings checked
     without building the endpoint.
+  - L{unrealon._compat.reactorlog} (Twisted): the epoll reactor's events
+    run without the legacy log context.
 
 Each module says why no public API does the job and which upstream change
 would remove it.
