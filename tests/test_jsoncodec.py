@@ -195,3 +195,17 @@ class EncodeTests(SynchronousTestCase):
     def test_any_float(self, value: float) -> None:
         self.assertSameEncode(value)
         self.assertSameEncode({"x": [value]})
+
+    def test_the_one_difference_is_outside_json(self) -> None:
+        """UUIDs and plain enum members: orjson encodes them, the reference refuses (documented)."""
+        import uuid
+
+        class Mode(enum.Enum):
+            FAST = "fast"
+
+        value = {"id": uuid.UUID(int=1), "mode": Mode.FAST}
+        self.assertRaises(TypeError, reference_encode, value)
+        self.assertEqual(
+            jsoncodec.encode(value),
+            b'{"id":"00000000-0000-0000-0000-000000000001","mode":"fast"}',
+        )
