@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.helpers.jsonvalues import any_text, json_scalars, json_values
 from tests.helpers.node import mint_token, start_node
 from tests.helpers.session import (
     OP_BINARY,
@@ -50,29 +51,9 @@ CLIENT_METHODS = (
 )
 BACKEND_METHODS = ("publish", "connections.disconnect", "presence.online", "notification.send")
 
-#: text with lone surrogates too (legal in JSON as \u escapes), often; built
-#: from characters because st.text() never yields surrogates
-any_text = st.lists(
-    st.characters()
-    | st.characters(categories=["Cs"])
-    | st.sampled_from("\ud800\udfff\x00\u2028\"\\\ufeff😀"),
-    max_size=20,
-).map("".join)
 #: JSON number literals, some far beyond a float's range or Python's digit limit
 number_literals = st.from_regex(
     r"\A-?(0|[1-9][0-9]{0,5000})(\.[0-9]{1,20})?([eE][+-]?[0-9]{1,6})?\Z"
-)
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | any_text
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
-    max_leaves=12,
 )
 room_names = st.sampled_from(["broadcast", "user:alice", "user:bob", "workspace:1", "session:9"]) | st.text(
     alphabet="abcxyz019:._@-", min_size=0, max_size=12

@@ -17,25 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.helpers.jsonvalues import json_values
 from unrealon import jsoncodec
 from unrealon.jsoncodec import reference_decode, reference_encode, reference_text
 
 PROFILE = settings(max_examples=300)
 
-any_text = st.lists(st.characters() | st.characters(categories=["Cs"]), max_size=20).map("".join)
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | any_text
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(any_text, children, max_size=4),
-    max_leaves=12,
-)
 #: number literals of every shape JSON allows, long ones included
 number_literals = st.from_regex(
     r"-?(0|[1-9][0-9]{0,24})(\.[0-9]{1,24})?([eE][-+]?[0-9]{1,3})?", fullmatch=True

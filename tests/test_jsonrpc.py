@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.helpers.jsonvalues import any_text, json_values
 from unrealon.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -34,21 +35,6 @@ from unrealon.jsonrpc import (
 
 PROFILE = settings(max_examples=100)  # on top of the suite's profile (tests/__init__.py)
 
-#: text with lone surrogates too (legal in JSON as \u escapes); built from
-#: characters because st.text() never yields surrogates
-any_text = st.lists(st.characters() | st.characters(categories=["Cs"]), max_size=30).map("".join)
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | any_text
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(any_text, children, max_size=4),
-    max_leaves=12,
-)
 valid_ids = st.none() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | any_text
 
 
