@@ -160,6 +160,14 @@ if orjson is not None:
             # escapes, deep nesting): the reference decides.
             return reference_decode(payload)
 
+    def _orjson_bytes(value: Any) -> bytes | None:
+        """orjson's encoding of C{value}, or None where the reference would differ."""
+        try:
+            out: bytes = _dumps(value, option=_OPTIONS)
+        except _JSONEncodeError:
+            return None
+        return None if _reference_differs(out) else out
+
     def _fast_encode(value: Any) -> bytes:
         """
         Compact UTF-8 JSON, the one encoding used for every frame we send.
@@ -170,23 +178,13 @@ if orjson is not None:
         string.  Raises L{TypeError} or L{ValueError} for values JSON cannot
         carry.
         """
-        try:
-            out = _dumps(value, option=_OPTIONS)
-        except _JSONEncodeError:
-            return reference_encode(value)
-        if _reference_differs(out):
-            return reference_encode(value)
-        return out
+        out = _orjson_bytes(value)
+        return reference_encode(value) if out is None else out
 
     def _fast_text(value: Any) -> str:
         """Compact JSON text with non-ASCII kept, as L{reference_text}."""
-        try:
-            out = _dumps(value, option=_OPTIONS)
-        except _JSONEncodeError:
-            return reference_text(value)
-        if _reference_differs(out):
-            return reference_text(value)
-        return out.decode("utf-8")
+        out = _orjson_bytes(value)
+        return reference_text(value) if out is None else out.decode("utf-8")
 
     decode = _fast_decode
     encode = _fast_encode
