@@ -73,8 +73,6 @@ READ_COUNT = 1000
 #: writes reach the kernel first, so only real slow readers accumulate.
 DISPATCH_SLICE = 64 * 1024
 
-_json = jsoncodec.text
-
 
 def split_notification(event: str, room: str, data: Mapping[str, Any]) -> tuple[str, str]:
     """
@@ -82,8 +80,8 @@ def split_notification(event: str, room: str, data: Mapping[str, Any]) -> tuple[
     only the publish script knows.  Joined, it is exactly what
     L{unrealon.jsonrpc.encode} would make of the notification.
     """
-    head = f'{{"jsonrpc":"2.0","method":{_json(event)},"params":{{"room":{_json(room)},"cursor":"'
-    tail = f'","data":{_json(data)}}}}}'
+    head = f'{{"jsonrpc":"2.0","method":{jsoncodec.text(event)},"params":{{"room":{jsoncodec.text(room)},"cursor":"'
+    tail = f'","data":{jsoncodec.text(data)}}}}}'
     return head, tail
 
 
