@@ -774,6 +774,20 @@ class RoomTests(NodeTestCase):
         self.assertEqual(error_code(reply), FORBIDDEN)
 
     @inlineCallbacks
+    def test_reserved_names(self):
+        """
+        Names starting with C{__} are the server's (who is online anywhere is
+        tracked as C{__online__}): -32003 even under C{*}; C{_x} is an ordinary name.
+        """
+        running = yield start_node(self)
+        client = yield self.open(running, mint_token("alice", rooms=["*"]))
+        for room in ("__online__", "__", "__x"):
+            reply = yield client.request("rooms.join", {"room": room})
+            self.assertEqual(error_code(reply), FORBIDDEN, room)
+        joined = yield client.call("rooms.join", {"room": "_x"})
+        self.assertEqual(joined["room"], "_x")
+
+    @inlineCallbacks
     def test_presence_shows_token_info(self):
         """
         The C{info} claim is what presence shows (C{{}} without one); presence is not

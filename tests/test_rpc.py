@@ -279,6 +279,7 @@ class DocumentTests(SynchronousTestCase):
         self.assertEqual(
             names,
             {"auth.authenticate", "auth.refresh", "system.ping", "system.info", "rpc.discover",
+             "rpc.cancel",
              "rooms.join", "rooms.leave", "rooms.list", "presence.list", "presence.count"},
         )
         for method in document["methods"]:

@@ -22,6 +22,7 @@ import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol, cast
 
 import attrs
@@ -149,6 +150,11 @@ class Identity:
     expires_at: float
     info: Mapping[str, Any]
     room_patterns: tuple[str, ...]
+    #: the C{methods} claim: backend methods this user may call (PROTOCOL.md section 9)
+    method_patterns: tuple[str, ...] = ()
+    #: the token's claims, kept only when it may call backend methods (a
+    #: declaration may pass some on to its worker); empty otherwise
+    claims: Mapping[str, Any] = attrs.field(factory=dict, repr=False)
 
 
 @attrs.frozen
@@ -330,11 +336,14 @@ class TokenVerifier:
         claims, expires_at = self._decode(token)
         if "room" in claims:
             raise AuthError("room token not accepted here")
+        methods = _methods(claims)
         return Identity(
             user_id=_user_id(claims),
             expires_at=expires_at,
             info=_info(claims),
             room_patterns=_rooms(claims),
+            method_patterns=methods,
+            claims=claims if methods else _NO_CLAIMS,
         )
 
     def verify_room_token(self, token: str, user_id: str, room: str) -> RoomGrant:
@@ -464,6 +473,16 @@ def _info(claims: Mapping[str, Any]) -> dict[str, Any]:
     if len(encoded) > _MAX_INFO_BYTES:
         raise AuthError("info claim too large")
     return info
+
+
+_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+
+
+def _methods(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    methods = claims.get("methods", [])
+    if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+        raise AuthError("invalid methods claim")
+    return tuple(methods)
 
 
 def _rooms(claims: Mapping[str, Any]) -> tuple[str, ...]:

@@ -15,6 +15,7 @@ import attrs
 
 from unrealon import closecodes, jsonrpc
 from unrealon.auth import AuthError, may_join
+from unrealon.backenddecl import openrpc_method
 from unrealon.deadlines import within_deadline
 from unrealon.dispatch import ClientCall
 from unrealon.jsonrpc import RPCError
@@ -30,7 +31,21 @@ from unrealon.names import ROOM_NAME
 from unrealon.node import PROTOCOL_VERSION
 from unrealon.rpc import Caller, Registry, openrpc_document, param
 
+#: rooms no client may join (PROTOCOL.md section 4)
+RESERVED_ROOM_PREFIX = "__"
+
 # -- params and results -------------------------------------------------------
+
+
+@attrs.frozen
+class CancelParams:
+    id: Any = param(description="the id of a backend call of this connection (a string or a number)")
+
+
+@attrs.frozen
+class CancelResult:
+    id: Any
+    cancelled: bool = param(description="false when no such call was in flight")
 
 
 @attrs.frozen
@@ -177,8 +192,31 @@ def system_info(call: ClientCall, params: object) -> InfoResult:
 
 
 def rpc_discover(call: ClientCall, params: object) -> dict[str, Any]:
-    """The OpenRPC document of the client-callable API."""
-    return client_openrpc(call.node.registry, call.node.version)
+    """The OpenRPC document of the client-callable API, with the backend methods this user may call."""
+    node = call.node
+    doc = client_openrpc(node.registry, node.version)
+    identity = call.session.identity
+    if node.backend is not None and identity is not None:
+        config = node.config
+        doc["methods"] = sorted(
+            [*doc["methods"], *(
+                openrpc_method(decl, config.backend_timeout, config.backend_max_timeout)
+                for decl in node.backend.callable_by(identity)
+            )],
+            key=lambda method: str(method["name"]),
+        )
+    return doc
+
+
+def rpc_cancel(call: ClientCall, params: CancelParams) -> CancelResult:
+    """Cancel a backend call in flight (PROTOCOL.md section 9.3)."""
+    request_id = params.id
+    if request_id is None or isinstance(request_id, bool) or not isinstance(
+            request_id, (str, int, float)):
+        raise jsonrpc.invalid_params([jsonrpc.FieldError("id", "must be a string or a number")])
+    backend = call.node.backend
+    cancelled = backend is not None and backend.cancel(call.session, request_id)
+    return CancelResult(id=request_id, cancelled=cancelled)
 
 
 def client_openrpc(registry: Registry, version: str) -> dict[str, Any]:
@@ -204,6 +242,9 @@ def _admission(call: ClientCall, room: str, token: str | None) -> Admission:
     assert identity is not None
     if room in implicit_rooms(identity.user_id):
         return IMPLICIT
+    if room.startswith(RESERVED_ROOM_PREFIX):
+        # the engine's own presence rooms (who is online anywhere) live there
+        raise RPCError(jsonrpc.FORBIDDEN, "Forbidden: names starting with __ are reserved")
     refused = "this token does not grant the room"
     if token is not None:
         try:
@@ -291,6 +332,8 @@ def register_client_methods(registry: Registry) -> None:
     add("system.ping", result=PingResult, requires_auth=False)(system_ping)
     add("system.info", result=InfoResult)(system_info)
     add("rpc.discover", summary="The OpenRPC document of the client-callable API")(rpc_discover)
+    add("rpc.cancel", params=CancelParams, result=CancelResult,
+        summary="Cancel a backend call of this connection that is in flight")(rpc_cancel)
     add("rooms.join", params=JoinParams, result=JoinResult)(rooms_join)
     add("rooms.leave", params=RoomParams, result=RoomResult)(rooms_leave)
     add("rooms.list", result=RoomsResult)(rooms_list)

@@ -320,6 +320,14 @@ class Config:
     extensions: tuple[str, ...]
     #: HTTP API keys (PROTOCOL.md section 8); empty: the API is off
     api_keys: tuple[str, ...] = attrs.field(repr=False)
+    #: the backend both ways (PROTOCOL.md section 9)
+    events_stream: str
+    events_maxlen: int
+    connection_events: bool
+    backend_stream: str
+    backend_timeout: float
+    backend_max_timeout: float
+    backend_max_calls: int
     log_level: str
     log_format: str | None
     log_file: str | None

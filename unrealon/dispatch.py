@@ -223,6 +223,8 @@ class Dispatcher:
         try:
             spec = self._admit(entry, call.session)
         except RPCError as e:
+            if e.code == jsonrpc.METHOD_NOT_FOUND and self._node.backend is not None:
+                return self._backend_call(entry, call, limit)
             metrics.call_outcome("-", str(e.code))
             return None if entry.is_notification else jsonrpc.error_response(entry.id, e)
 
@@ -250,6 +252,42 @@ class Dispatcher:
         if isinstance(result, Deferred):
             return result.addCallbacks(done, failed)
         return done(result)
+
+    def _backend_call(self, entry: jsonrpc.Request, call: ClientCall, limit: int) -> Any:
+        """
+        A name the server does not register, from an authenticated
+        connection: perhaps a backend method (PROTOCOL.md section 9.3).
+        Its reply, or a Deferred of it; the backend's own refusals as errors.
+        """
+        assert self._node.backend is not None
+        metrics = self._metrics
+        started = time.perf_counter()
+        try:
+            d = self._node.backend.call(
+                call.session, entry.method, entry.params, entry.id, entry.is_notification
+            )
+        except RPCError as e:
+            # an undeclared name is counted as "-": clients choose names, labels must stay few
+            name = "-" if e.code == jsonrpc.METHOD_NOT_FOUND else entry.method
+            metrics.call_outcome(name, str(e.code))
+            return None if entry.is_notification else fit(jsonrpc.error_response(entry.id, e),
+                                                          limit)
+
+        def done(result: Any) -> Any:
+            metrics.call_outcome(entry.method, "ok")
+            metrics.call_seconds.observe(time.perf_counter() - started)
+            return None if entry.is_notification else jsonrpc.result_response(entry.id, result)
+
+        def failed(failure: Failure) -> Any:
+            error = failure.value
+            if not isinstance(error, RPCError):
+                log.failure("backend call {method} failed", failure, method=entry.method)
+                error = RPCError(jsonrpc.INTERNAL_ERROR)
+            metrics.call_outcome(entry.method, str(error.code))
+            return None if entry.is_notification else fit(jsonrpc.error_response(entry.id, error),
+                                                          limit)
+
+        return d.addCallbacks(done, failed)
 
     def _admit(self, entry: jsonrpc.Request, session: IClientSession) -> MethodSpec[Any]:
         """The authentication gate, then the lookup (-32001, -32601)."""

@@ -26,6 +26,11 @@ UNAUTHENTICATED = -32001
 FORBIDDEN = -32003
 NOT_FOUND = -32004
 BACKEND_UNAVAILABLE = -32011
+#: backend methods (PROTOCOL.md section 9.3)
+DEADLINE_EXCEEDED = -32012
+NO_WORKER = -32013
+CANCELLED = -32014
+WORKER_LOST = -32015
 RATE_LIMITED = -32029
 
 MESSAGES: dict[int, str] = {
@@ -38,6 +43,10 @@ MESSAGES: dict[int, str] = {
     FORBIDDEN: "Forbidden",
     NOT_FOUND: "Not found",
     BACKEND_UNAVAILABLE: "Backend unavailable",
+    DEADLINE_EXCEEDED: "Backend deadline exceeded",
+    NO_WORKER: "No backend worker",
+    CANCELLED: "Cancelled",
+    WORKER_LOST: "Backend worker lost",
     RATE_LIMITED: "Rate limited",
 }
 

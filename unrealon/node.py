@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from unrealon import __version__
 from unrealon.auth import TokenVerifier
+from unrealon.backendcalls import BackendCalls
 from unrealon.config import Config
 from unrealon.engine.interfaces import IBroker, IPresence
 from unrealon.hub import Hub
@@ -43,6 +44,8 @@ class Node:
     #: the HTTP API's Idempotency-Key records (L{unrealon.idempotency}); None:
     #: kept in this process
     api_replies: IReplyStore | None = None
+    #: browser calls to backend methods (PROTOCOL.md section 9); None: the memory engine
+    backend: BackendCalls | None = None
     version: str = __version__
 
     @property

@@ -427,7 +427,7 @@ class Registry:
         self._methods: dict[tuple[str, Caller], MethodSpec[Any]] = {}
 
     def add(self, spec: MethodSpec[Any]) -> None:
-        if spec.name.startswith("rpc.") and spec.name != "rpc.discover":
+        if spec.name.startswith("rpc.") and spec.name not in ("rpc.discover", "rpc.cancel"):
             raise ValueError("names starting with 'rpc.' are reserved")
         for caller in (Caller.CLIENT, Caller.BACKEND):
             if spec.callers & caller and (spec.name, caller) in self._methods:
@@ -472,6 +472,10 @@ class Registry:
         if spec is None:
             raise RPCError(METHOD_NOT_FOUND)
         return spec
+
+    def has(self, name: str) -> bool:
+        """Whether C{name} is a method of the server, for any caller."""
+        return any((name, caller) in self._methods for caller in (Caller.CLIENT, Caller.BACKEND))
 
     def methods(self, caller: Caller) -> list[MethodSpec[Any]]:
         """The methods C{caller} may call, by name."""

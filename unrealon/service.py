@@ -37,9 +37,10 @@ from unrealon import jsoncodec
 from unrealon._compat import reactorlog
 from unrealon.auth import TokenVerifier
 from unrealon.backendapi import BackendCall, register_backend_methods
+from unrealon.backendcalls import BackendCalls
 from unrealon.clientapi import register_client_methods
 from unrealon.config import Config
-from unrealon.engine.interfaces import IBroker, IPresence
+from unrealon.engine.interfaces import IBackendLink, IBroker, IPresence
 from unrealon.engine.memory import MemoryBroker, MemoryPresence
 from unrealon.engine.memory import cursor_key as memory_cursor_key
 from unrealon.engine.supervision import ISupervised
@@ -281,6 +282,8 @@ class _Engine:
     #: the HTTP API's Idempotency-Key records
     api_replies: IReplyStore
     ingress: Any = None
+    #: how this node reaches backend workers (PROTOCOL.md section 9), or None
+    backend: IBackendLink | None = None
 
 
 def makeService(
@@ -314,6 +317,12 @@ def makeService(
         features=engine.features,
         api_replies=engine.api_replies,
     )
+    if engine.backend is not None:
+        node.backend = BackendCalls(
+            reactor, engine.backend, node_id=config.node_id,
+            is_server_method=registry.has, default_timeout=config.backend_timeout,
+            max_timeout=config.backend_max_timeout, max_calls=config.backend_max_calls,
+        )
     metrics.watch(
         lambda: hub.connection_count, lambda: hub.user_count, lambda: hub.room_count
     )
@@ -339,6 +348,7 @@ def _memory_engine(config: Config, reactor: Any, hub: Hub) -> _Engine:
 
 def _redis_engine(config: Config, reactor: Any, hub: Hub, metrics: Metrics) -> _Engine:
     from unrealon.engine.redis import RedisConnections
+    from unrealon.engine.redisbackend import RedisBackendLink
     from unrealon.engine.redisbroker import RedisBroker
     from unrealon.engine.redispresence import RedisPresence
     from unrealon.engine.redisreplies import RedisReplyStore
@@ -354,13 +364,21 @@ def _redis_engine(config: Config, reactor: Any, hub: Hub, metrics: Metrics) -> _
     )
     presence = RedisPresence(
         reactor, connections.commands, ttl=config.presence_ttl, link=link, count_failure=failed,
+        node_id=config.node_id, events_stream=config.events_stream,
+        events_maxlen=config.events_maxlen, connection_events=config.connection_events,
+    )
+    backend = RedisBackendLink(
+        reactor, connections.commands, connections.replies_reader, node_id=config.node_id,
+        stream=config.backend_stream, link=link, count_failure=failed,
     )
     return _Engine(
-        broker=broker, presence=presence, stoppables=(presence, broker, connections),
-        loops=(broker.reader, *presence.loops),
+        broker=broker, presence=presence,
+        stoppables=(backend, presence, broker, connections),
+        loops=(broker.reader, *presence.loops, *backend.loops),
         features=("rooms", "history", "presence", "ingress", "cluster"),
         api_replies=RedisReplyStore(connections.commands),
         ingress=connections,
+        backend=backend,
     )
 
 

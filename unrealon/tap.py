@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from unrealon.config import SETTINGS, ConfigError, load_config
 from unrealon.extensions import ExtensionError, load_extensions
 
-_FLAGS = {"insecure_dev", "compression"}
+_FLAGS = {"insecure_dev", "compression", "connection_events"}
 
 
 class Options(usage.Options):

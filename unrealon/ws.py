@@ -177,6 +177,8 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
         node = self.node
         node.hub.remove(self)
         self.membership.close()
+        if node.backend is not None:
+            node.backend.connection_closed(self)
         identity = self.auth.identity
         if identity is not None:
             _quietly(node.presence.disconnect(identity.user_id, self.conn_id),

@@ -173,3 +173,22 @@ class IPresence(Interface):
 
     def disconnect(user_id: str, conn_id: str) -> Deferred[None]:
         """Forget a connection (for C{online})."""
+
+
+class IBackendLink(Interface):
+    """
+    How a node reaches backend workers (PROTOCOL.md section 9.3): calls
+    and cancels out, the method directory and the replies in.
+    """
+
+    reply_to = Attribute("the stream workers answer this node's calls on")
+    on_directory = Attribute(
+        "called with (declarations by name as raw JSON, frozenset of the served names)"
+    )
+    on_reply = Attribute("called with each reply object (a decoded JSON object)")
+
+    def append_call(payload_prefix: str, timeout_ms: int) -> Deferred[Any]:
+        """Append a call; its JSON without the closing brace (the deadline goes there)."""
+
+    def cancel(call_id: str, reason: str, lifetime_ms: int) -> Deferred[Any]:
+        """Publish that a call is cancelled."""

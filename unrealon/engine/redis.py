@@ -5,7 +5,7 @@ Commands share one connection on purpose: txredisapi spreads commands over a
 pool at random, which would let two publishes to one room overtake each
 other; on one connection they reach Redis, and so the room's history, in the
 order they were made (Redis pipelines them, so one connection is not a
-bottleneck).  Blocking reads (the cluster feed, the ingress group) each get
+bottleneck).  Blocking reads (the cluster feed, the ingress group, the backend replies) each get
 a dedicated connection so nothing queues behind a BLOCK.
 """
 
@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from unrealon.engine import scripts
+from unrealon.engine import redisbackend, scripts
 from unrealon.engine.redisclient import LuaScript, RedisHandler, connect, parse_redis_url
 from unrealon.engine.supervision import RedisLink, redis_down
 
@@ -27,7 +27,7 @@ log = Logger(namespace="unrealon.engine.redis")
 
 ALL_SCRIPTS: tuple[LuaScript, ...] = tuple(
     value for value in vars(scripts).values() if isinstance(value, LuaScript)
-)
+) + redisbackend.SCRIPTS
 
 
 @attrs.define
@@ -37,6 +37,8 @@ class RedisConnections:
     commands: RedisHandler
     feed_reader: RedisHandler
     ingress_reader: RedisHandler
+    #: backend workers' replies to this node's calls (PROTOCOL.md section 9.3)
+    replies_reader: RedisHandler
     link: RedisLink
 
     @classmethod
@@ -46,6 +48,7 @@ class RedisConnections:
             commands=connect(address, scripts=ALL_SCRIPTS),
             feed_reader=connect(address, blocking=True),
             ingress_reader=connect(address, blocking=True),
+            replies_reader=connect(address, blocking=True),
             link=RedisLink(clock, address.display()),
         )
 
@@ -72,7 +75,8 @@ class RedisConnections:
     def stop(self) -> Deferred[Any]:
         self.link.stop()
         return DeferredList(
-            [h.disconnect() for h in (self.commands, self.feed_reader, self.ingress_reader)],
+            [h.disconnect() for h in (self.commands, self.feed_reader, self.ingress_reader,
+                                        self.replies_reader)],
             consumeErrors=True,
         )
 

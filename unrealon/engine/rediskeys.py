@@ -39,3 +39,23 @@ def idempotency_key(key: str) -> str:
 def api_reply_key(scoped: str) -> str:
     """An HTTP API Idempotency-Key record (L{unrealon.idempotency.scoped_key})."""
     return f"{PREFIX}api:idem:{scoped}"
+
+
+# -- the backend both ways (PROTOCOL.md section 9): fixed names, workers use them too
+
+#: method name -> declaration JSON, written by workers
+BACKEND_METHODS = PREFIX + "backend:methods"
+#: worker id -> {"methods": [...], "expires": ms}, written by workers' heartbeats
+BACKEND_WORKERS = PREFIX + "backend:workers"
+#: Pub/Sub channel of cancelled call ids
+BACKEND_CANCEL_CHANNEL = PREFIX + "backend:cancel"
+
+
+def backend_reply_stream(node_id: str) -> str:
+    """Where workers answer the calls of node C{node_id}."""
+    return f"{PREFIX}backend:replies:{node_id}"
+
+
+def backend_cancel_key(call_id: str) -> str:
+    """Exists while call C{call_id} is cancelled (a worker must not start it)."""
+    return f"{PREFIX}backend:cancel:{call_id}"

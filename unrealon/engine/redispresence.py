@@ -31,6 +31,14 @@ more lifetime instead of a presence.left storm followed by a joined storm.
 
 The same structures under the reserved room C{__online__} answer
 C{presence.online} (is a user connected anywhere) without announcements.
+
+Lifecycle events for the backend (PROTOCOL.md section 9.1: C{user.online} /
+C{user.offline} from C{__online__}, C{room.occupied} / C{room.vacated} from
+the other rooms, optionally C{connection.opened} / C{connection.closed}) are
+appended to the events stream by the very script that makes the transition
+(join, leave, heartbeat restore, sweep), so each comes exactly once wherever
+the connections live, with no extra round trip.  The sweep reports a dead
+node's id from the key that node wrote under its token (L{node_key}).
 """
 
 from __future__ import annotations
@@ -59,6 +67,17 @@ P = PRESENCE
 ONLINE = "__online__"
 SWEEP_LOCK = P + "sweeper"
 SWEPT = P + "swept"
+#: the connection events flag as the scripts take it
+_FLAG = {True: "1", False: "0"}
+
+
+def node_key(token: str) -> str:
+    """
+    The node id a presence engine records under its token (written by its
+    joins of C{__online__} and its heartbeats), for the sweep to name a dead
+    node in its lifecycle events.
+    """
+    return f"{P}node:{token}"
 HEARTBEAT_BATCH = 500
 
 
@@ -103,16 +122,29 @@ class RedisPresence:
         ttl: float,
         link: RedisLink | None = None,
         count_failure: Callable[[str], None] = lambda loop: None,
+        node_id: str | None = None,
+        events_stream: str = "stream:events",
+        events_maxlen: int = 100_000,
+        connection_events: bool = False,
     ) -> None:
         self._reactor = reactor
         self._redis = redis
         self._ttl = ttl
         self._lifetime_ms = int(ttl * 750)
         self._sweep_interval = max(0.1, ttl / 10)
+        self._token = secrets.token_hex(8)
+        #: lifecycle events (PROTOCOL.md section 9.1)
+        self._node_id = self._token if node_id is None else node_id
+        self._events = events_stream
+        self._events_maxlen = events_maxlen
+        self._connection_events = _FLAG[connection_events]
+        self._node_key = node_key(self._token)
+        # outlives this node's last heartbeat by far more than its entries,
+        # so the sweep that removes them still finds it
+        self._node_key_ttl = max(86_400, int(ttl * 100))
         #: this node's live entries, refreshed (and restored if swept) by the
         #: heartbeat: room -> member -> info json
         self._local: dict[str, dict[str, str]] = {}
-        self._token = secrets.token_hex(8)
         #: connections that left a room before their join came: that join is
         #: dropped (see IPresence.leave)
         self._cancelled: dict[tuple[str, str], bool] = {}
@@ -168,10 +200,12 @@ class RedisPresence:
         ]
         batches = []
         for start in range(0, len(triples), HEARTBEAT_BATCH):
-            args: list[Any] = [P, self._lifetime_ms, FEED_MAXLEN]
+            args: list[Any] = [P, self._lifetime_ms, FEED_MAXLEN, self._events_maxlen,
+                               self._node_id, self._connection_events, self._node_key_ttl]
             for triple in triples[start : start + HEARTBEAT_BATCH]:
                 args += triple
-            batches.append(scripts.PRESENCE_HEARTBEAT(self._redis, [FEED], args))
+            batches.append(scripts.PRESENCE_HEARTBEAT(
+                self._redis, [FEED, self._events, self._node_key], args))
         d: Deferred[Any] = gatherResults(batches, consumeErrors=True)
         d.addCallbacks(self._restored, _first_error)
         return d
@@ -186,13 +220,13 @@ class RedisPresence:
         interval_ms = int(self._sweep_interval * 1000)
         d = scripts.PRESENCE_SWEEP(
             self._redis,
-            [SWEEP_LOCK, SWEPT],
+            [SWEEP_LOCK, SWEPT, self._events],
             # The holder renews the lock every interval; 2 intervals of
             # validity leave one for a late timer, and a dead holder's lock
             # is gone within 2, so a sweep still runs within 3 intervals and
             # "no sweep for 4 intervals" means Redis (or everyone) was away.
             [P, self._lifetime_ms, self._token, 2 * interval_ms, FEED, FEED_MAXLEN,
-             4 * interval_ms],
+             4 * interval_ms, self._events_maxlen, self._connection_events],
         )
         d.addCallback(self._swept)
         return d
@@ -227,8 +261,10 @@ class RedisPresence:
         members, counts, infos = _keys(room)
         d = scripts.PRESENCE_JOIN(
             self._redis,
-            [members, counts, infos, P + "rooms", FEED],
-            [room, user_id, member, self._lifetime_ms, info_json, message, FEED_MAXLEN],
+            [members, counts, infos, P + "rooms", FEED, self._events, self._node_key],
+            [room, user_id, member, self._lifetime_ms, info_json, message, FEED_MAXLEN,
+             self._events_maxlen, self._node_id, self._connection_events, conn_id,
+             self._node_key_ttl],
         )
         return self._track(d.addCallbacks(lambda _: None, unavailable))
 
@@ -244,8 +280,9 @@ class RedisPresence:
         members, counts, infos = _keys(room)
         d = scripts.PRESENCE_LEAVE(
             self._redis,
-            [members, counts, infos, FEED],
-            [room, user_id, member, message, FEED_MAXLEN],
+            [members, counts, infos, FEED, self._events],
+            [room, user_id, member, message, FEED_MAXLEN, self._events_maxlen, self._node_id,
+             self._connection_events, conn_id],
         )
         return self._track(d.addCallbacks(lambda _: None, unavailable))
 

@@ -152,14 +152,27 @@ return epoch
 )
 
 _PRESENCE = """
-local function now_ms()
+local function clock()
+  -- now in ms, as a number and as an exact decimal string (cjson would write
+  -- a big number with an exponent; the string is spliced into the JSON as is)
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local ms = math.floor(tonumber(t[2]) / 1000)
+  return tonumber(t[1]) * 1000 + ms, t[1] .. string.format('%03d', ms)
 end
--- a member is "<user>|<conn>": user ids may contain "|" (e.g. "auth0|123"),
--- connection ids never do, so the user is everything before the last bar
+local function now_ms()
+  return (clock())
+end
+-- a member is "<user>|<conn>@<node token>": user ids may contain "|" (e.g.
+-- "auth0|123"), connection ids and tokens never do, so the user is
+-- everything before the last bar
 local function user_of(member)
   return string.match(member, '^(.*)|')
+end
+local function conn_of(member)
+  return string.match(member, '|([^|@]*)@[^|]*$') or ''
+end
+local function token_of(member)
+  return string.match(member, '@([^|@]*)$') or ''
 end
 local function announce(feed, maxlen, room, message, user)
   if message ~= '' then
@@ -167,59 +180,121 @@ local function announce(feed, maxlen, room, message, user)
     redis.call('XADD', feed, 'MAXLEN', '~', maxlen, '*', 'p', room .. '\\n' .. user .. '\\n' .. message)
   end
 end
+-- lifecycle events (PROTOCOL.md section 9.1), appended by the script that
+-- makes the transition: that is what makes each one exactly once
+local ONLINE = '__online__'
+local function tracked(room)
+  return string.sub(room, 1, 2) ~= '__'
+end
+local function emit(stream, maxlen, time, fields)
+  local body = cjson.encode(fields)
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'payload',
+             '{"time":' .. time .. ',' .. string.sub(body, 2))
+end
 """
 
-#: KEYS: members zset, user counts hash, info hash, rooms set, feed
-#: ARGV: room, user, member (user|conn), lifetime (ms), info json,
-#:       joined message ("" for none), feed maxlen
+#: KEYS: members zset, user counts hash, info hash, rooms set, feed, events
+#:       stream, this node's token key
+#: ARGV: room, user, member (user|conn@token), lifetime (ms), info json,
+#:       joined message ("" for none), feed maxlen, events maxlen, node id,
+#:       connection events ("1" or "0"), connection id, token key ttl (s)
 #: Adds a connection; the user's first connection announces presence.joined.
 #: Expiry times come from Redis' clock, so nodes' clocks need not agree.
+#: Lifecycle events: in __online__, user.online on the user's first
+#: connection (and connection.opened if asked); in a tracked room,
+#: room.occupied when it had no user.  Joining __online__ also records the
+#: node id under the node's token, for the sweep of a node that died.
 PRESENCE_JOIN = LuaScript(
     _PRESENCE
     + """
-if redis.call('ZADD', KEYS[1], now_ms() + tonumber(ARGV[4]), ARGV[3]) == 1 then
-  redis.call('SADD', KEYS[4], ARGV[1])
-  redis.call('HSET', KEYS[3], ARGV[2], ARGV[5])
-  if redis.call('HINCRBY', KEYS[2], ARGV[2], 1) == 1 then
-    announce(KEYS[5], ARGV[7], ARGV[1], ARGV[6], ARGV[2])
-    return 1
+local now, time = clock()
+if redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[3]) == 1 then
+  local room, user, node = ARGV[1], ARGV[2], ARGV[9]
+  redis.call('SADD', KEYS[4], room)
+  redis.call('HSET', KEYS[3], user, ARGV[5])
+  local first = redis.call('HINCRBY', KEYS[2], user, 1) == 1
+  if first then
+    announce(KEYS[5], ARGV[7], room, ARGV[6], user)
   end
+  if room == ONLINE then
+    redis.call('SET', KEYS[7], node, 'EX', tonumber(ARGV[12]))
+    if first then
+      emit(KEYS[6], ARGV[8], time, {type = 'user.online', user_id = user, node_id = node})
+    end
+    if ARGV[10] == '1' then
+      emit(KEYS[6], ARGV[8], time, {type = 'connection.opened', user_id = user,
+           connection_id = node .. '/' .. ARGV[11], node_id = node})
+    end
+  elseif first and tracked(room) and redis.call('HLEN', KEYS[2]) == 1 then
+    emit(KEYS[6], ARGV[8], time, {type = 'room.occupied', room = room, user_id = user,
+         node_id = node})
+  end
+  if first then return 1 end
 end
 return 0
 """
 )
 
-#: KEYS: members zset, user counts hash, info hash, feed
-#: ARGV: room, user, member, left message ("" for none), feed maxlen
+#: KEYS: members zset, user counts hash, info hash, feed, events stream
+#: ARGV: room, user, member, left message ("" for none), feed maxlen,
+#:       events maxlen, node id, connection events ("1" or "0"), connection id
 #: Removes a connection; the user's last connection announces presence.left.
+#: Lifecycle events (reason "closed"): in __online__, connection.closed (if
+#: asked) and user.offline on the user's last connection; in a tracked room,
+#: room.vacated when its last user is gone.
 PRESENCE_LEAVE = LuaScript(
     _PRESENCE
     + """
 if redis.call('ZREM', KEYS[1], ARGV[3]) == 1 then
-  if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then
-    redis.call('HDEL', KEYS[2], ARGV[2])
-    redis.call('HDEL', KEYS[3], ARGV[2])
-    announce(KEYS[4], ARGV[5], ARGV[1], ARGV[4], ARGV[2])
-    return 1
+  local room, user, node = ARGV[1], ARGV[2], ARGV[7]
+  local last = redis.call('HINCRBY', KEYS[2], user, -1) <= 0
+  if last then
+    redis.call('HDEL', KEYS[2], user)
+    redis.call('HDEL', KEYS[3], user)
+    announce(KEYS[4], ARGV[5], room, ARGV[4], user)
   end
+  if room == ONLINE then
+    local _, time = clock()
+    if ARGV[8] == '1' then
+      emit(KEYS[5], ARGV[6], time, {type = 'connection.closed', user_id = user,
+           connection_id = node .. '/' .. ARGV[9], node_id = node, reason = 'closed'})
+    end
+    if last then
+      emit(KEYS[5], ARGV[6], time, {type = 'user.offline', user_id = user, node_id = node,
+           reason = 'closed'})
+    end
+  elseif last and tracked(room) and redis.call('HLEN', KEYS[2]) == 0 then
+    local _, time = clock()
+    emit(KEYS[5], ARGV[6], time, {type = 'room.vacated', room = room, user_id = user,
+         node_id = node, reason = 'closed'})
+  end
+  if last then return 1 end
 end
 return 0
 """
 )
 
-#: KEYS: feed
-#: ARGV: key prefix, lifetime (ms), feed maxlen, then room/member/info-json triples
+#: KEYS: feed, events stream, this node's token key
+#: ARGV: key prefix, lifetime (ms), feed maxlen, events maxlen, node id,
+#:       connection events ("1" or "0"), token key ttl (s), then
+#:       room/member/info-json triples
 #: Pushes the expiry of this node's live connections.  A connection that is
 #: missing (swept while this node could not heartbeat -- a Redis outage, a
 #: long pause -- or lost by a Redis restart) is put back, with its user's
 #: count and info, and a user who so comes back is announced again
-#: (presence.joined), so a live connection never stays invisible.  Returns
+#: (presence.joined), so a live connection never stays invisible.  Its
+#: lifecycle events come again too (user.online, connection.opened,
+#: room.occupied): the sweep that removed it sent the offline ones.  Returns
 #: how many connections were put back.
 PRESENCE_HEARTBEAT = LuaScript(
     _PRESENCE
     + """
-local prefix, expires, restored = ARGV[1], now_ms() + tonumber(ARGV[2]), 0
-for i = 4, #ARGV, 3 do
+local prefix, restored = ARGV[1], 0
+local now, time = clock()
+local expires = now + tonumber(ARGV[2])
+local node, events, events_maxlen = ARGV[5], KEYS[2], ARGV[4]
+redis.call('SET', KEYS[3], node, 'EX', tonumber(ARGV[7]))
+for i = 8, #ARGV, 3 do
   local room, member, info = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local zkey = prefix .. room .. ':m'
   if redis.call('ZSCORE', zkey, member) then
@@ -227,14 +302,27 @@ for i = 4, #ARGV, 3 do
   else
     restored = restored + 1
     local user = user_of(member)
+    local ukey = prefix .. room .. ':u'
     redis.call('ZADD', zkey, expires, member)
     redis.call('SADD', prefix .. 'rooms', room)
     redis.call('HSET', prefix .. room .. ':i', user, info)
-    if redis.call('HINCRBY', prefix .. room .. ':u', user, 1) == 1
-        and string.sub(room, 1, 2) ~= '__' then
+    local first = redis.call('HINCRBY', ukey, user, 1) == 1
+    if first and tracked(room) then
       local message = '{"jsonrpc":"2.0","method":"presence.joined","params":{"room":'
         .. cjson.encode(room) .. ',"user_id":' .. cjson.encode(user) .. ',"info":' .. info .. '}}'
       announce(KEYS[1], ARGV[3], room, message, user)
+    end
+    if room == ONLINE then
+      if first then
+        emit(events, events_maxlen, time, {type = 'user.online', user_id = user, node_id = node})
+      end
+      if ARGV[6] == '1' then
+        emit(events, events_maxlen, time, {type = 'connection.opened', user_id = user,
+             connection_id = node .. '/' .. conn_of(member), node_id = node})
+      end
+    elseif first and tracked(room) and redis.call('HLEN', ukey) == 1 then
+      emit(events, events_maxlen, time, {type = 'room.occupied', room = room, user_id = user,
+           node_id = node})
     end
   end
 end
@@ -242,13 +330,16 @@ return restored
 """
 )
 
-#: KEYS: sweeper lock, last sweep time
+#: KEYS: sweeper lock, last sweep time, events stream
 #: ARGV: key prefix, entry lifetime (ms), lock token, lock ttl (ms), feed,
-#:       feed maxlen, stall (ms)
+#:       feed maxlen, stall (ms), events maxlen, connection events ("1"/"0")
 #: The cluster's one expiry sweep: only the lock holder sweeps.  Removes
 #: expired connections of every room and announces presence.left for users
 #: with none left.  The left notification is built here (JSON-escaped by
-#: cjson) because the node that wrote the entry is gone.
+#: cjson) because the node that wrote the entry is gone; so are the
+#: lifecycle events (reason "node_lost": connection.closed if asked,
+#: user.offline, room.vacated), with the node id that node recorded under
+#: its token (the token itself if that record is gone).
 #: When no sweep ran for longer than `stall` (Redis was away or hung, or the
 #: whole cluster was), entries expired because no node could heartbeat, not
 #: because their nodes died: instead of announcing everyone left (and joined
@@ -257,7 +348,8 @@ return restored
 PRESENCE_SWEEP = LuaScript(
     _PRESENCE
     + """
-local prefix, now = ARGV[1], now_ms()
+local prefix = ARGV[1]
+local now, time = clock()
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[3] then return {-1, 0} end
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
@@ -266,6 +358,17 @@ redis.call('SET', KEYS[2], now)
 local grace = last > 0 and now - last > tonumber(ARGV[7])
 local rooms = redis.call('SMEMBERS', prefix .. 'rooms')
 local removed, extended = 0, 0
+local events, events_maxlen, connection_events = KEYS[3], ARGV[8], ARGV[9] == '1'
+local nodes = {}
+local function node_of(member)
+  local token = token_of(member)
+  local node = nodes[token]
+  if not node then
+    node = redis.call('GET', prefix .. 'node:' .. token) or token
+    nodes[token] = node
+  end
+  return node
+end
 for _, room in ipairs(rooms) do
   local zkey = prefix .. room .. ':m'
   local ukey = prefix .. room .. ':u'
@@ -282,14 +385,30 @@ for _, room in ipairs(rooms) do
     redis.call('ZREM', zkey, member)
     removed = removed + 1
     local user = user_of(member)
-    if redis.call('HINCRBY', ukey, user, -1) <= 0 then
+    local gone = redis.call('HINCRBY', ukey, user, -1) <= 0
+    if gone then
       redis.call('HDEL', ukey, user)
       redis.call('HDEL', ikey, user)
-      if string.sub(room, 1, 2) ~= '__' then
+      if tracked(room) then
         local message = cjson.encode({jsonrpc = '2.0', method = 'presence.left',
                                       params = {room = room, user_id = user}})
         announce(ARGV[5], ARGV[6], room, message, user)
       end
+    end
+    if room == ONLINE then
+      if connection_events then
+        local node = node_of(member)
+        emit(events, events_maxlen, time, {type = 'connection.closed', user_id = user,
+             connection_id = node .. '/' .. conn_of(member), node_id = node,
+             reason = 'node_lost'})
+      end
+      if gone then
+        emit(events, events_maxlen, time, {type = 'user.offline', user_id = user,
+             node_id = node_of(member), reason = 'node_lost'})
+      end
+    elseif gone and tracked(room) and redis.call('HLEN', ukey) == 0 then
+      emit(events, events_maxlen, time, {type = 'room.vacated', room = room, user_id = user,
+           node_id = node_of(member), reason = 'node_lost'})
     end
   end
   if redis.call('ZCARD', zkey) == 0 then
