@@ -1,0 +1,1 @@
+"""Django management commands of unrealon_backend (add "unrealon_backend" to INSTALLED_APPS)."""

@@ -1,0 +1,1 @@
+"""C{manage.py unrealon_worker} and C{manage.py unrealon_events}."""
