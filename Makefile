@@ -43,10 +43,11 @@ dev:
 	  UNREALON_LOG_FILE=$(LOG_FILE) $(TWIST) --log-format=text unrealon-ws \
 	  --ws tcp:$(WS_PORT):interface=127.0.0.1 --http tcp:$(HTTP_PORT):interface=127.0.0.1
 
-# make token [USER_ID=alice] [TTL=seconds] [ROOMS='workspace:* session:1'] [INFO='{"name":"Alice"}']
+# make token [USER_ID=alice] [TTL=seconds] [ROOMS='workspace:* session:1'] [INFO='{"name":"Alice"}'] [METHODS='demo.*']
 token:
 	@JWT_SECRET=$${JWT_SECRET:-$(DEV_JWT_SECRET)} $(UNREALON) token $(if $(USER_ID),'$(USER_ID)') \
-	  $(if $(TTL),--ttl '$(TTL)') $(if $(ROOMS),--rooms '$(ROOMS)') $(if $(INFO),--info '$(INFO)')
+	  $(if $(TTL),--ttl '$(TTL)') $(if $(ROOMS),--rooms '$(ROOMS)') $(if $(INFO),--info '$(INFO)') \
+	  $(if $(METHODS),--methods '$(METHODS)')
 
 health:
 	@curl -fsS http://127.0.0.1:$(HTTP_PORT)/health; echo

@@ -18,6 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
+from tests.helpers.backendnode import start_backend_node
 from tests.helpers.node import SECRET
 from tests.helpers.testserver import ROOT, require_node_modules, run_node, start_test_node
 
@@ -87,6 +88,31 @@ class NodeRuntimeTests(TestCase):
         """Refresh before exp, 4001/4009 take a new token, 4003 stops, bad fixed token."""
         return self.node_test("auth.test.mjs")
 
+    def test_backend_calls_runtime(self) -> Any:
+        """rpc.progress routing and order, AbortSignal -> rpc.cancel, timeouts (scripted socket)."""
+        return self.node_test("progress.test.mjs")
+
     def test_every_node_test_file_is_run_here(self) -> None:
-        covered = {"calls.test.mjs", "recovery.test.mjs", "auth.test.mjs"}
+        covered = {"calls.test.mjs", "recovery.test.mjs", "auth.test.mjs", "progress.test.mjs"}
         self.assertEqual({p.name for p in TEST_DIR.glob("*.mjs")}, covered)
+
+
+class BackendEndToEndTests(TestCase):
+    """
+    clients/typescript/e2e/backend.test.mjs: backend methods through a node with
+    Redis, served by a real worker (L{start_backend_node}).
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_backend_calls_through_node_and_worker(self) -> Any:
+        """Discovery, progress in order then result, abort reaches the worker, refusals."""
+        require_node_modules("typescript", "ws")
+        backend = yield start_backend_node(self)
+        out, err, code = yield run_node(["--test", "clients/typescript/e2e/backend.test.mjs"], backend.env())
+        text = out.decode("utf-8", "replace")
+        report = _report(out, err) + "\n--- worker ---\n" + backend.worker.output()
+        self.assertEqual(code, 0, report)
+        self.assertIn("# fail 0", text)
+        self.assertIn("# pass 4", text, report)

@@ -27,12 +27,15 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from tests.helpers.backendnode import BackendNode, start_backend_node
 from tests.helpers.node import SECRET, mint_token
 from tests.helpers.testserver import start_test_node
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients" / "python"))
 
 from unrealon_client import (
+    CANCELLED,
+    NO_WORKER,
     Backoff,
     CallTimeoutError,
     ConnectError,
@@ -461,5 +464,260 @@ class PythonClientTests(TestCase):
             else:
                 raise AssertionError("connected with a bad token")
             assert c.state == "closed"
+
+        return self.run_scenario(scenario)
+
+
+Json = dict[str, Any]
+
+
+class ScriptedServer:
+    """
+    A WebSocket server the test plays the node of: it answers auth and rooms.join,
+    and records every other request so the test can send progress and replies.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[Json] = []
+        self.ws: Any = None
+
+    async def handler(self, ws: Any) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        self.ws = ws
+        with contextlib.suppress(ConnectionClosed):
+            async for raw in ws:
+                m = json.loads(raw)
+                if m["method"] == "auth.authenticate":
+                    await self.send({"id": m["id"], "result": {"user_id": "alice",
+                                                                "expires_at": time.time() + 300}})
+                elif m["method"] == "rooms.join":
+                    await self.send({"id": m["id"], "result": {
+                        "room": m["params"]["room"], "cursor": "c0", "recovered": False, "missed": []}})
+                else:
+                    self.requests.append(m)
+
+    async def send(self, message: Json) -> None:
+        await self.ws.send(json.dumps({"jsonrpc": "2.0", **message}))
+
+    async def progress(self, call_id: Any, seq: int, data: Any) -> None:
+        await self.send({"method": "rpc.progress", "params": {"id": call_id, "seq": seq, "data": data}})
+
+    async def request(self, method: str) -> Json:
+        await wait_for(lambda: any(m["method"] == method for m in self.requests), what=method)
+        return next(m for m in self.requests if m["method"] == method)
+
+
+class BackendCallRuntimeTests(TestCase):
+    """
+    Backend calls in the runtime (PROTOCOL.md section 9) against a scripted server:
+    progress routing and order, stream(), cancel by task cancellation and by timeout.
+    The real node and worker: L{BackendCallEndToEndTests}.
+    """
+
+    timeout = 30
+
+    def run_scripted(self, scenario: Callable[[UnrealonClient, ScriptedServer], Awaitable[None]]) -> Any:
+        from websockets.asyncio.server import serve
+
+        async def main() -> None:
+            script = ScriptedServer()
+            async with serve(script.handler, "127.0.0.1", 0) as server:
+                port = server.sockets[0].getsockname()[1]
+                c = UnrealonClient(f"ws://127.0.0.1:{port}/ws", token="t", heartbeat=0,
+                                   track_implicit_rooms=False, reconnect=False)
+                c.errors = []  # type: ignore[attr-defined]
+                c.on("error", c.errors.append)  # type: ignore[attr-defined]
+                try:
+                    await asyncio.wait_for(c.connect(), 5)
+                    await asyncio.wait_for(scenario(c, script), 15)
+                finally:
+                    await c.close()
+
+        return deferToThread(asyncio.run, main())
+
+    def test_progress_in_order_then_result(self) -> Any:
+        async def scenario(c: UnrealonClient, s: ScriptedServer) -> None:
+            got: list[tuple[int, Any]] = []
+            events: list[str] = []
+            c.on_any(lambda name, data, meta: events.append(name))
+            call = asyncio.ensure_future(
+                c.call("demo.count", {"to": 3}, on_progress=lambda item, seq: got.append((seq, item))))
+            req = await s.request("demo.count")
+            await s.progress(req["id"], 1, {"n": 1})
+            await s.progress(req["id"], 2, {"n": 2})
+            await s.progress(req["id"], 2, {"n": 2})  # a repeat: dropped
+            await s.progress(req["id"], 1, {"n": 1})  # older: dropped
+            await s.progress(9999, 1, {"n": -1})  # no such call: ignored
+            await s.progress(req["id"], 3, {"n": 3})
+            await s.send({"id": req["id"], "result": {"counted": 3}})
+            assert await call == {"counted": 3}
+            assert got == [(1, {"n": 1}), (2, {"n": 2}), (3, {"n": 3})], got
+            assert events == [] and c.errors == [], (events, c.errors)  # type: ignore[attr-defined]
+
+        return self.run_scripted(scenario)
+
+    def test_stream_yields_items_then_result_or_raises(self) -> Any:
+        async def scenario(c: UnrealonClient, s: ScriptedServer) -> None:
+            stream = c.stream("demo.count", {"to": 2})
+            items = []
+            async with stream:
+                req = await s.request("demo.count")
+                for n in (1, 2):
+                    await s.progress(req["id"], n, {"n": n})
+                await s.send({"id": req["id"], "result": {"counted": 2}})
+                async for item in stream:
+                    items.append(item)
+            assert items == [{"n": 1}, {"n": 2}] and stream.seq == 2, items
+            assert stream.result == {"counted": 2}
+
+            s.requests.clear()
+            failing = c.stream("demo.fail")
+            seen = []
+
+            async def consume() -> None:
+                async for item in failing:
+                    seen.append(item)
+
+            consumer = asyncio.ensure_future(consume())
+            req = await s.request("demo.fail")
+            await s.progress(req["id"], 1, "first")
+            await s.send({"id": req["id"], "error": {"code": -32013, "message": "no worker",
+                                                     "data": {"retryable": True}}})
+            try:
+                await consumer
+            except RpcError as e:
+                assert e.code == NO_WORKER and e.data == {"retryable": True}
+            else:
+                raise AssertionError("the stream's error was not raised")
+            assert seen == ["first"]
+
+        return self.run_scripted(scenario)
+
+    def test_cancelling_the_task_sends_rpc_cancel(self) -> Any:
+        async def scenario(c: UnrealonClient, s: ScriptedServer) -> None:
+            got: list[Any] = []
+            call = asyncio.ensure_future(c.call("demo.count", {}, on_progress=lambda i, n: got.append(i)))
+            req = await s.request("demo.count")
+            await s.progress(req["id"], 1, "a")
+            await wait_for(lambda: got == ["a"], what="the first item")
+            call.cancel()
+            try:
+                await call
+            except asyncio.CancelledError:
+                pass
+            else:
+                raise AssertionError("the call was not cancelled")
+            cancel = await s.request("rpc.cancel")
+            assert cancel["params"] == {"id": req["id"]}, cancel
+            await s.progress(req["id"], 2, "b")  # given up on: dropped
+            await s.send({"id": req["id"], "error": {"code": CANCELLED, "message": "cancelled"}})
+            await s.send({"id": cancel["id"], "result": {"id": req["id"], "cancelled": True}})
+            await asyncio.sleep(0.05)
+            assert got == ["a"] and c.errors == [] and c.state == "open", (got, c.errors)  # type: ignore[attr-defined]
+
+            # leaving a stream's block early cancels its call the same way
+            s.requests.clear()
+            async with c.stream("demo.count", {}) as stream:
+                req = await s.request("demo.count")
+                await s.progress(req["id"], 1, "x")
+                async for item in stream:
+                    assert item == "x"
+                    break
+            cancel = await s.request("rpc.cancel")
+            assert cancel["params"] == {"id": req["id"]}, cancel
+
+        return self.run_scripted(scenario)
+
+    def test_a_timed_out_call_is_cancelled_on_the_server(self) -> Any:
+        async def scenario(c: UnrealonClient, s: ScriptedServer) -> None:
+            try:
+                await c.call("demo.count", {}, 0.1)
+            except CallTimeoutError:
+                pass
+            else:
+                raise AssertionError("no timeout")
+            req = await s.request("demo.count")
+            cancel = await s.request("rpc.cancel")
+            assert cancel["params"] == {"id": req["id"]}, cancel
+
+        return self.run_scripted(scenario)
+
+
+class BackendCallEndToEndTests(TestCase):
+    """
+    Backend methods through a node with Redis, served by a real worker
+    (L{start_backend_node}): progress then result, stream(), task cancellation
+    reaching the worker.
+    """
+
+    timeout = 90
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.backend: BackendNode = yield start_backend_node(self)
+
+    def run_scenario(self, scenario: Callable[[UnrealonClient], Awaitable[None]]) -> Any:
+        async def main() -> None:
+            c = UnrealonClient(self.backend.ws_url, heartbeat=0, token_provider=lambda: mint_token(
+                "alice", rooms=["*"], methods=["demo.*"]))
+            try:
+                await asyncio.wait_for(c.connect(), 10)
+                await asyncio.wait_for(self._discovered(c, "demo.logged_count"), 15)
+                await asyncio.wait_for(scenario(c), 30)
+            finally:
+                await c.close()
+
+        return deferToThread(asyncio.run, main())
+
+    @staticmethod
+    async def _discovered(c: UnrealonClient, name: str) -> Json:
+        """The node lists a worker's methods within 2 s of its declaring them."""
+        while True:
+            doc = await c.rpc.discover()
+            found = [m for m in doc["methods"] if m["name"] == name]
+            if found:
+                return found[0]
+            await asyncio.sleep(0.1)
+
+    def test_progress_then_result_and_stream(self) -> Any:
+        async def scenario(c: UnrealonClient) -> None:
+            got: list[tuple[int, int]] = []
+            result = await c.call("demo.logged_count", {"to": 4, "delay": 0.01},
+                                  on_progress=lambda item, seq: got.append((seq, item["n"])))
+            assert result == {"counted": 4} and got == [(1, 1), (2, 2), (3, 3), (4, 4)], (result, got)
+            async with c.stream("demo.count", {"to": 3, "delay": 0.01}) as stream:
+                items = [item["n"] async for item in stream]
+            assert items == [1, 2, 3] and stream.result == {"counted": 3}, (items, stream.result)
+            try:
+                await c.call("demo.logged_count", {"to": 0})
+            except RpcError as e:
+                assert e.code == -32602, e
+            else:
+                raise AssertionError("bad params were accepted")
+
+        return self.run_scenario(scenario)
+
+    def test_task_cancellation_reaches_the_worker(self) -> Any:
+        async def scenario(c: UnrealonClient) -> None:
+            got: list[int] = []
+            call = asyncio.ensure_future(c.call("demo.logged_count", {"to": 1000, "delay": 0.05},
+                                                on_progress=lambda item, seq: got.append(item["n"])))
+            await wait_for(lambda: len(got) >= 2, 10, "two progress items")
+            call.cancel()
+            try:
+                await call
+            except asyncio.CancelledError:
+                pass
+            else:
+                raise AssertionError("the call was not cancelled")
+            await wait_for(lambda: any(e["event"] == "cancelled" for e in self.backend.worker_log()),
+                           10, "the worker's cancel")
+            cancelled = next(e for e in self.backend.worker_log() if e["event"] == "cancelled")
+            assert cancelled["at"] < 1000, cancelled  # long before its end (and its 30 s deadline)
+            seen = len(got)
+            await asyncio.sleep(0.3)
+            assert len(got) == seen, "progress after the cancel"
+            assert (await c.system.ping())["pong"] is True
 
         return self.run_scenario(scenario)

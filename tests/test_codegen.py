@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 import sys
@@ -199,3 +200,246 @@ class DevTokenTests(SynchronousTestCase):
         token = mint("bob", "s" * 32, now=1_000_000)
         claims = jwt.decode(token, "s" * 32, algorithms=["HS256"], options={"verify_exp": False})
         self.assertEqual(claims, {"sub": "bob", "iat": 1_000_000, "exp": 1_003_600, "rooms": ["*"]})
+
+
+# -- a project's backend methods (--backend-methods) -------------------------------
+
+#: declarations as ``python -m unrealon_backend declarations`` prints them (PROTOCOL.md 9.2)
+DECLARATIONS: list[dict[str, Any]] = [
+    {
+        "name": "demo.count",
+        "description": "Count to `to`.",
+        "params": {
+            "type": "object",
+            "properties": {"to": {"type": "integer", "minimum": 1, "maximum": 1000},
+                           "delay": {"type": "number", "minimum": 0}},
+            "required": ["to"],
+            "additionalProperties": False,
+        },
+        "result": {"type": "object", "properties": {"counted": {"type": "integer"}},
+                   "required": ["counted"], "additionalProperties": False},
+        "progress": {"type": "object", "properties": {"n": {"type": "integer"}},
+                     "required": ["n"], "additionalProperties": False},
+        "timeout": 60,
+        "idempotent": False,
+        "pass_claims": [],
+    },
+    {"name": "demo.echo", "params": {"type": "object"}, "result": {}, "progress": None,
+     "timeout": 1000, "idempotent": True},
+]
+
+TS_USAGE = """\
+import { UnrealonClient, type DemoCountProgress, type DemoCountResult } from "./dist/index.js";
+
+export async function usage(client: UnrealonClient): Promise<void> {
+  const controller = new AbortController();
+  const seen: number[] = [];
+  const done: DemoCountResult = await client.demo.count(
+    { to: 3, delay: 0.1 },
+    { signal: controller.signal, timeoutMs: 1000, onProgress: (item: DemoCountProgress, seq: number) => seen.push(item.n + seq) },
+  );
+  const counted: number = done.counted;
+  const echoed: unknown = await client.demo.echo({ anything: [1, 2] }, { signal: controller.signal });
+  // @ts-expect-error: `to` is required
+  await client.demo.count({});
+  // @ts-expect-error: a progress item is {n: number}
+  await client.demo.count({ to: 1 }, { onProgress: (item: string) => item });
+  // @ts-expect-error: demo.echo sends no progress
+  await client.demo.echo({}, { onProgress: () => undefined });
+  // @ts-expect-error: demo.count's params are closed
+  await client.demo.count({ to: 1, extra: true });
+  void counted;
+  void echoed;
+}
+"""
+
+PY_USAGE = '''\
+from __future__ import annotations
+
+from unrealon_client import DemoCountProgress, DemoCountResult, UnrealonClient
+
+
+async def usage(client: UnrealonClient) -> None:
+    def progress(item: DemoCountProgress, seq: int) -> None:
+        print(item["n"], seq)
+
+    done: DemoCountResult = await client.demo.count(to=3, delay=0.1, on_progress=progress)
+    print(done["counted"])
+    async with client.demo.stream_count(to=3) as stream:
+        async for item in stream:
+            n: int = item["n"]
+            print(n)
+    result: DemoCountResult = stream.result
+    print(result, await client.demo.echo(anything=[1, 2]))
+    await client.demo.count()  # type: ignore[call-arg]
+    await client.demo.count(to="3")  # type: ignore[arg-type]
+
+    def wrong(item: str, seq: int) -> None:
+        print(item, seq)
+
+    await client.demo.count(to=3, on_progress=wrong)  # type: ignore[arg-type]
+    client.demo.stream_echo()  # type: ignore[attr-defined]
+'''
+
+
+def _backend_root(scratch: str) -> Path:
+    """A copy of clients/ (and the pinned node_modules) to generate into."""
+    root = Path(scratch)
+    shutil.copytree(ROOT / "clients", root / "clients")
+    (root / "node_modules").symlink_to(ROOT / "node_modules")
+    (root / "decls.json").write_text(json.dumps(DECLARATIONS))
+    return root
+
+
+class BackendMethodsDocumentTests(SynchronousTestCase):
+    def test_declarations_become_openrpc_methods(self) -> None:
+        doc = client_document(backend=DECLARATIONS)
+        names = [m["name"] for m in doc["methods"]]
+        self.assertEqual(names, sorted(names))
+        count = next(m for m in doc["methods"] if m["name"] == "demo.count")
+        self.assertEqual(
+            {k: count[k] for k in ("x-backend", "x-progress", "x-timeout", "x-idempotent")},
+            {"x-backend": True, "x-progress": DECLARATIONS[0]["progress"], "x-timeout": 60.0,
+             "x-idempotent": False},
+        )
+        self.assertNotIn("x-additional-params", count)
+        echo = next(m for m in doc["methods"] if m["name"] == "demo.echo")
+        self.assertEqual((echo["x-timeout"], echo["x-additional-params"]), (300.0, True))  # capped
+        short = client_document(backend=DECLARATIONS, backend_timeout=5, backend_max_timeout=20)
+        self.assertEqual([m["x-timeout"] for m in short["methods"] if m.get("x-backend")], [20.0, 20.0])
+
+    def test_without_declarations_the_document_is_unchanged(self) -> None:
+        self.assertEqual(client_document(backend=[]), client_document())
+        self.assertFalse([m for m in client_document()["methods"] if m.get("x-backend")])
+
+    def test_bad_declarations_fail_the_build(self) -> None:
+        for bad in (
+            [{"name": "Demo.Count"}],
+            [{"name": "rooms.shout"}],  # the server's namespace
+            [{"name": "demo.count", "params": {"type": "object", "oneOf": []}}],  # not in the subset
+            [DECLARATIONS[0], DECLARATIONS[0]],  # twice
+            ["demo.count"],
+        ):
+            with self.assertRaises(ValueError, msg=str(bad)):
+                client_document(backend=bad)
+        with self.assertRaisesRegex(ValueError, "server's own"):
+            client_document([_extension_with("billing.usage")], [{"name": "billing.usage"}])
+
+    def test_typed_calls_in_both_clients(self) -> None:
+        files = cli.sources(client_document(backend=DECLARATIONS), ROOT)
+        ts, py = files[TS_INDEX], files[PY_API]
+        self.assertIn("import type { BackendCallOptions, CallOptions,", ts)
+        self.assertIn(
+            "count: (params: DemoCountParams, options?: BackendCallOptions<DemoCountProgress>): "
+            "Promise<DemoCountResult> =>\n"
+            '      this.call("demo.count", params, { ...options, timeoutMs: options?.timeoutMs ?? 65000 })',
+            ts,
+        )
+        self.assertIn('echo: (params: DemoEchoParams = {}, options?: Omit<BackendCallOptions, "onProgress">)', ts)
+        self.assertIn("from .streams import BackendStream", py)
+        self.assertIn(
+            "async def count(self, *, to: int, delay: float | None = None, rpc_timeout: float | None = None, "
+            "on_progress: Callable[[DemoCountProgress, int], object] | None = None) -> DemoCountResult:", py)
+        self.assertIn("65.0 if rpc_timeout is None else rpc_timeout, on_progress=on_progress)", py)
+        self.assertIn("def stream_count(self, *, to: int, delay: float | None = None, "
+                      "rpc_timeout: float | None = None) -> BackendStream[DemoCountProgress, DemoCountResult]:", py)
+        self.assertIn("async def echo(self, *, rpc_timeout: float | None = None, **extra: Any) -> Any:", py)
+        self.assertNotIn("stream_echo", py)
+
+    def test_clashing_python_names_are_refused(self) -> None:
+        clash = dict(DECLARATIONS[0], name="demo.stream_count")
+        with self.assertRaisesRegex(ValueError, "stream_count"):
+            cli.sources(client_document(backend=[DECLARATIONS[0], clash]), ROOT)
+        param = dict(DECLARATIONS[0], params={"type": "object", "properties": {"on_progress": {}}})
+        with self.assertRaisesRegex(ValueError, "on_progress"):
+            cli.sources(client_document(backend=[param]), ROOT)
+
+
+class BackendMethodsBuildTests(TestCase):
+    """Generated with --backend-methods: tsc and mypy --strict accept it, and --check agrees."""
+
+    timeout = 180
+
+    def setUp(self) -> None:
+        if not (ROOT / "node_modules/typescript/package.json").exists():
+            raise AssertionError("node_modules/typescript missing: run `npm ci` (make install does)")
+
+    @inlineCallbacks
+    def test_typescript_compiles_and_types_the_backend_calls(self) -> Any:
+        with tempfile.TemporaryDirectory() as scratch:
+            root = _backend_root(scratch)
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                args = ["--root", str(root), "--backend-methods", str(root / "decls.json")]
+                self.assertEqual(cli.main(args), 0)  # writes and compiles (tsc failing raises)
+                self.assertEqual(cli.main(["--check", *args]), 0)
+                self.assertEqual(cli.main(["--check", "--no-compile", "--root", str(root)]), 1)
+            self.assertIn("readonly demo: {", (root / "clients/typescript/dist/index.d.ts").read_text())
+            ts_dir = root / "clients/typescript"
+            (ts_dir / "usage.ts").write_text(TS_USAGE)
+            (ts_dir / "usage.json").write_text(json.dumps({
+                "extends": "./tsconfig.json",
+                "compilerOptions": {"noEmit": True, "rootDir": "."},
+                "include": ["usage.ts"],
+            }))
+            out, err, code = yield getProcessOutputAndValue(
+                shutil.which("node") or "node",
+                [str(ROOT / "node_modules/typescript/bin/tsc"), "--strict", "-p", str(ts_dir / "usage.json")],
+                path=str(ts_dir), env=None,
+            )
+            self.assertEqual(code, 0, (out + err).decode())
+
+    @inlineCallbacks
+    def test_python_api_imports_and_passes_mypy_strict(self) -> Any:
+        with tempfile.TemporaryDirectory() as scratch:
+            root = _backend_root(scratch)
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.assertEqual(cli.main(["--root", str(root), "--no-compile",
+                                           "--backend-methods", str(root / "decls.json")]), 0)
+            package = root / "clients/python"
+            (package / "backend_usage.py").write_text(PY_USAGE)
+            out, err, code = yield getProcessOutputAndValue(
+                sys.executable,
+                ["-c", "import unrealon_client as m; print(m.UnrealonClient.__name__, "
+                       "m.UnrealonClient('ws://x', token='t').demo.stream_count(to=1).__class__.__name__)"],
+                path=str(package), env=None,
+            )
+            self.assertEqual((code, out.split()), (0, [b"UnrealonClient", b"BackendStream"]), err.decode())
+            out, err, code = yield getProcessOutputAndValue(
+                sys.executable,
+                ["-m", "mypy", "--strict", "--python-version", "3.11", "--no-incremental",
+                 "unrealon_client", "backend_usage.py"],
+                path=str(package), env=None,
+            )
+            self.assertEqual(code, 0, (out + err).decode())
+
+    @inlineCallbacks
+    def test_the_examples_declarations_generate_typed_calls(self) -> Any:
+        """``python -m unrealon_backend declarations`` output is what --backend-methods reads."""
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "unrealon_backend", "declarations", "--handlers", "examples.backend_methods"],
+            path=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        self.assertEqual(code, 0, (out + err).decode())
+        files = cli.sources(client_document(backend=json.loads(out)), ROOT)
+        self.assertIn("count: (params: DemoCountParams, options?: BackendCallOptions<DemoCountProgress>)",
+                      files[TS_INDEX])
+        self.assertIn("def stream_count(self, *, to: int, delay: float | None = None", files[PY_API])
+
+
+class DevTokenMethodsTests(SynchronousTestCase):
+    """unrealon.devtoken's methods claim (the browser example's backend task needs it)."""
+
+    def test_methods_claim_only_when_given(self) -> None:
+        with_methods = mint("bob", "s" * 32, now=1_000_000, methods=["demo.*"])
+        claims = jwt.decode(with_methods, "s" * 32, algorithms=["HS256"], options={"verify_exp": False})
+        self.assertEqual(claims["methods"], ["demo.*"])
+        plain = jwt.decode(mint("bob", "s" * 32), "s" * 32, algorithms=["HS256"])
+        self.assertNotIn("methods", plain)
+
+    def test_a_pattern_that_matches_no_method_is_refused(self) -> None:
+        from unrealon.devtoken import TokenError
+
+        with self.assertRaises(TokenError):
+            mint("bob", "s" * 32, methods=["Demo Count"])

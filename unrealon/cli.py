@@ -5,7 +5,7 @@ node's HTTP API (PROTOCOL.md section 8), and mint development tokens.
     unrealon publish ROOM EVENT [--data JSON] [KEY=VALUE ...]
     unrealon call METHOD [--data JSON] [KEY=VALUE | KEY:=JSON ...]
     unrealon methods
-    unrealon token [USER] [--ttl SECONDS] [--rooms PATTERN ...] [--info JSON]
+    unrealon token [USER] [--ttl SECONDS] [--rooms PATTERN ...] [--info JSON] [--methods PATTERN ...]
     unrealon --version
 
 The client side is the standard library only (argparse, urllib.request,
@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--rooms", nargs="+", default=None, metavar="PATTERN",
                        help='room patterns, space- or comma-separated (default "*": every room)')
     token.add_argument("--info", help="presence info, a JSON object of at most 1 KiB")
+    token.add_argument("--methods", nargs="+", default=None, metavar="PATTERN",
+                       help="backend methods the user may call, e.g. 'demo.*' (default: none)")
     token.add_argument("--secret", help="the HMAC key (default: env JWT_SECRET)")
     return parser
 
@@ -288,7 +290,14 @@ def run(args: argparse.Namespace) -> Any:
 
 
 def run_token(args: argparse.Namespace) -> str:
-    from unrealon.devtoken import TokenError, check_rooms, check_sub, mint, parse_info
+    from unrealon.devtoken import (
+        TokenError,
+        check_methods,
+        check_rooms,
+        check_sub,
+        mint,
+        parse_info,
+    )
 
     secret = args.secret if args.secret is not None else os.environ.get("JWT_SECRET", "")
     if not secret:
@@ -304,9 +313,11 @@ def run_token(args: argparse.Namespace) -> str:
         if rooms is not None:
             check_rooms(rooms)
         info = parse_info(args.info) if args.info is not None else None
+        methods = None if args.methods is None else check_methods(
+            [p for item in args.methods for p in item.replace(",", " ").split()])
     except TokenError as e:
         raise CommandError(str(e)) from None
-    return mint(args.user, secret, args.ttl, rooms, info=info)
+    return mint(args.user, secret, args.ttl, rooms, info=info, methods=methods)
 
 
 def main(argv: list[str] | None = None) -> int:

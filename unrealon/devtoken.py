@@ -4,7 +4,8 @@ mints.
 
 HS256, signed with the server's ``JWT_SECRET``, for one user, granting room
 patterns (every room by default) for an hour by default, with an optional
-presence ``info`` object.  Every claim is checked here as the server checks
+presence ``info`` object and optional backend method patterns (``methods``:
+none unless given, as the server grants none without the claim).  Every claim is checked here as the server checks
 it (PROTOCOL.md section 2), so a token this prints is never one the server
 refuses for its shape.  For development only: real tokens come from the
 application's backend.
@@ -16,6 +17,7 @@ C{python -m unrealon token} where the script is not on the PATH).
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -23,6 +25,8 @@ from unrealon.names import ROOM_GRANT_RE, USER_ID_RE
 
 #: PROTOCOL.md section 2: info is a JSON object of at most 1 KiB
 MAX_INFO_BYTES = 1024
+#: a pattern that can match a backend method name (PROTOCOL.md section 9.2), `*` as in rooms
+METHOD_GRANT_RE = re.compile(r"^[a-z0-9_.*]{1,200}$")
 
 
 class TokenError(ValueError):
@@ -42,6 +46,15 @@ def check_rooms(patterns: list[str]) -> list[str]:
         if not ROOM_GRANT_RE.match(pattern):
             raise TokenError(
                 f"room pattern {pattern!r} can match no room: use A-Z a-z 0-9 _ . : @ - and *"
+            )
+    return patterns
+
+
+def check_methods(patterns: list[str]) -> list[str]:
+    for pattern in patterns:
+        if not METHOD_GRANT_RE.match(pattern):
+            raise TokenError(
+                f"method pattern {pattern!r} can match no backend method: use a-z 0-9 _ . and *"
             )
     return patterns
 
@@ -67,8 +80,12 @@ def mint(
     rooms: list[str] | None = None,
     now: float | None = None,
     info: dict[str, Any] | None = None,
+    methods: list[str] | None = None,
 ) -> str:
-    """An HS256 connection token (claims C{sub}, C{iat}, C{exp}, C{rooms}, and C{info} if given)."""
+    """
+    An HS256 connection token (claims C{sub}, C{iat}, C{exp}, C{rooms}, and C{info}
+    and C{methods} if given).
+    """
     import jwt
 
     issued = int(time.time() if now is None else now)
@@ -80,4 +97,6 @@ def mint(
     }
     if info is not None:
         claims["info"] = info
+    if methods is not None:
+        claims["methods"] = check_methods(methods)
     return jwt.encode(claims, secret, algorithm="HS256")

@@ -157,7 +157,7 @@ def drop(call: ClientCall, p: DropParams) -> dict[str, Any]:
 
 
 class TokenResource(Resource):
-    """GET /token?sub=alice&ttl=300&rooms=a,b -> a connection token (TEST ONLY)."""
+    """GET /token?sub=alice&ttl=300&rooms=a,b[&methods=demo.*] -> a connection token (TEST ONLY)."""
 
     isLeaf = True
 
@@ -177,6 +177,8 @@ class TokenResource(Resource):
             "exp": int(now + float(arg("ttl", "300"))),
             "rooms": [r for r in arg("rooms", "*").split(",") if r],
         }
+        if request.args.get(b"methods"):
+            claims["methods"] = [m for m in arg("methods", "").split(",") if m]
         request.setHeader(b"content-type", b"text/plain")
         request.setHeader(b"cache-control", b"no-store")
         return jwt.encode(claims, self.secret, algorithm="HS256").encode()

@@ -1,5 +1,6 @@
 """
-``python -m unrealon.codegen [--check] [--root DIR] [--extension mod:func]``
+``python -m unrealon.codegen [--check] [--root DIR] [--extension mod:func]
+[--backend-methods FILE] [--backend-timeout S] [--backend-max-timeout S]``
 
 Writes clients/openrpc.json, clients/typescript/src/index.ts (+ tsconfig.json)
 and its compiled dist/, and clients/python/unrealon_client/api.py.  Output is
@@ -7,6 +8,14 @@ deterministic (sorted keys, no timestamps), so ``--check`` can regenerate
 everything in a scratch directory, compile the TypeScript there with the
 repository's pinned compiler (node_modules/typescript, from ``npm ci``), and
 list every file that differs from the committed one: exit 1 if any does.
+
+``--backend-methods FILE`` adds a project's backend methods (PROTOCOL.md
+section 9): FILE is a JSON list of declarations, as ``python -m
+unrealon_backend declarations --handlers <module>`` prints them.  Their
+deadlines are computed as the node does, with ``--backend-timeout`` and
+``--backend-max-timeout`` standing for the node's UNREALON_BACKEND_TIMEOUT and
+UNREALON_BACKEND_MAX_TIMEOUT (default: the settings' defaults).  ``--check``
+needs the same options as the run that wrote the files.
 """
 
 from __future__ import annotations
@@ -21,7 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from unrealon.codegen import python, typescript
-from unrealon.codegen.openrpc import client_document, dump_json
+from unrealon.codegen.openrpc import (
+    DEFAULT_BACKEND_TIMEOUT,
+    MAX_BACKEND_TIMEOUT,
+    client_document,
+    dump_json,
+)
 from unrealon.extensions import load_extension
 
 TS_DIR = Path("clients/typescript")
@@ -98,6 +112,20 @@ def check(root: Path, files: dict[Path, str], compile_ts: bool) -> list[str]:
     return stale
 
 
+def read_declarations(paths: list[Path]) -> list[Any]:
+    """The declarations of every --backend-methods file (each a JSON list)."""
+    declarations: list[Any] = []
+    for path in paths:
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--backend-methods {path}: {e}") from None
+        if not isinstance(loaded, list):
+            raise SystemExit(f"--backend-methods {path}: not a JSON list of declarations")
+        declarations += loaded
+    return declarations
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unrealon.codegen", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="list files that differ from a fresh run; exit 1 if any")
@@ -105,9 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extension", action="append", default=[], metavar="MODULE:FUNCTION",
                         help="an application's registry extension whose methods the clients get")
     parser.add_argument("--no-compile", action="store_true", help="skip tsc (dist/ is neither written nor checked)")
+    parser.add_argument("--backend-methods", action="append", default=[], type=Path, metavar="FILE",
+                        help="a JSON list of backend method declarations whose methods the clients get")
+    parser.add_argument("--backend-timeout", type=float, default=DEFAULT_BACKEND_TIMEOUT, metavar="S",
+                        help="the nodes' UNREALON_BACKEND_TIMEOUT (default %(default)s)")
+    parser.add_argument("--backend-max-timeout", type=float, default=MAX_BACKEND_TIMEOUT, metavar="S",
+                        help="the nodes' UNREALON_BACKEND_MAX_TIMEOUT (default %(default)s)")
     args = parser.parse_args(argv)
     root = (args.root or default_root()).resolve()
-    doc = client_document(load_extension(spec) for spec in args.extension)
+    extensions = [load_extension(spec) for spec in args.extension]
+    declarations = read_declarations(args.backend_methods)
+    try:
+        doc = client_document(extensions, declarations, args.backend_timeout, args.backend_max_timeout)
+    except ValueError as e:
+        raise SystemExit(f"--backend-methods: {e}") from None
     files = sources(doc, root)
     if not args.check:
         write(root, files, not args.no_compile)

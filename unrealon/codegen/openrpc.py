@@ -7,6 +7,13 @@ answers C{rpc.discover}, so the generated clients can never describe another
 API than the one served.  The generators read the document back from its JSON
 text, so what they produce depends on C{clients/openrpc.json} alone.
 
+A project's own backend methods (PROTOCOL.md section 9) are not in the
+registry: workers declare them in Redis.  L{backend_methods} turns the same
+declarations, read from a file, into the entries C{rpc.discover} gives them
+(L{unrealon.backenddecl.openrpc_method}), so the clients get typed calls for
+them too.  Unlike the server, which ignores a bad declaration, this refuses it:
+a typo must fail the build, not drop a method from the client.
+
 The type model is the small JSON Schema subset L{unrealon.rpc.schema_for}
 writes: primitives, enums, arrays, maps, objects with properties, and
 C{oneOf} with C{null} for optional values.  Anything else becomes "any JSON".
@@ -21,15 +28,56 @@ from typing import Any
 
 import attrs
 
-from unrealon import __version__
+from unrealon import __version__, jsoncodec
+from unrealon.backenddecl import DeclarationError, openrpc_method, parse_declaration
 from unrealon.clientapi import client_openrpc
+from unrealon.config import SETTINGS_BY_NAME
 from unrealon.extensions import Extension
+from unrealon.rpc import Caller
 from unrealon.service import build_registry
 
+#: the node's defaults (UNREALON_BACKEND_TIMEOUT, UNREALON_BACKEND_MAX_TIMEOUT), in seconds
+DEFAULT_BACKEND_TIMEOUT = float(SETTINGS_BY_NAME["backend_timeout"].default or 30)
+MAX_BACKEND_TIMEOUT = float(SETTINGS_BY_NAME["backend_max_timeout"].default or 300)
 
-def client_document(extensions: Iterable[Extension] = ()) -> dict[str, Any]:
-    """The OpenRPC document of every client-callable method and pushed event."""
-    return client_openrpc(build_registry(tuple(extensions)), __version__)
+
+def client_document(
+    extensions: Iterable[Extension] = (),
+    backend: Iterable[Any] = (),
+    backend_timeout: float = DEFAULT_BACKEND_TIMEOUT,
+    backend_max_timeout: float = MAX_BACKEND_TIMEOUT,
+) -> dict[str, Any]:
+    """
+    The OpenRPC document of every client-callable method and pushed event, with
+    the backend methods of C{backend} (declaration objects, PROTOCOL.md 9.2).
+    """
+    registry = build_registry(tuple(extensions))
+    doc = client_openrpc(registry, __version__)
+    declared = backend_methods(
+        backend, backend_timeout, backend_max_timeout,
+        {s.name for caller in Caller for s in registry.methods(caller)},
+    )
+    if declared:
+        doc["methods"] = sorted([*doc["methods"], *declared], key=lambda m: str(m["name"]))
+    return doc
+
+
+def backend_methods(
+    declarations: Iterable[Any], default_timeout: float, max_timeout: float,
+    server_names: set[str],
+) -> list[dict[str, Any]]:
+    """The OpenRPC entries of backend method declarations; ValueError on a bad one."""
+    methods: dict[str, dict[str, Any]] = {}
+    for n, declaration in enumerate(declarations):
+        try:
+            decl = parse_declaration(jsoncodec.text(declaration), server_names.__contains__)
+        except (DeclarationError, TypeError, ValueError) as e:
+            name = declaration.get("name") if isinstance(declaration, dict) else None
+            raise ValueError(f"backend declaration {n} ({name!r}): {e}") from None
+        if decl.name in methods:
+            raise ValueError(f"backend method {decl.name!r} is declared twice")
+        methods[decl.name] = openrpc_method(decl, default_timeout, max_timeout)
+    return list(methods.values())
 
 
 def dump_json(doc: Any) -> str:
@@ -73,6 +121,16 @@ class Method:
     params: Type  # an object type (possibly without fields)
     result: Type
     requires_auth: bool
+    #: a backend method (PROTOCOL.md section 9): progress, cancel, its own deadline
+    backend: bool = False
+    #: the type of its progress items; None: it sends none
+    progress: Type | None = None
+    #: its deadline in seconds (x-timeout)
+    timeout: float | None = None
+
+    @property
+    def takes_params(self) -> bool:
+        return bool(self.params.fields) or self.params.extra
 
 
 @attrs.frozen
@@ -95,7 +153,7 @@ class Model:
         The object types a client declares: all but the params of methods that take
         none (those methods are generated without a params argument).
         """
-        empty = {m.params.name for m in self.methods if not m.params.fields}
+        empty = {m.params.name for m in self.methods if not m.takes_params}
         return [t for t in self.objects if t.name not in empty]
 
 
@@ -172,15 +230,20 @@ def read_model(doc: dict[str, Any], reserved: Iterable[str] = ()) -> Model:
         params_schema = {
             "type": "object",
             "title": base + "Params",
-            "additionalProperties": False,
+            "additionalProperties": m.get("x-additional-params") is True,
             "properties": {p["name"]: p.get("schema") or {} for p in m.get("params", ())},
             "required": [p["name"] for p in m.get("params", ()) if p.get("required")],
         }
         params = builder.object(params_schema, base + "Params")
         result = builder.type((m.get("result") or {}).get("schema") or {}, base + "Result")
+        progress = m.get("x-progress")
+        timeout = m.get("x-timeout")
         methods.append(
             Method(m["name"], str(m.get("summary") or ""), params, result,
-                   m.get("x-requires-auth", True) is not False)
+                   m.get("x-requires-auth", True) is not False,
+                   backend=m.get("x-backend") is True,
+                   progress=None if progress is None else builder.type(progress, base + "Progress"),
+                   timeout=float(timeout) if isinstance(timeout, (int, float)) else None)
         )
     events = []
     for e in sorted(doc.get("x-events", ()), key=lambda e: e["name"]):

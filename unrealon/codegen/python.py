@@ -2,6 +2,13 @@
 The Python client: C{unrealon_client/api.py} (TypedDicts, typed methods,
 typed C{on()} overloads) from the OpenRPC model, on top of the hand-written
 asyncio runtime C{unrealon_client/runtime.py}.
+
+A backend method (C{x-backend}, PROTOCOL.md section 9) is an async method
+with C{on_progress=(item, seq)} and, when it sends progress, a
+C{stream_<name>} twin returning a L{BackendStream} of its progress items;
+cancelling the awaiting task cancels the call.  Its default timeout is the
+declared deadline plus L{BACKEND_TIMEOUT_MARGIN}, so the node's -32012 comes
+first.  Params the schema allows beyond its properties go in C{**extra}.
 """
 
 from __future__ import annotations
@@ -11,15 +18,20 @@ import re
 from pathlib import Path
 
 from unrealon.codegen.openrpc import Method, Model, Type, groups, read_model
+from unrealon.codegen.typescript import BACKEND_TIMEOUT_MARGIN
 
 #: names the runtime and this module define (a schema title must not shadow them)
 RUNTIME_NAMES = (
-    "Any", "Callable", "ClientCore", "DirectEventMeta", "EVENT_KINDS", "Literal",
+    "Any", "BackendStream", "Callable", "ClientCore", "DirectEventMeta", "EVENT_KINDS", "Literal",
     "NotRequired", "RecoveryInfo", "RoomEventMeta", "StateChange", "TypedDict",
     "UnrealonClient", "API_VERSION", "cached_property", "cast", "drop_none", "overload",
 )
 #: keyword of the generated methods for the per-call timeout
 TIMEOUT_ARG = "rpc_timeout"
+#: keywords of backend methods: the progress callback, params beyond the schema's properties
+PROGRESS_ARG, EXTRA_ARG = "on_progress", "extra"
+#: a backend method's twin iterating its progress: stream_<name>
+STREAM_PREFIX = "stream_"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -76,10 +88,11 @@ def _typed_dict(t: Type) -> list[str]:
 
 def _method(name: str, m: Method) -> list[str]:
     args, passed = ["self", "*"], []
+    reserved = {TIMEOUT_ARG, PROGRESS_ARG, EXTRA_ARG} if m.backend else {TIMEOUT_ARG}
     for f in sorted(m.params.fields, key=lambda f: not f.required):
         arg = snake(f.name) if not _IDENT.match(f.name) or keyword.iskeyword(f.name) else f.name
-        if arg == TIMEOUT_ARG:
-            raise ValueError(f"{m.name}: a param may not be called {TIMEOUT_ARG!r}")
+        if arg in reserved:
+            raise ValueError(f"{m.name}: a param may not be called {arg!r}")
         typ = render(f.type, "builtins.")
         if f.required:
             args.append(f"{arg}: {typ}")
@@ -88,14 +101,55 @@ def _method(name: str, m: Method) -> list[str]:
         passed.append(f"{f.name!r}: {arg}")
     args.append(f"{TIMEOUT_ARG}: float | None = None")
     result = render(m.result, "builtins.")
+    timeout = TIMEOUT_ARG
+    if m.backend and m.timeout is not None:
+        timeout = f"{m.timeout + BACKEND_TIMEOUT_MARGIN!r} if {TIMEOUT_ARG} is None else {TIMEOUT_ARG}"
+    if m.backend and m.params.extra:
+        passed.append(f"**{EXTRA_ARG}")
     params = f"drop_none({{{', '.join(passed)}}})" if passed else "{}"
-    call = f"await self._core.call({m.name!r}, {params}, {TIMEOUT_ARG})"
-    return [
-        f"    async def {name}({', '.join(args)}) -> {result}:",
-        *_doc(m.summary, "        "),
+    if not m.backend:
+        call = f"await self._core.call({m.name!r}, {params}, {TIMEOUT_ARG})"
+        return [
+            f"    async def {name}({', '.join(args)}) -> {result}:",
+            *_doc(m.summary, "        "),
+            f"        return cast({result!r}, {call})" if result != "Any" else f"        return {call}",
+            "",
+        ]
+    extra = [f"**{EXTRA_ARG}: Any"] if m.params.extra else []
+    if m.progress is None:
+        call = f"await self._core.call({m.name!r}, {params}, {timeout})"
+        lines = [f"    async def {name}({', '.join(args + extra)}) -> {result}:"]
+    else:
+        progress = render(m.progress, "builtins.")
+        handler = f"{PROGRESS_ARG}: Callable[[{progress}, int], object] | None = None"
+        call = f"await self._core.call({m.name!r}, {params}, {timeout}, {PROGRESS_ARG}={PROGRESS_ARG})"
+        lines = [f"    async def {name}({', '.join([*args, handler, *extra])}) -> {result}:"]
+    lines += [
+        *_doc(" ".join([m.summary, "A backend method: cancel the awaiting task to cancel it."]),
+              "        "),
         f"        return cast({result!r}, {call})" if result != "Any" else f"        return {call}",
         "",
     ]
+    if m.progress is not None:
+        stream = f"BackendStream[{progress}, {result}]"
+        lines += [
+            f"    def {STREAM_PREFIX}{name}({', '.join(args + extra)}) -> {stream}:",
+            *_doc(f"{m.name}'s progress items as an async iterator, then .result", "        "),
+            f"        return cast({stream!r}, self._core.stream({m.name!r}, {params}, {timeout}))",
+            "",
+        ]
+    return lines
+
+
+def _group_methods(methods: list[tuple[str, Method]]) -> list[str]:
+    """The methods of one namespace; a stream_<name> twin must not take another's name."""
+    names = {snake(name) for name, _ in methods}
+    out: list[str] = []
+    for name, m in methods:
+        if m.backend and m.progress is not None and STREAM_PREFIX + snake(name) in names:
+            raise ValueError(f"{m.name}: its {STREAM_PREFIX}{snake(name)} would shadow a method")
+        out += _method(snake(name), m)
+    return out
 
 
 def generate(doc: dict[str, object]) -> str:
@@ -126,6 +180,8 @@ def generate(doc: dict[str, object]) -> str:
         "    StateChange,",
         "    drop_none,",
         ")",
+        *(["from .streams import BackendStream"] if any(
+            m.backend and m.progress is not None for m in model.methods) else []),
         "",
         f"API_VERSION = {version!r}",
         "",
@@ -143,8 +199,7 @@ def generate(doc: dict[str, object]) -> str:
         cls = "_" + "".join(p.title() for p in snake(group or "root").split("_")) + "Methods"
         out += [f"class {cls}:", "    def __init__(self, core: ClientCore) -> None:",
                 "        self._core = core", ""]
-        for name, m in methods:
-            out += _method(snake(name), m)
+        out += _group_methods(methods)
         out += [""]
         props.append(f"{group}:{cls}")
     out += [

@@ -6,6 +6,10 @@ hand-written runtime.  See clients/python/README.md.
 from .api import *  # noqa: F403  (the generated types and UnrealonClient)
 from .api import API_VERSION, EVENT_KINDS, UnrealonClient
 from .runtime import (
+    CANCELLED,
+    DEADLINE_EXCEEDED,
+    NO_WORKER,
+    WORKER_LOST,
     Backoff,
     CallTimeoutError,
     ChunkOrder,
@@ -15,6 +19,7 @@ from .runtime import (
     ConnectionState,
     DirectEventMeta,
     EventMeta,
+    ProgressHandler,
     RecoveryInfo,
     RoomEventMeta,
     RpcError,
@@ -22,10 +27,16 @@ from .runtime import (
     TokenProvider,
     decode_jwt_payload,
 )
+from .streams import BackendStream
 
 __all__ = [
     "API_VERSION",
+    "CANCELLED",
+    "DEADLINE_EXCEEDED",
     "EVENT_KINDS",
+    "NO_WORKER",
+    "WORKER_LOST",
+    "BackendStream",
     "Backoff",
     "CallTimeoutError",
     "ChunkOrder",
@@ -35,6 +46,7 @@ __all__ = [
     "ConnectionState",
     "DirectEventMeta",
     "EventMeta",
+    "ProgressHandler",
     "RecoveryInfo",
     "RoomEventMeta",
     "RpcError",

@@ -97,6 +97,17 @@ class RoomsResult(TypedDict):
     rooms: list[str]
 
 
+class RpcCancelParams(TypedDict):
+    id: Any
+    """the id of a backend call of this connection (a string or a number)"""
+
+
+class CancelResult(TypedDict):
+    cancelled: bool
+    """false when no such call was in flight"""
+    id: Any
+
+
 class InfoResult(TypedDict):
     features: list[str]
     node_id: str
@@ -254,6 +265,10 @@ class _RpcMethods:
     def __init__(self, core: ClientCore) -> None:
         self._core = core
 
+    async def cancel(self, *, id: Any, rpc_timeout: float | None = None) -> CancelResult:
+        """Cancel a backend call of this connection that is in flight"""
+        return cast('CancelResult', await self._core.call('rpc.cancel', drop_none({'id': id}), rpc_timeout))
+
     async def discover(self, *, rpc_timeout: float | None = None) -> builtins.dict[str, Any]:
         """The OpenRPC document of the client-callable API"""
         return cast('builtins.dict[str, Any]', await self._core.call('rpc.discover', {}, rpc_timeout))
@@ -349,6 +364,7 @@ __all__ = [
     'AuthAuthenticateParams',
     'AuthRefreshParams',
     'AuthResult',
+    'CancelResult',
     'ContextUpdated',
     'EVENT_KINDS',
     'FileChanged',
@@ -370,6 +386,7 @@ __all__ = [
     'RoomsJoinParams',
     'RoomsLeaveParams',
     'RoomsResult',
+    'RpcCancelParams',
     'SessionMessage',
     'SnapshotCreated',
     'StateChanged',

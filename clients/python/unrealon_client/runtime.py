@@ -18,7 +18,12 @@ TypeScript runtime (clients/typescript/src/core.ts) does:
 - calls have timeouts; calls sent on a connection that drops are rejected
   with ConnectionClosedError; calls made while disconnected wait for the next
   connection (or their timeout);
-- ``session.message`` chunks are delivered in ``seq`` order per message_id.
+- ``session.message`` chunks are delivered in ``seq`` order per message_id;
+- backend methods (PROTOCOL.md section 9): ``rpc.progress`` items go to the
+  call's ``on_progress(item, seq)`` in ``seq`` order, or are iterated with
+  ``stream()`` (L{unrealon_client.streams}); cancelling the task awaiting a
+  call sends ``rpc.cancel`` (and raises CancelledError there, as asyncio
+  does), as does a call's own timeout; the server's late reply is dropped.
 """
 
 from __future__ import annotations
@@ -39,11 +44,17 @@ from typing import Any, ClassVar, Literal
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from .streams import BackendStream
+
 ConnectionState = Literal["connecting", "open", "reconnecting", "closed"]
 TokenProvider = Callable[[], "str | Awaitable[str]"]
 Json = dict[str, Any]
 
 UNAUTHENTICATED = -32001
+#: backend method errors (PROTOCOL.md sections 3 and 9)
+DEADLINE_EXCEEDED, NO_WORKER, CANCELLED, WORKER_LOST = -32012, -32013, -32014, -32015
+#: a backend call's progress handler: (item, seq)
+ProgressHandler = Callable[[Any, int], object]
 #: error codes of a rejoin that are worth another connection: -32011, -32029, -32603
 RETRYABLE = frozenset({-32011, -32029, -32603})
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_ABNORMAL = 1000, 1001, 1006
@@ -185,6 +196,11 @@ class _Pending:
     future: asyncio.Future[Any]
     timer: asyncio.TimerHandle | None = None
     socket: int = 0  # 0 while queued
+    #: an application's call: given up on (cancel, timeout), the server is told with rpc.cancel
+    cancellable: bool = False
+    on_progress: ProgressHandler | None = None
+    #: the last progress seq delivered (a repeat or an older one is dropped)
+    seq: int = 0
 
 
 @dataclass
@@ -337,16 +353,33 @@ class ClientCore:
         return lambda: self._any.remove(handler) if handler in self._any else None
 
     async def call(self, method: str, params: Mapping[str, Any] | None = None,
-                   timeout: float | None = None) -> Any:
-        """Call any method by name (the generated methods are typed wrappers of this)."""
+                   timeout: float | None = None, *,
+                   on_progress: ProgressHandler | None = None) -> Any:
+        """
+        Call any method by name (the generated methods are typed wrappers of this).
+        ``on_progress(item, seq)`` gets a backend call's progress items, in order (a
+        coroutine function is run as a task).  Cancelling the awaiting task cancels
+        the call on the server too.
+        """
         if not self._running:
             raise ConnectionClosedError(CLOSE_NORMAL, "not connected")
         p = self._make_pending(method, dict(params or {}), timeout)
+        p.cancellable, p.on_progress = True, on_progress
         if self._authenticated and self._ws is not None:
             self._write(p, self._socket)
         else:
             self._queue.append(p)
-        return await p.future
+        try:
+            return await p.future
+        except asyncio.CancelledError:
+            self._abandon(p, None)
+            raise
+
+    def stream(self, method: str, params: Mapping[str, Any] | None = None,
+               timeout: float | None = None) -> BackendStream[Any, Any]:
+        """A backend call as an async iterator of its progress items, then ``.result``."""
+        return BackendStream(lambda on_progress: self.call(method, params, timeout,
+                                                           on_progress=on_progress))
 
     # -- connection ----------------------------------------------------------
 
@@ -629,12 +662,34 @@ class ClientCore:
         seconds = self._call_timeout if timeout is None else timeout
 
         def expire() -> None:
-            if p in self._queue:
-                self._queue.remove(p)
-            self._settle(p, CallTimeoutError(f"{method}: no reply within {seconds} s"))
+            self._abandon(p, CallTimeoutError(f"{method}: no reply within {seconds} s"))
 
         p.timer = loop.call_later(seconds, expire)
         return p
+
+    def _abandon(self, p: _Pending, error: Exception | None) -> None:
+        """
+        Give up on a call (timeout, or its task cancelled: C{error} None); if it was
+        sent on the current connection, ask the server to cancel it (a backend call's
+        worker stops; other methods answer C{cancelled: false}).  Its late reply is dropped.
+        """
+        if p in self._queue:
+            self._queue.remove(p)
+        in_flight = self._pending.get(p.id) is p
+        sent = in_flight and p.socket == self._socket and self._ws is not None
+        if error is not None:
+            self._settle(p, error)
+        else:  # the future is cancelled already: only the bookkeeping is left
+            if p.timer is not None:
+                p.timer.cancel()
+            if in_flight:
+                del self._pending[p.id]
+        if sent and p.cancellable:
+            self._spawn(self._cancel_quietly(p.socket, p.id))
+
+    async def _cancel_quietly(self, sid: int, call_id: int) -> None:
+        with contextlib.suppress(Exception):
+            await self._internal_call(sid, "rpc.cancel", {"id": call_id})
 
     async def _internal_call(self, sid: int, method: str, params: Json,
                              timeout: float | None = None) -> Any:
@@ -710,7 +765,9 @@ class ClientCore:
         for msg in message if isinstance(message, list) else [message]:
             if not isinstance(msg, dict):
                 continue
-            if isinstance(msg.get("method"), str) and "id" not in msg:
+            if msg.get("method") == "rpc.progress" and "id" not in msg:
+                self._progress(msg.get("params") or {})
+            elif isinstance(msg.get("method"), str) and "id" not in msg:
                 self._notification(msg, False)
             elif "id" in msg:
                 p = self._pending.get(msg["id"]) if isinstance(msg["id"], int) else None
@@ -721,6 +778,18 @@ class ClientCore:
                     self._settle(p, RpcError(int(err.get("code", 0)), str(err.get("message", "")), err.get("data")))
                 else:
                     self._settle(p, None, msg.get("result"))
+
+    def _progress(self, params: Json) -> None:
+        """``rpc.progress {id, seq, data}``: to its call's on_progress, in order; unknown ids dropped."""
+        call_id, seq = params.get("id"), params.get("seq")
+        p = self._pending.get(call_id) if isinstance(call_id, int) else None
+        if p is None or p.future.done() or not isinstance(seq, int) or isinstance(seq, bool):
+            return
+        if seq <= p.seq:
+            return  # a repeat, or older than one delivered
+        p.seq = seq
+        if p.on_progress is not None:
+            self._invoke(p.on_progress, params.get("data"), seq)
 
     def _notification(self, msg: Json, replayed: bool) -> None:
         method = str(msg["method"])

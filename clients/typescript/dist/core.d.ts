@@ -16,6 +16,13 @@
  *   application whether the replay was complete (`recovered: false`: reload).
  * - The implicit rooms `user:<id>` and `broadcast` are joined once to learn
  *   their cursor, so they recover the same way.
+ * - Backend methods (PROTOCOL.md section 9) are called like any other; their
+ *   `rpc.progress` notifications go to the call's `onProgress`, in `seq` order,
+ *   and an aborted `signal` sends `rpc.cancel` and rejects at once with a
+ *   `CallCancelledError`: an `RpcError` with code -32014 whose `name` is
+ *   "AbortError", so both `e.code === ErrorCodes.CANCELLED` and the browser's
+ *   `e.name === "AbortError"` idiom (as with fetch) recognise it.  The server's
+ *   own reply to the cancelled call comes later and is dropped.
  * No runtime dependencies; any WebSocket with the browser's API works.
  */
 export type ConnectionState = "connecting" | "open" | "reconnecting" | "closed";
@@ -30,6 +37,10 @@ export declare const ErrorCodes: {
     readonly FORBIDDEN: -32003;
     readonly NOT_FOUND: -32004;
     readonly BACKEND_UNAVAILABLE: -32011;
+    readonly DEADLINE_EXCEEDED: -32012;
+    readonly NO_WORKER: -32013;
+    readonly CANCELLED: -32014;
+    readonly WORKER_LOST: -32015;
     readonly RATE_LIMITED: -32029;
 };
 /** WebSocket close codes of PROTOCOL.md section 3. */
@@ -53,6 +64,15 @@ export declare class RpcError extends Error {
     readonly code: number;
     readonly data: unknown;
     constructor(code: number, message: string, data?: unknown);
+}
+/**
+ * The caller cancelled the call (its AbortSignal fired): code -32014 as the
+ * server's own cancel reply, and `name` "AbortError" as a cancelled fetch has.
+ * `reason` is the signal's reason.
+ */
+export declare class CallCancelledError extends RpcError {
+    readonly reason: unknown;
+    constructor(method: string, reason?: unknown);
 }
 /** No reply within the call's timeout. */
 export declare class CallTimeoutError extends Error {
@@ -126,6 +146,15 @@ export interface ClientOptions {
 }
 export interface CallOptions {
     timeoutMs?: number;
+}
+/** One progress item of a backend call, with its `seq` (from 1). */
+export type ProgressHandler<P> = (item: P, seq: number) => void;
+/** Options of a backend method's call (PROTOCOL.md section 9). */
+export interface BackendCallOptions<P = unknown> extends CallOptions {
+    /** each `rpc.progress` item of this call, in order, before the result */
+    onProgress?: ProgressHandler<P>;
+    /** aborting it sends `rpc.cancel` and rejects the call with CallCancelledError */
+    signal?: AbortSignal;
 }
 /** Delivered with a room event. */
 export interface RoomEventMeta {
@@ -219,8 +248,11 @@ export declare class ClientCore<E extends object> {
     off<K extends keyof (E & LifecycleEvents) & string>(name: K, handler: (E & LifecycleEvents)[K]): void;
     /** Every server event, typed or not (e.g. custom events of `publish`). */
     onAny(handler: AnyEventHandler): () => void;
-    /** Call any method by name (the generated methods are typed wrappers of this). */
-    call(method: string, params?: object, options?: CallOptions): Promise<unknown>;
+    /**
+     * Call any method by name (the generated methods are typed wrappers of this).
+     * `onProgress` and `signal` are for backend methods (see BackendCallOptions).
+     */
+    call(method: string, params?: object, options?: BackendCallOptions<any>): Promise<unknown>;
     private _openSocket;
     private _authenticate;
     private _rejoin;
@@ -236,6 +268,12 @@ export declare class ClientCore<E extends object> {
     private _refresh;
     private _startHeartbeat;
     private _makePending;
+    /**
+     * Give up on a call (timeout, abort): reject it now; if it was sent on the current
+     * connection, ask the server to cancel it (a backend call's worker stops; for
+     * other methods the answer is `cancelled: false`).  Its late reply is dropped.
+     */
+    private _abandon;
     /** A call on connection `id` only, bypassing the queue (auth, rejoin, ping). */
     private _internalCall;
     private _write;
@@ -244,6 +282,8 @@ export declare class ClientCore<E extends object> {
     /** A join's reply: replay `missed`, then the live events held meanwhile. */
     private _joined;
     private _receive;
+    /** `rpc.progress {id, seq, data}`: to its call's onProgress, in order; unknown ids are dropped. */
+    private _progress;
     private _notification;
     /** Deliver a chunk in `seq` order per stream (PROTOCOL.md section 6). */
     private _chunk;

@@ -16,6 +16,13 @@
  *   application whether the replay was complete (`recovered: false`: reload).
  * - The implicit rooms `user:<id>` and `broadcast` are joined once to learn
  *   their cursor, so they recover the same way.
+ * - Backend methods (PROTOCOL.md section 9) are called like any other; their
+ *   `rpc.progress` notifications go to the call's `onProgress`, in `seq` order,
+ *   and an aborted `signal` sends `rpc.cancel` and rejects at once with a
+ *   `CallCancelledError`: an `RpcError` with code -32014 whose `name` is
+ *   "AbortError", so both `e.code === ErrorCodes.CANCELLED` and the browser's
+ *   `e.name === "AbortError"` idiom (as with fetch) recognise it.  The server's
+ *   own reply to the cancelled call comes later and is dropped.
  * No runtime dependencies; any WebSocket with the browser's API works.
  */
 /** JSON-RPC error codes of PROTOCOL.md section 3. */
@@ -29,6 +36,10 @@ export const ErrorCodes = {
     FORBIDDEN: -32003,
     NOT_FOUND: -32004,
     BACKEND_UNAVAILABLE: -32011,
+    DEADLINE_EXCEEDED: -32012,
+    NO_WORKER: -32013,
+    CANCELLED: -32014,
+    WORKER_LOST: -32015,
     RATE_LIMITED: -32029,
 };
 /** WebSocket close codes of PROTOCOL.md section 3. */
@@ -54,6 +65,18 @@ export class RpcError extends Error {
         this.name = "RpcError";
         this.code = code;
         this.data = data;
+    }
+}
+/**
+ * The caller cancelled the call (its AbortSignal fired): code -32014 as the
+ * server's own cancel reply, and `name` "AbortError" as a cancelled fetch has.
+ * `reason` is the signal's reason.
+ */
+export class CallCancelledError extends RpcError {
+    constructor(method, reason) {
+        super(ErrorCodes.CANCELLED, `${method}: cancelled`);
+        this.name = "AbortError";
+        this.reason = reason;
     }
 }
 /** No reply within the call's timeout. */
@@ -179,13 +202,31 @@ export class ClientCore {
         this._anyListeners.add(handler);
         return () => this._anyListeners.delete(handler);
     }
-    /** Call any method by name (the generated methods are typed wrappers of this). */
+    /**
+     * Call any method by name (the generated methods are typed wrappers of this).
+     * `onProgress` and `signal` are for backend methods (see BackendCallOptions).
+     */
     call(method, params = {}, options = {}) {
+        const { signal, onProgress } = options;
+        if (signal?.aborted)
+            return Promise.reject(new CallCancelledError(method, signal.reason));
         if (!this._running) {
             return Promise.reject(new ConnectionClosedError(CloseCodes.NORMAL, "not connected"));
         }
         return new Promise((resolve, reject) => {
             const p = this._makePending(method, params, resolve, reject, options.timeoutMs);
+            p.cancellable = true;
+            p.onProgress = onProgress;
+            if (signal) {
+                const abort = () => this._abandon(p, new CallCancelledError(method, signal.reason));
+                signal.addEventListener("abort", abort, { once: true });
+                const settle = (fn) => (v) => {
+                    signal.removeEventListener("abort", abort);
+                    fn(v);
+                };
+                p.resolve = settle(p.resolve);
+                p.reject = settle(p.reject);
+            }
             if (this._authenticated && this._ws)
                 this._write(p, this._socketId);
             else
@@ -444,12 +485,27 @@ export class ClientCore {
     // -- calls -------------------------------------------------------------------
     _makePending(method, params, resolve, reject, timeoutMs) {
         const ms = timeoutMs ?? this._callTimeoutMs;
-        const p = { id: this._nextId++, method, params, resolve, reject, timer: null, socket: 0, done: false };
-        p.timer = setTimeout(() => {
-            this._queue = this._queue.filter((q) => q !== p);
-            this._settle(p, new CallTimeoutError(method, ms));
-        }, Math.min(ms, MAX_TIMER_MS));
+        const p = {
+            id: this._nextId++, method, params, resolve, reject, timer: null, socket: 0, done: false,
+            cancellable: false, seq: 0,
+        };
+        p.timer = setTimeout(() => this._abandon(p, new CallTimeoutError(method, ms)), Math.min(ms, MAX_TIMER_MS));
         return p;
+    }
+    /**
+     * Give up on a call (timeout, abort): reject it now; if it was sent on the current
+     * connection, ask the server to cancel it (a backend call's worker stops; for
+     * other methods the answer is `cancelled: false`).  Its late reply is dropped.
+     */
+    _abandon(p, error) {
+        if (p.done)
+            return;
+        this._queue = this._queue.filter((q) => q !== p);
+        const sent = p.socket !== 0 && p.socket === this._socketId && this._ws !== null;
+        this._settle(p, error);
+        if (sent && p.cancellable) {
+            this._internalCall(p.socket, "rpc.cancel", { id: p.id }).catch(() => undefined);
+        }
     }
     /** A call on connection `id` only, bypassing the queue (auth, rejoin, ping). */
     _internalCall(id, method, params, timeoutMs) {
@@ -544,7 +600,10 @@ export class ClientCore {
             if (m === null || typeof m !== "object")
                 continue;
             const msg = m;
-            if (typeof msg.method === "string" && !("id" in msg)) {
+            if (msg.method === "rpc.progress" && !("id" in msg)) {
+                this._progress((msg.params ?? {}));
+            }
+            else if (typeof msg.method === "string" && !("id" in msg)) {
                 this._notification(msg, false);
             }
             else if ("id" in msg) {
@@ -557,6 +616,22 @@ export class ClientCore {
                 else
                     this._settle(p, null, msg.result);
             }
+        }
+    }
+    /** `rpc.progress {id, seq, data}`: to its call's onProgress, in order; unknown ids are dropped. */
+    _progress(params) {
+        const p = this._pending.get(params.id);
+        const seq = params.seq;
+        if (!p || p.done || typeof seq !== "number" || seq <= p.seq)
+            return;
+        p.seq = seq;
+        if (!p.onProgress)
+            return;
+        try {
+            p.onProgress(params.data, seq);
+        }
+        catch (e) {
+            this._emitError(asError(e));
         }
     }
     _notification(msg, replayed) {

@@ -62,6 +62,15 @@ export interface RoomResult {
 export interface RoomsResult {
     rooms: string[];
 }
+export interface RpcCancelParams {
+    /** the id of a backend call of this connection (a string or a number) */
+    id: unknown;
+}
+export interface CancelResult {
+    /** false when no such call was in flight */
+    cancelled: boolean;
+    id: unknown;
+}
 export interface InfoResult {
     features: string[];
     node_id: string;
@@ -212,6 +221,8 @@ export declare class UnrealonClient extends ClientCore<ServerEvents> {
         readonly list: (options?: CallOptions) => Promise<RoomsResult>;
     };
     readonly rpc: {
+        /** Cancel a backend call of this connection that is in flight */
+        readonly cancel: (params: RpcCancelParams, options?: CallOptions) => Promise<CancelResult>;
         /** The OpenRPC document of the client-callable API */
         readonly discover: (options?: CallOptions) => Promise<Record<string, unknown>>;
     };

@@ -43,6 +43,8 @@ export class UnrealonClient extends ClientCore {
             list: (options) => this.call("rooms.list", {}, options),
         };
         this.rpc = {
+            /** Cancel a backend call of this connection that is in flight */
+            cancel: (params, options) => this.call("rpc.cancel", params, options),
             /** The OpenRPC document of the client-callable API */
             discover: (options) => this.call("rpc.discover", {}, options),
         };

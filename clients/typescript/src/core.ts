@@ -16,6 +16,13 @@
  *   application whether the replay was complete (`recovered: false`: reload).
  * - The implicit rooms `user:<id>` and `broadcast` are joined once to learn
  *   their cursor, so they recover the same way.
+ * - Backend methods (PROTOCOL.md section 9) are called like any other; their
+ *   `rpc.progress` notifications go to the call's `onProgress`, in `seq` order,
+ *   and an aborted `signal` sends `rpc.cancel` and rejects at once with a
+ *   `CallCancelledError`: an `RpcError` with code -32014 whose `name` is
+ *   "AbortError", so both `e.code === ErrorCodes.CANCELLED` and the browser's
+ *   `e.name === "AbortError"` idiom (as with fetch) recognise it.  The server's
+ *   own reply to the cancelled call comes later and is dropped.
  * No runtime dependencies; any WebSocket with the browser's API works.
  */
 
@@ -32,6 +39,10 @@ export const ErrorCodes = {
   FORBIDDEN: -32003,
   NOT_FOUND: -32004,
   BACKEND_UNAVAILABLE: -32011,
+  DEADLINE_EXCEEDED: -32012,
+  NO_WORKER: -32013,
+  CANCELLED: -32014,
+  WORKER_LOST: -32015,
   RATE_LIMITED: -32029,
 } as const;
 
@@ -61,6 +72,20 @@ export class RpcError extends Error {
     this.name = "RpcError";
     this.code = code;
     this.data = data;
+  }
+}
+
+/**
+ * The caller cancelled the call (its AbortSignal fired): code -32014 as the
+ * server's own cancel reply, and `name` "AbortError" as a cancelled fetch has.
+ * `reason` is the signal's reason.
+ */
+export class CallCancelledError extends RpcError {
+  readonly reason: unknown;
+  constructor(method: string, reason?: unknown) {
+    super(ErrorCodes.CANCELLED, `${method}: cancelled`);
+    this.name = "AbortError";
+    this.reason = reason;
   }
 }
 
@@ -155,6 +180,17 @@ export interface CallOptions {
   timeoutMs?: number;
 }
 
+/** One progress item of a backend call, with its `seq` (from 1). */
+export type ProgressHandler<P> = (item: P, seq: number) => void;
+
+/** Options of a backend method's call (PROTOCOL.md section 9). */
+export interface BackendCallOptions<P = unknown> extends CallOptions {
+  /** each `rpc.progress` item of this call, in order, before the result */
+  onProgress?: ProgressHandler<P>;
+  /** aborting it sends `rpc.cancel` and rejects the call with CallCancelledError */
+  signal?: AbortSignal;
+}
+
 /** Delivered with a room event. */
 export interface RoomEventMeta {
   kind: "room";
@@ -213,6 +249,11 @@ interface Pending {
   /** the socket it was written to; 0 while queued */
   socket: number;
   done: boolean;
+  /** an application's call: given up on (abort, timeout), the server is told with rpc.cancel */
+  cancellable: boolean;
+  onProgress?: ProgressHandler<unknown>;
+  /** the last progress seq delivered (a repeat or an older one is dropped) */
+  seq: number;
 }
 
 interface TrackedRoom {
@@ -362,13 +403,30 @@ export class ClientCore<E extends object> {
     return () => this._anyListeners.delete(handler);
   }
 
-  /** Call any method by name (the generated methods are typed wrappers of this). */
-  call(method: string, params: object = {}, options: CallOptions = {}): Promise<unknown> {
+  /**
+   * Call any method by name (the generated methods are typed wrappers of this).
+   * `onProgress` and `signal` are for backend methods (see BackendCallOptions).
+   */
+  call(method: string, params: object = {}, options: BackendCallOptions<any> = {}): Promise<unknown> {
+    const { signal, onProgress } = options;
+    if (signal?.aborted) return Promise.reject(new CallCancelledError(method, signal.reason));
     if (!this._running) {
       return Promise.reject(new ConnectionClosedError(CloseCodes.NORMAL, "not connected"));
     }
     return new Promise((resolve, reject) => {
       const p = this._makePending(method, params as Json, resolve, reject, options.timeoutMs);
+      p.cancellable = true;
+      p.onProgress = onProgress;
+      if (signal) {
+        const abort = () => this._abandon(p, new CallCancelledError(method, signal.reason));
+        signal.addEventListener("abort", abort, { once: true });
+        const settle = (fn: (v: any) => void) => (v: any) => {
+          signal.removeEventListener("abort", abort);
+          fn(v);
+        };
+        p.resolve = settle(p.resolve);
+        p.reject = settle(p.reject);
+      }
       if (this._authenticated && this._ws) this._write(p, this._socketId);
       else this._queue.push(p);
     });
@@ -601,12 +659,27 @@ export class ClientCore<E extends object> {
     timeoutMs?: number,
   ): Pending {
     const ms = timeoutMs ?? this._callTimeoutMs;
-    const p: Pending = { id: this._nextId++, method, params, resolve, reject, timer: null, socket: 0, done: false };
-    p.timer = setTimeout(() => {
-      this._queue = this._queue.filter((q) => q !== p);
-      this._settle(p, new CallTimeoutError(method, ms));
-    }, Math.min(ms, MAX_TIMER_MS));
+    const p: Pending = {
+      id: this._nextId++, method, params, resolve, reject, timer: null, socket: 0, done: false,
+      cancellable: false, seq: 0,
+    };
+    p.timer = setTimeout(() => this._abandon(p, new CallTimeoutError(method, ms)), Math.min(ms, MAX_TIMER_MS));
     return p;
+  }
+
+  /**
+   * Give up on a call (timeout, abort): reject it now; if it was sent on the current
+   * connection, ask the server to cancel it (a backend call's worker stops; for
+   * other methods the answer is `cancelled: false`).  Its late reply is dropped.
+   */
+  private _abandon(p: Pending, error: Error): void {
+    if (p.done) return;
+    this._queue = this._queue.filter((q) => q !== p);
+    const sent = p.socket !== 0 && p.socket === this._socketId && this._ws !== null;
+    this._settle(p, error);
+    if (sent && p.cancellable) {
+      this._internalCall(p.socket, "rpc.cancel", { id: p.id }).catch(() => undefined);
+    }
   }
 
   /** A call on connection `id` only, bypassing the queue (auth, rejoin, ping). */
@@ -690,7 +763,9 @@ export class ClientCore<E extends object> {
     for (const m of Array.isArray(message) ? message : [message]) {
       if (m === null || typeof m !== "object") continue;
       const msg = m as Json;
-      if (typeof msg.method === "string" && !("id" in msg)) {
+      if (msg.method === "rpc.progress" && !("id" in msg)) {
+        this._progress((msg.params ?? {}) as Json);
+      } else if (typeof msg.method === "string" && !("id" in msg)) {
         this._notification(msg, false);
       } else if ("id" in msg) {
         const p = this._pending.get(msg.id as number);
@@ -699,6 +774,20 @@ export class ClientCore<E extends object> {
         if (err) this._settle(p, new RpcError(Number(err.code), String(err.message ?? ""), err.data));
         else this._settle(p, null, msg.result);
       }
+    }
+  }
+
+  /** `rpc.progress {id, seq, data}`: to its call's onProgress, in order; unknown ids are dropped. */
+  private _progress(params: Json): void {
+    const p = this._pending.get(params.id as number);
+    const seq = params.seq;
+    if (!p || p.done || typeof seq !== "number" || seq <= p.seq) return;
+    p.seq = seq;
+    if (!p.onProgress) return;
+    try {
+      p.onProgress(params.data, seq);
+    } catch (e) {
+      this._emitError(asError(e));
     }
   }
 

@@ -81,6 +81,17 @@ export interface RoomsResult {
   rooms: string[];
 }
 
+export interface RpcCancelParams {
+  /** the id of a backend call of this connection (a string or a number) */
+  id: unknown;
+}
+
+export interface CancelResult {
+  /** false when no such call was in flight */
+  cancelled: boolean;
+  id: unknown;
+}
+
 export interface InfoResult {
   features: string[];
   node_id: string;
@@ -272,6 +283,9 @@ export class UnrealonClient extends ClientCore<ServerEvents> {
   } as const;
 
   readonly rpc = {
+    /** Cancel a backend call of this connection that is in flight */
+    cancel: (params: RpcCancelParams, options?: CallOptions): Promise<CancelResult> =>
+      this.call("rpc.cancel", params, options) as Promise<CancelResult>,
     /** The OpenRPC document of the client-callable API */
     discover: (options?: CallOptions): Promise<Record<string, unknown>> =>
       this.call("rpc.discover", {}, options) as Promise<Record<string, unknown>>,

@@ -43,9 +43,10 @@ async function findServer() {
 }
 
 /** A connection token from the test server's /token (TEST ONLY endpoint). */
-export async function mint({ sub = "alice", ttl = 300, rooms = ["*"] } = {}) {
+export async function mint({ sub = "alice", ttl = 300, rooms = ["*"], methods = null } = {}) {
   const { httpUrl } = await server();
   const query = new URLSearchParams({ sub, ttl: String(ttl), rooms: rooms.join(",") });
+  if (methods) query.set("methods", methods.join(","));
   const response = await fetch(`${httpUrl}/token?${query}`);
   if (!response.ok) throw new Error(`token: HTTP ${response.status}`);
   return response.text();
