@@ -108,6 +108,18 @@ class BackendCallTests(TestCase):
         return self.streams.xadd(call["reply_to"], {"payload": json.dumps(reply)})
 
     @inlineCallbacks
+    def metrics(self) -> Any:
+        """The node's backend gauges, from /metrics."""
+        code, body = yield self.running.http_get("/metrics")
+        self.assertEqual(code, 200)
+        values = {}
+        for line in body.decode().splitlines():
+            if line.startswith("unrealon_backend_"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+    @inlineCallbacks
     def client(self, methods: list[str] | None = None, **claims: Any) -> Any:
         if methods is not None:
             claims["methods"] = methods
@@ -219,6 +231,9 @@ class BackendCallTests(TestCase):
         client.send({"jsonrpc": "2.0", "id": 2, "method": "demo.echo", "params": {"text": "b"}})
         yield self.next_call()
         yield self.next_call()
+        metrics = yield self.metrics()
+        self.assertEqual(metrics["unrealon_backend_calls_in_flight"], 2.0)
+        self.assertEqual(metrics["unrealon_backend_methods_served"], 1.0, "demo.idle has no worker")
         reply = yield client.request("demo.echo", {"text": "c"})
         self.assertEqual(code(reply), -32029)
         self.assertEqual(reply["error"]["data"], {"in_flight": 2})
@@ -250,6 +265,10 @@ class BackendCallTests(TestCase):
         ping = yield client.call("system.ping")
         self.assertTrue(ping["pong"])
         self.assertEqual(list(client.messages), [], "nothing after the reply")
+        metrics = yield self.metrics()
+        self.assertEqual(metrics["unrealon_backend_replies_dropped"], 1.0)
+        self.assertEqual(metrics["unrealon_backend_calls_in_flight"], 0.0)
+        self.assertEqual(metrics["unrealon_backend_methods_served"], 1.0)
 
     @inlineCallbacks
     def test_cancel_by_client(self) -> Any:

@@ -17,8 +17,9 @@ forwarded go on.
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -292,13 +293,19 @@ class BackendCalls:
     def in_flight(self) -> int:
         return len(self._calls)
 
+    def served(self) -> int:
+        """How many declared methods a live worker serves now."""
+        return len(self._served.intersection(self._declarations))
+
     def stop(self) -> None:
         """The node stops: nothing will answer these calls."""
         for call_id in list(self._calls):
             self._finish(call_id, RPCError(jsonrpc.BACKEND_UNAVAILABLE, data={"retryable": True}))
 
 
-def _allowed(patterns: Iterable[str], method: str) -> bool:
+@functools.lru_cache(maxsize=4096)
+def _allowed(patterns: tuple[str, ...], method: str) -> bool:
+    # cached: a connection calls the same few methods with the same claim
     return any(room_pattern_matches(pattern, method) for pattern in patterns)
 
 

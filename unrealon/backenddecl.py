@@ -78,6 +78,19 @@ class Declaration:
         return min(self.timeout if self.timeout is not None else default, cap)
 
 
+def schema_errors(schema: Mapping[str, Any], value: Any) -> list[FieldError]:
+    """
+    Why C{value} breaks C{schema} (empty: it fits); L{DeclarationError}
+    when C{schema} is outside the subset.  For one-off checks and tests: a
+    declaration checks its schemas once, when it is parsed.
+    """
+    patterns: dict[str, re.Pattern[str]] = {}
+    _schema(dict(schema), "schema", patterns)
+    errors: list[FieldError] = []
+    _validate(schema, value, "", errors, patterns)
+    return errors[:MAX_ERRORS]
+
+
 def parse_declaration(
     raw: str | bytes, is_server_method: Callable[[str], bool] = lambda name: False
 ) -> Declaration:

@@ -178,6 +178,22 @@ class Metrics:
                       registry=self.registry)
         gauge.set_function(lambda: 1.0 if up() else 0.0)
 
+    def watch_backend(self, in_flight: Callable[[], float], dropped: Callable[[], float],
+                      methods: Callable[[], float]) -> None:
+        """
+        Browser calls to backend methods (PROTOCOL.md section 9): in flight,
+        replies that came too late (after a deadline or a cancel), and the
+        declared methods a live worker serves.  Redis engine only, as above.
+        """
+        r = self.registry
+        Gauge("unrealon_backend_calls_in_flight", "Backend calls of this node's connections "
+              "waiting for their reply", registry=r).set_function(in_flight)
+        Gauge("unrealon_backend_replies_dropped", "Worker replies that found no call in flight "
+              "(late: after the deadline or a cancel), since start", registry=r
+              ).set_function(dropped)
+        Gauge("unrealon_backend_methods_served", "Declared backend methods a live worker serves",
+              registry=r).set_function(methods)
+
     def loop_failure(self, loop: str) -> None:
         """Count one unexpected error in the supervised loop C{loop}."""
         self.loop_failures.labels(loop=loop).inc()

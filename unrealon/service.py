@@ -323,6 +323,8 @@ def makeService(
             is_server_method=registry.has, default_timeout=config.backend_timeout,
             max_timeout=config.backend_max_timeout, max_calls=config.backend_max_calls,
         )
+        backend = node.backend
+        metrics.watch_backend(backend.in_flight, lambda: backend.dropped, backend.served)
     metrics.watch(
         lambda: hub.connection_count, lambda: hub.user_count, lambda: hub.room_count
     )

@@ -4,7 +4,7 @@ One entry of the backend stream, from its fields to its acknowledgement
 here, not past its deadline, not cancelled, not a lost call it must not run
 again), run the handler, and append its progress, then its result or error,
 to the call's C{reply_to} stream; the entry is acknowledged only once its
-final reply is appended (in the same MULTI) or it was decided not to run it.
+final reply is appended (in the same script) or it was decided not to run it.
 
 Private to the package: L{unrealon_backend.worker.Worker} owns a
 L{Dispatcher} and the L{InFlight} calls it shares with its cancel and
@@ -35,6 +35,15 @@ REPLY_MAXLEN = 10000
 REPLY_TTL = 3600
 #: how long after a call's deadline a reply or an ack is still worth retrying
 RETRY_PAST_DEADLINE_MS = 60_000
+
+#: KEYS: reply_to, backend stream.  ARGV: payload, maxlen, ttl, group, entry to ack ("": none).
+#: Appends a reply and, for a final one, acknowledges the call's entry with it.
+REPLY_SCRIPT = """
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'payload', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if ARGV[5] ~= '' then redis.call('XACK', KEYS[2], ARGV[4], ARGV[5]) end
+return 1
+"""
 
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
@@ -116,11 +125,17 @@ class Dispatcher:
         self.now_ms = now_ms
         self.clock_offset_ms = clock_offset_ms
         self.encode = encode
+        self._reply_script = client.register_script(REPLY_SCRIPT)
 
-    async def handle(self, entry_id: str, fields: Mapping[str, str] | None, deliveries: int) -> None:
-        """Everything about one entry; never raises but C{CancelledError}."""
+    async def handle(self, entry_id: str, fields: Mapping[str, str] | None, deliveries: int,
+                     cancelled: set[str] | None = None) -> None:
+        """
+        Everything about one entry; never raises but C{CancelledError}.
+        C{cancelled}: the call ids of a batch whose cancel keys were read
+        together (L{cancelled_of}); None: this entry's key is read on its own.
+        """
         try:
-            await self._handle(entry_id, fields, deliveries)
+            await self._handle(entry_id, fields, deliveries, cancelled)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -129,7 +144,7 @@ class Dispatcher:
                           self.worker_id, entry_id, self.stream)
 
     async def _handle(self, entry_id: str, fields: Mapping[str, str] | None,
-                      deliveries: int) -> None:
+                      deliveries: int, cancelled: set[str] | None) -> None:
         payload = self._payload(entry_id, fields)
         if payload is None:
             await self._retrying(lambda: self._ack(entry_id), None)
@@ -146,12 +161,38 @@ class Dispatcher:
             return
         deadline = int(payload["deadline"])
         method = self.registry.methods.get(payload["method"])
-        refused = await self._refusal(payload, method, deliveries)
+        refused = await self._refusal(payload, method, deliveries, cancelled)
         if refused is not None:
             await self._finish(entry_id, reply_to, deadline, refused.reply)
             return
         assert method is not None  # _refusal refuses unknown methods
         await self._run(entry_id, payload, method, deliveries)
+
+    async def cancelled_of(self, entries: list[tuple[str, Mapping[str, str] | None]]
+                           ) -> set[str] | None:
+        """
+        The call ids of C{entries} (one read's batch) cancelled before they
+        start: one MGET of their cancel keys, instead of one EXISTS each (a
+        round trip cost as much as the rest of a small call's handling).
+        None when Redis did not answer (each entry then asks on its own).
+        """
+        ids: list[str] = []
+        for _entry_id, fields in entries:
+            try:
+                call_id = json.loads((fields or {}).get("payload", "")).get("call_id")
+            except (ValueError, AttributeError):
+                continue  # refused by _handle, with its reason logged
+            if isinstance(call_id, str):
+                ids.append(call_id)
+        if not ids:
+            return set()
+        try:
+            values = await self.redis.mget([CANCEL_KEY_PREFIX + i for i in ids])
+        except REDIS_DOWN as e:
+            log.info("worker %s: reading the cancel keys of a batch failed (%s): each entry "
+                     "reads its own", self.worker_id, e)
+            return None
+        return {call_id for call_id, value in zip(ids, values) if value is not None}
 
     def _payload(self, entry_id: str, fields: Mapping[str, str] | None) -> dict[str, Any] | None:
         if fields is None:
@@ -171,7 +212,7 @@ class Dispatcher:
         return payload
 
     async def _refusal(self, payload: Mapping[str, Any], method: Method | None,
-                       deliveries: int) -> Refused | None:
+                       deliveries: int, cancelled_ids: set[str] | None) -> Refused | None:
         """None to run the call, else what to do instead."""
         call_id: str = payload["call_id"]
         deadline = int(payload["deadline"])
@@ -194,8 +235,11 @@ class Dispatcher:
                                            {"retryable": False}))
             log.info("worker %s: call %s (%s) taken over from a lost worker: run again "
                      "(delivery %d)", self.worker_id, call_id, method.name, deliveries)
-        cancelled = await self._retrying(lambda: self.redis.exists(CANCEL_KEY_PREFIX + call_id),
-                                         deadline)
+        if cancelled_ids is not None:
+            cancelled = call_id in cancelled_ids
+        else:
+            cancelled = bool(await self._retrying(
+                lambda: self.redis.exists(CANCEL_KEY_PREFIX + call_id), deadline))
         if cancelled:
             log.info("worker %s: call %s (%s) was cancelled before it started", self.worker_id,
                      call_id, method.name)
@@ -286,13 +330,11 @@ class Dispatcher:
             await self._retrying(lambda: self._ack(entry_id), deadline)
 
     async def _append(self, reply_to: str, reply: dict[str, Any], ack: str | None) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(reply_to, {"payload": self.encode(reply)}, maxlen=REPLY_MAXLEN,
-                      approximate=True)
-            pipe.expire(reply_to, REPLY_TTL)
-            if ack is not None:
-                pipe.xack(self.stream, self.group, ack)
-            await pipe.execute()
+        # one script, not MULTI/XADD/EXPIRE/XACK/EXEC: atomic the same, and
+        # one command to encode and one reply to parse instead of five
+        await self._reply_script(keys=[reply_to, self.stream],
+                                 args=[self.encode(reply), REPLY_MAXLEN, REPLY_TTL, self.group,
+                                       ack or ""])
 
     async def _ack(self, entry_id: str) -> None:
         await self.redis.xack(self.stream, self.group, entry_id)

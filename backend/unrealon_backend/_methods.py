@@ -8,6 +8,7 @@ handlers (sync functions, coroutines, sync and async generators).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
@@ -59,10 +60,15 @@ class Method:
             declared["timeout"] = self.timeout
         return declared
 
+    @functools.cached_property
+    def _signature(self) -> inspect.Signature:
+        # once per method: inspect.signature costs more than a small handler
+        return inspect.signature(self.handler)
+
     def bind_problem(self, params: Mapping[str, Any]) -> str | None:
         """None when the handler accepts C{params} as keyword arguments, else why not."""
         try:
-            inspect.signature(self.handler).bind(None, **params)
+            self._signature.bind(None, **params)
         except TypeError as e:
             return str(e)
         return None

@@ -128,9 +128,13 @@ def _has_type(value: object, name: str) -> bool:
 
 
 def _json_equal(a: object, b: object) -> bool:
-    """Equality as JSON sees it: true is not 1, 1 is 1.0."""
+    """Equality as JSON sees it, at every depth: true is not 1, [true] is not [1], 1 is 1.0."""
     if isinstance(a, bool) or isinstance(b, bool):
         return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
     return a == b
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import random
 import signal
 import socket
@@ -137,15 +138,48 @@ async def claim_idle(client: RedisClient, stream: str, group: str, consumer: str
     return result
 
 
+class DaemonThreads:
+    """
+    Reused daemon threads for sync handlers.  Daemon threads, not an
+    executor: a handler stuck in a sync call must not keep the process alive
+    after the shutdown grace period (executor threads are joined at exit).
+    Reused, not one per call: starting a thread cost more than the rest of a
+    small call's handling (bench/backend_rpc.py).  A job goes to an idle
+    thread when there is one, else to a new one; so there are never more
+    threads than jobs that ran at once, which the caller bounds.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            spawn = self._idle == 0
+            if not spawn:
+                self._idle -= 1  # that thread takes this job (or an equal one)
+        self._jobs.put(job)
+        if spawn:
+            threading.Thread(target=self._serve, name="unrealon-backend-call",
+                             daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            self._jobs.get()()
+            with self._lock:
+                self._idle += 1
+
+
+_THREADS = DaemonThreads()
+
+
 def run_in_thread(fn: Callable[[], T],
                   cleanup: Callable[[], None] | None = None) -> asyncio.Future[T]:
     """
-    C{fn()} on a new daemon thread, as a future of the running loop, then
-    C{cleanup()} on that thread (e.g. close its Django database
-    connections).  Daemon threads, not an executor: a handler stuck in a
-    sync call must not keep the process alive after the shutdown grace
-    period (executor threads are joined at exit).  Concurrency is bounded by
-    the caller.
+    C{fn()} on a daemon thread (L{DaemonThreads}), as a future of the
+    running loop, then C{cleanup()} on that thread (e.g. close its Django
+    database connections).  Concurrency is bounded by the caller.
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
@@ -172,7 +206,7 @@ def run_in_thread(fn: Callable[[], T],
                 except Exception:
                     logging.getLogger("unrealon_backend").exception("thread cleanup failed")
 
-    threading.Thread(target=body, name="unrealon-backend-call", daemon=True).start()
+    _THREADS.submit(body)
     return future
 
 

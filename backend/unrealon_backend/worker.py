@@ -330,18 +330,20 @@ class Worker:
                        for entry in stream_entries]
             for _ in range(taken - len(entries)):
                 slots.release()
+            cancelled = await dispatcher.cancelled_of(entries) if entries else set()
             for entry_id, fields in entries:
-                self._start(dispatcher, slots, handling, entry_id, fields, 1)
+                self._start(dispatcher, slots, handling, entry_id, fields, 1, cancelled)
 
     def _start(self, dispatcher: Dispatcher, slots: asyncio.Semaphore,
                handling: set[asyncio.Task[None]], entry_id: str,
-               fields: Mapping[str, str] | None, deliveries: int) -> None:
+               fields: Mapping[str, str] | None, deliveries: int,
+               cancelled: set[str] | None = None) -> None:
         """Handle one entry in a task of its own; its slot is released when it ends."""
         self.in_flight.add(entry_id)
 
         async def handle() -> None:
             try:
-                await dispatcher.handle(entry_id, fields, deliveries)
+                await dispatcher.handle(entry_id, fields, deliveries, cancelled)
             finally:
                 self.in_flight.remove(entry_id)
                 slots.release()

@@ -53,6 +53,7 @@ import attrs
 import txredisapi
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from unrealon._compat import redis as compat_redis
 from unrealon.engine.interfaces import BackendUnavailable
@@ -586,16 +587,22 @@ class LuaScript:
         args: Sequence[str | bytes | int],
     ) -> Deferred[Any]:
         """Run the script; fires with its reply (strings as C{str}, integers as C{int})."""
-        return Deferred.fromCoroutine(self._run(redis, list(keys), list(args)))
+        # an errback, not a coroutine: this is on the path of every publish
+        # and backend call, and a coroutine's Deferred costs more than the rest
+        keys, args = list(keys), list(args)
+        d = self._evalsha(redis, keys, args)
+        return d.addErrback(self._load_and_retry, redis, keys, args)
 
-    async def _run(self, redis: RedisHandler, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await self._evalsha(redis, keys, args)
-        except txredisapi.ResponseError as e:
-            if redis_error_code(e) != "NOSCRIPT":
-                raise
-        await self.load(redis)
-        return await self._evalsha(redis, keys, args)
+    def _load_and_retry(
+        self, failure: Failure, redis: RedisHandler, keys: list[str], args: list[Any]
+    ) -> Any:
+        """NOSCRIPT (Redis restarted, or SCRIPT FLUSH): load it and run it again."""
+        error = failure.value
+        if not isinstance(error, txredisapi.ResponseError) or redis_error_code(
+                error) != "NOSCRIPT":
+            return failure
+        d = self.load(redis)
+        return d.addCallback(lambda _: self._evalsha(redis, keys, args))
 
     def _evalsha(self, redis: RedisHandler, keys: list[str], args: list[Any]) -> Deferred[Any]:
         d: Deferred[Any] = redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
