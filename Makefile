@@ -11,7 +11,7 @@ HTTP_PORT ?= 8766
 LOG_FILE ?= logs/unrealon-ws.json
 
 .PHONY: install install-ipc dev health logs test test-unit run-prod docker-build docker-run constraints \
-        generate-client check-clients lint bench bench-peers bench-smoke token clean
+        generate-client check-clients lint bench bench-backend bench-peers bench-smoke token clean
 
 install:
 	@PYTHON=$(PYTHON) sh scripts/check-prereqs install
@@ -59,6 +59,7 @@ test:
 	@PYTHON=$(PY) sh scripts/check-prereqs test
 	$(PY) -m twisted.trial -j2 tests
 	$(PY) bench/run.py --smoke
+	$(PY) bench/backend_rpc.py --smoke
 
 test-unit:
 	$(PY) -m twisted.trial tests
@@ -90,6 +91,10 @@ constraints:
 
 bench:
 	$(PY) bench/run.py
+	$(PY) bench/backend_rpc.py
+
+bench-backend:
+	$(PY) bench/backend_rpc.py
 
 bench-peers:
 	bash bench/setup_peers.sh
