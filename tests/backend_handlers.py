@@ -150,6 +150,7 @@ def user_online(event: dict[str, Any]) -> None:
 @on("*")
 async def every_event(event: dict[str, Any]) -> None:
     marks().rpush("test:events:all", event["type"])
+    marks().sadd("test:events:ids", event["event_id"])
 
 
 @on("test.flaky")

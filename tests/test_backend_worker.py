@@ -502,7 +502,7 @@ class EventConsumerTests(BackendTestBase):
     @inlineCallbacks
     def test_handlers_get_events_and_failures_are_retried(self) -> Any:
         # appended before the group exists: read all the same (group created at id 0)
-        self.event("user.online", user_id="7")
+        first = self.event("user.online", user_id="7")
         consumer = self.spawn("events", "--redis", self.url, "--handlers",
                               "tests.backend_handlers", "--consumer", "c1", "--claim-idle", "1",
                               "--max-deliveries", "3")
@@ -513,6 +513,7 @@ class EventConsumerTests(BackendTestBase):
                          what="user.online handled", stop_if=consumer.exited)
         online = json.loads(self.r.lindex("test:events:online", 0))
         self.assertEqual((online["type"], online["user_id"]), ("user.online", "7"))
+        self.assertEqual(online["event_id"], first, "the stream id, for ordering and de-duplication")
         # the flaky handler fails twice, then succeeds on its third delivery
         yield wait_until(lambda: self.r.lrange("test:events:flaky", 0, -1) == ["1"], timeout=15,
                          what="the flaky event retried", stop_if=consumer.exited)

@@ -205,6 +205,9 @@ class EventConsumer:
             await self._dead(client, entry_id, raw,
                              f"handlers failed {deliveries - 1} times (max_deliveries)")
             return
+        # the stream id orders the events (it grows in stream order) and names
+        # each one, so a handler can drop a retried or stale event
+        event["event_id"] = entry_id
         for handler in self.handlers.for_type(event["type"]):
             try:
                 await _call(handler, dict(event), self.thread_cleanup)  # a handler's changes stay its own
