@@ -60,9 +60,14 @@ class _Call:
     worker_seq: int = 0
 
 
-def _id_key(request_id: jsonrpc.RequestId) -> tuple[bool, Any]:
+def _id_key(request_id: jsonrpc.RequestId) -> tuple[str, Any]:
     """A request id as a dict key: "1" and 1 are different ids, 1 and 1.0 the same."""
-    return isinstance(request_id, str), request_id
+    return ("string" if isinstance(request_id, str) else "number"), request_id
+
+
+def _notification_key(call_id: str) -> tuple[str, Any]:
+    """A notification's key: it has no id, and no client id can equal this one."""
+    return "notification", call_id
 
 
 class BackendCalls:
@@ -93,7 +98,7 @@ class BackendCalls:
         self._refused: set[str] = set()
         self._calls: dict[str, _Call] = {}
         #: per connection: request id key -> call in flight
-        self._by_session: dict[Any, dict[tuple[bool, Any], _Call]] = {}
+        self._by_session: dict[Any, dict[tuple[str, Any], _Call]] = {}
         #: replies that found no call in flight (late, or for another process)
         self.dropped = 0
         link.on_directory = self.directory_changed
@@ -176,8 +181,8 @@ class BackendCalls:
                      timeout_ms=max(1, round(timeout * 1000)), done=Deferred())
         if calls is None:
             calls = self._by_session[session] = {}
-        # a notification has no id: it is keyed by its call id (cancelled with the connection)
-        calls[key if not notification else (True, call_id)] = call
+        # a notification has no id: it is kept under its call id (cancelled with the connection)
+        calls[key if not notification else _notification_key(call_id)] = call
         self._calls[call_id] = call
         call.timer = self._reactor.callLater(timeout, self._deadline_passed, call_id)
         appended = self._link.append_call(
@@ -250,7 +255,8 @@ class BackendCalls:
             call.timer.cancel()
         calls = self._by_session.get(call.session)
         if calls is not None:
-            key = _id_key(call.request_id) if not call.notification else (True, call_id)
+            key = (_id_key(call.request_id) if not call.notification
+                   else _notification_key(call_id))
             calls.pop(key, None)
             if not calls:
                 del self._by_session[call.session]
@@ -296,11 +302,6 @@ class BackendCalls:
     def served(self) -> int:
         """How many declared methods a live worker serves now."""
         return len(self._served.intersection(self._declarations))
-
-    def stop(self) -> None:
-        """The node stops: nothing will answer these calls."""
-        for call_id in list(self._calls):
-            self._finish(call_id, RPCError(jsonrpc.BACKEND_UNAVAILABLE, data={"retryable": True}))
 
 
 @functools.lru_cache(maxsize=4096)

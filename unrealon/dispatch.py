@@ -218,40 +218,21 @@ class Dispatcher:
         """One entry: its reply object (None for a notification), or a Deferred of it."""
         if isinstance(entry, jsonrpc.Invalid):
             return jsonrpc.error_response(entry.id, entry.error)
-        metrics = self._metrics
-        started = time.perf_counter()
         try:
             spec = self._admit(entry, call.session)
         except RPCError as e:
             if e.code == jsonrpc.METHOD_NOT_FOUND and self._node.backend is not None:
                 return self._backend_call(entry, call, limit)
-            metrics.call_outcome("-", str(e.code))
+            self._metrics.call_outcome("-", str(e.code))
             return None if entry.is_notification else jsonrpc.error_response(entry.id, e)
-
-        def done(result: Any) -> Any:
-            metrics.call_outcome(spec.name, "ok")
-            metrics.call_seconds.observe(time.perf_counter() - started)
-            if entry.is_notification:
-                return None
-            return jsonrpc.result_response(entry.id, result)
-
-        def failed(failure: Failure) -> Any:
-            error = failure.value if failure.check(RPCError) else RPCError(jsonrpc.INTERNAL_ERROR)
-            return refused(error)
-
-        def refused(error: Any) -> Any:
-            metrics.call_outcome(spec.name, str(error.code))
-            if entry.is_notification:
-                return None
-            return fit(jsonrpc.error_response(entry.id, error), limit)
-
+        reply = _Reply(self._metrics, entry, spec.name, limit)
         try:
             result = self._registry.invoke(spec, call, entry.params)
         except RPCError as e:
-            return refused(e)
+            return reply.refused(e)
         if isinstance(result, Deferred):
-            return result.addCallbacks(done, failed)
-        return done(result)
+            return result.addCallbacks(reply.done, reply.failed)
+        return reply.done(result)
 
     def _backend_call(self, entry: jsonrpc.Request, call: ClientCall, limit: int) -> Any:
         """
@@ -260,34 +241,17 @@ class Dispatcher:
         Its reply, or a Deferred of it; the backend's own refusals as errors.
         """
         assert self._node.backend is not None
-        metrics = self._metrics
-        started = time.perf_counter()
+        reply = _Reply(self._metrics, entry, entry.method, limit)
         try:
             d = self._node.backend.call(
                 call.session, entry.method, entry.params, entry.id, entry.is_notification
             )
         except RPCError as e:
-            # an undeclared name is counted as "-": clients choose names, labels must stay few
-            name = "-" if e.code == jsonrpc.METHOD_NOT_FOUND else entry.method
-            metrics.call_outcome(name, str(e.code))
-            return None if entry.is_notification else fit(jsonrpc.error_response(entry.id, e),
-                                                          limit)
-
-        def done(result: Any) -> Any:
-            metrics.call_outcome(entry.method, "ok")
-            metrics.call_seconds.observe(time.perf_counter() - started)
-            return None if entry.is_notification else jsonrpc.result_response(entry.id, result)
-
-        def failed(failure: Failure) -> Any:
-            error = failure.value
-            if not isinstance(error, RPCError):
-                log.failure("backend call {method} failed", failure, method=entry.method)
-                error = RPCError(jsonrpc.INTERNAL_ERROR)
-            metrics.call_outcome(entry.method, str(error.code))
-            return None if entry.is_notification else fit(jsonrpc.error_response(entry.id, error),
-                                                          limit)
-
-        return d.addCallbacks(done, failed)
+            if e.code == jsonrpc.METHOD_NOT_FOUND:
+                # counted as "-": clients choose these names, and labels must stay few
+                reply = _Reply(self._metrics, entry, "-", limit)
+            return reply.refused(e)
+        return d.addCallbacks(reply.done, reply.failed)
 
     def _admit(self, entry: jsonrpc.Request, session: IClientSession) -> MethodSpec[Any]:
         """The authentication gate, then the lookup (-32001, -32601)."""
@@ -313,6 +277,45 @@ class Dispatcher:
             calls[0].session.send_payload(encode_reply(answered))
         for call in calls:
             call.run_after_reply()
+
+
+class _Reply:
+    """
+    What the outcome of one handled entry becomes: its reply object (None
+    for a notification, errors kept within C{limit} bytes) and its count
+    in the call metrics, under C{name}.
+    """
+
+    __slots__ = ("_entry", "_limit", "_metrics", "_name", "_started")
+
+    def __init__(self, metrics: Any, entry: jsonrpc.Request, name: str, limit: int) -> None:
+        self._metrics = metrics
+        self._entry = entry
+        self._name = name
+        self._limit = limit
+        self._started = time.perf_counter()
+
+    def done(self, result: Any) -> Any:
+        self._metrics.call_outcome(self._name, "ok")
+        self._metrics.call_seconds.observe(time.perf_counter() - self._started)
+        entry = self._entry
+        return None if entry.is_notification else jsonrpc.result_response(entry.id, result)
+
+    def refused(self, error: RPCError) -> Any:
+        self._metrics.call_outcome(self._name, str(error.code))
+        entry = self._entry
+        if entry.is_notification:
+            return None
+        return fit(jsonrpc.error_response(entry.id, error), self._limit)
+
+    def failed(self, failure: Failure) -> Any:
+        error = failure.value
+        if not isinstance(error, RPCError):
+            # the registry turns a handler's exception into -32603 itself (and logs
+            # it); anything else reaching here is a bug of ours
+            log.failure("call {method} failed", failure, method=self._name)
+            error = RPCError(jsonrpc.INTERNAL_ERROR)
+        return self.refused(error)
 
 
 def _is_notification(entry: jsonrpc.Entry) -> bool:
