@@ -402,3 +402,27 @@ class BackendCallTests(TestCase):
         self.assertEqual(reply["error"]["code"], -32011)
         self.assertEqual(reply["error"]["data"], {"retryable": True})
         yield self.server.start()  # the node's cleanup leaves presence on a live Redis
+
+    @inlineCallbacks
+    def test_ids_not_reused_by_a_restarted_node(self) -> Any:
+        """
+        A node that restarts (same node id) numbers its calls anew: a worker's
+        late reply to a call of the previous start finds nothing, and the new
+        call with the same counter gets only its own reply.
+        """
+        client = yield self.ready()
+        client.send({"jsonrpc": "2.0", "id": 1, "method": "demo.echo", "params": {"text": "a"}})
+        old = yield self.next_call()
+        yield self.running.service.stopService()
+        yield self.start()
+        client = yield self.client(["demo.*"])
+        yield self.declared(client, "demo.echo")
+        client.send({"jsonrpc": "2.0", "id": 1, "method": "demo.echo", "params": {"text": "b"}})
+        new = yield self.next_call()
+        self.assertNotEqual(old["call_id"], new["call_id"])
+        self.assertNotEqual(old["connection_id"], new["connection_id"])
+        self.assertEqual(old["reply_to"], new["reply_to"])
+        yield self.answer(old, type="result", result={"echo": "from the previous start"})
+        yield self.answer(new, type="result", result={"echo": "b"})
+        reply = yield client.next()
+        self.assertEqual(reply["result"], {"echo": "b"})

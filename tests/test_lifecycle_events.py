@@ -312,7 +312,7 @@ class NodeLostTests(LifecycleTestCase):
                   if e["type"] == "connection.opened" and e["node_id"] == "n1"}
         self.assertEqual(len(opened), 2)
         for connection_id in opened:
-            self.assertRegex(connection_id, r"^n1/c\d+$")
+            self.assertRegex(connection_id, r"^n1/c\d+@[0-9a-f]{16}$")
         self.assertEqual(sorted(e["connection_id"] for e in lost if e["type"] == "connection.closed"),
                          sorted(opened))
         # then the survivors leave: closed, on n2
@@ -387,7 +387,7 @@ class ConnectionEventsTests(LifecycleTestCase):
         for connection_id, seq in grouped.items():
             self.assertEqual(len(seq), 2)
             node = seq[0]["node_id"]
-            self.assertRegex(connection_id, rf"^{node}/c\d+$")
+            self.assertRegex(connection_id, rf"^{node}/c\d+@[0-9a-f]{{16}}$")
             self.assertEqual(seq[1]["node_id"], node)
             self.assertEqual(seq[1]["reason"], "closed")
             self.assertEqual({e["user_id"] for e in seq}, {"alice"})
@@ -498,7 +498,7 @@ class EventTimeTests(TestCase):
         from unrealon.engine.redispresence import RedisPresence
 
         presence = RedisPresence(reactor, redis, ttl=30, node_id="node-a",
-                                 connection_events=True)
+                                 connection_events=True, token="5eed")
         before = int(time.time() * 1000)
         yield presence.connect("alice", "c1")
         yield presence.join("room:1", "alice", "c1", {"a": 1})
@@ -521,13 +521,13 @@ class EventTimeTests(TestCase):
             [json.loads(p) | {"time": 0} for p in payloads],
             [
                 {"type": "user.online", "user_id": "alice", "node_id": "node-a", "time": 0},
-                {"type": "connection.opened", "user_id": "alice", "connection_id": "node-a/c1",
+                {"type": "connection.opened", "user_id": "alice", "connection_id": "node-a/c1@5eed",
                  "node_id": "node-a", "time": 0},
                 {"type": "room.occupied", "room": "room:1", "user_id": "alice",
                  "node_id": "node-a", "time": 0},
                 {"type": "room.vacated", "room": "room:1", "user_id": "alice",
                  "node_id": "node-a", "time": 0, "reason": "closed"},
-                {"type": "connection.closed", "user_id": "alice", "connection_id": "node-a/c1",
+                {"type": "connection.closed", "user_id": "alice", "connection_id": "node-a/c1@5eed",
                  "node_id": "node-a", "time": 0, "reason": "closed"},
                 {"type": "user.offline", "user_id": "alice", "node_id": "node-a", "time": 0,
                  "reason": "closed"},

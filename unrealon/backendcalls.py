@@ -79,6 +79,7 @@ class BackendCalls:
         link: IBackendLink,
         *,
         node_id: str,
+        incarnation: str,
         is_server_method: Callable[[str], bool],
         default_timeout: float,
         max_timeout: float,
@@ -87,6 +88,9 @@ class BackendCalls:
         self._reactor = reactor
         self._link = link
         self._node_id = node_id
+        #: ids of this start of the node, never those of an earlier one: a worker
+        #: still running a call of the last start must not answer one of this
+        self._incarnation = incarnation
         self._is_server_method = is_server_method
         self._default_timeout = default_timeout
         self._max_timeout = max_timeout
@@ -174,7 +178,7 @@ class BackendCalls:
                            data={"in_flight": len(calls)})
         if method not in self._served:
             raise RPCError(NO_WORKER, data={"retryable": True})
-        call_id = f"{self._node_id}/{next(self._counter)}"
+        call_id = f"{self._node_id}/{self._incarnation}.{next(self._counter)}"
         timeout = decl.deadline_seconds(self._default_timeout, self._max_timeout)
         call = _Call(call_id=call_id, session=session, request_id=request_id,
                      notification=notification, method=method,
@@ -201,7 +205,7 @@ class BackendCalls:
             "method": call.method,
             "params": params,
             "user_id": identity.user_id,
-            "connection_id": f"{self._node_id}/{session.conn_id}",
+            "connection_id": f"{self._node_id}/{session.conn_id}@{self._incarnation}",
             "node_id": self._node_id,
             "claims": {name: claims[name] for name in decl.pass_claims if name in claims},
             "idempotent": decl.idempotent,

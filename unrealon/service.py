@@ -13,6 +13,7 @@ so the steps are chained here by hand.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -297,11 +298,14 @@ def makeService(
     registry = build_registry(extensions)
     metrics = Metrics()
     verifier = TokenVerifier(config.jwt_settings(), reactor) if config.jwt_keys else None
+    # this start of the node: connection and call ids must not repeat those of an
+    # earlier start (a late worker reply, a crashed node's swept connections)
+    incarnation = secrets.token_hex(8)
     if config.redis_url:
         from unrealon.engine.redisbroker import parse_cursor
 
         hub = Hub(prepare_message, parse_cursor)
-        engine = _redis_engine(config, reactor, hub, metrics)
+        engine = _redis_engine(config, reactor, hub, metrics, incarnation)
     else:
         hub = Hub(prepare_message, memory_cursor_key)
         engine = _memory_engine(config, reactor, hub)
@@ -319,7 +323,7 @@ def makeService(
     )
     if engine.backend is not None:
         node.backend = BackendCalls(
-            reactor, engine.backend, node_id=config.node_id,
+            reactor, engine.backend, node_id=config.node_id, incarnation=incarnation,
             is_server_method=registry.has, default_timeout=config.backend_timeout,
             max_timeout=config.backend_max_timeout, max_calls=config.backend_max_calls,
         )
@@ -348,7 +352,9 @@ def _memory_engine(config: Config, reactor: Any, hub: Hub) -> _Engine:
                    api_replies=MemoryReplyStore(reactor))
 
 
-def _redis_engine(config: Config, reactor: Any, hub: Hub, metrics: Metrics) -> _Engine:
+def _redis_engine(
+    config: Config, reactor: Any, hub: Hub, metrics: Metrics, incarnation: str
+) -> _Engine:
     from unrealon.engine.redis import RedisConnections
     from unrealon.engine.redisbackend import RedisBackendLink
     from unrealon.engine.redisbroker import RedisBroker
@@ -368,6 +374,7 @@ def _redis_engine(config: Config, reactor: Any, hub: Hub, metrics: Metrics) -> _
         reactor, connections.commands, ttl=config.presence_ttl, link=link, count_failure=failed,
         node_id=config.node_id, events_stream=config.events_stream,
         events_maxlen=config.events_maxlen, connection_events=config.connection_events,
+        token=incarnation,
     )
     backend = RedisBackendLink(
         reactor, connections.commands, connections.replies_reader, node_id=config.node_id,

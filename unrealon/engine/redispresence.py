@@ -126,13 +126,16 @@ class RedisPresence:
         events_stream: str = "stream:events",
         events_maxlen: int = 100_000,
         connection_events: bool = False,
+        token: str | None = None,
     ) -> None:
         self._reactor = reactor
         self._redis = redis
         self._ttl = ttl
         self._lifetime_ms = int(ttl * 750)
         self._sweep_interval = max(0.1, ttl / 10)
-        self._token = secrets.token_hex(8)
+        #: this process's token: random per start (makeService shares it with the
+        #: backend calls, so a connection has one id everywhere)
+        self._token = secrets.token_hex(8) if token is None else token
         #: lifecycle events (PROTOCOL.md section 9.1)
         self._node_id = self._token if node_id is None else node_id
         self._events = events_stream
@@ -263,7 +266,8 @@ class RedisPresence:
             self._redis,
             [members, counts, infos, P + "rooms", FEED, self._events, self._node_key],
             [room, user_id, member, self._lifetime_ms, info_json, message, FEED_MAXLEN,
-             self._events_maxlen, self._node_id, self._connection_events, conn_id,
+             self._events_maxlen, self._node_id, self._connection_events,
+             f"{conn_id}@{self._token}",
              self._node_key_ttl],
         )
         return self._track(d.addCallbacks(lambda _: None, unavailable))
@@ -282,7 +286,7 @@ class RedisPresence:
             self._redis,
             [members, counts, infos, FEED, self._events],
             [room, user_id, member, message, FEED_MAXLEN, self._events_maxlen, self._node_id,
-             self._connection_events, conn_id],
+             self._connection_events, f"{conn_id}@{self._token}"],
         )
         return self._track(d.addCallbacks(lambda _: None, unavailable))
 

@@ -168,8 +168,10 @@ end
 local function user_of(member)
   return string.match(member, '^(.*)|')
 end
+-- the connection as section 9.1 names it: "<conn>@<node token>" (connection
+-- ids repeat across a node's restarts; the token does not)
 local function conn_of(member)
-  return string.match(member, '|([^|@]*)@[^|]*$') or ''
+  return string.match(member, '|([^|]*)$') or ''
 end
 local function token_of(member)
   return string.match(member, '@([^|@]*)$') or ''
