@@ -22,6 +22,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.helpers.node import mint_token, start_node
 from tests.helpers.redis_server import start_redis
+from tests.helpers.waiting import wait_until
 from unrealon.engine.redisclient import StreamClient, connect, parse_redis_url
 
 METHODS = "unrealon:backend:methods"
@@ -424,5 +425,29 @@ class BackendCallTests(TestCase):
         self.assertEqual(old["reply_to"], new["reply_to"])
         yield self.answer(old, type="result", result={"echo": "from the previous start"})
         yield self.answer(new, type="result", result={"echo": "b"})
+        reply = yield client.next()
+        self.assertEqual(reply["result"], {"echo": "b"})
+
+    @inlineCallbacks
+    def test_directory_lost_with_redis_data(self) -> Any:
+        """
+        Redis comes back empty (declarations and heartbeats gone): until the
+        workers declare again a call is -32013 (retryable), not -32601; then
+        it works again.
+        """
+        client = yield self.ready()
+        yield self.redis.execute_command("DEL", METHODS, WORKERS)
+        backend = self.running.node.backend
+        yield wait_until(lambda: backend.served() == 0, timeout=5, what="the loss seen")
+        for _ in range(3):  # over more than one directory refresh
+            reply = yield client.request("demo.echo", {"text": "a"})
+            self.assertEqual(reply["error"]["code"], -32013)
+            self.assertEqual(reply["error"]["data"], {"retryable": True})
+            yield wait(0.5)
+        yield self.declare(ECHO)
+        yield wait_until(lambda: backend.served() == 1, timeout=5, what="served again")
+        client.send({"jsonrpc": "2.0", "id": 9, "method": "demo.echo", "params": {"text": "b"}})
+        call = yield self.next_call()
+        yield self.answer(call, type="result", result={"echo": "b"})
         reply = yield client.next()
         self.assertEqual(reply["result"], {"echo": "b"})

@@ -41,6 +41,10 @@ CANCEL_MARGIN_MS = 60_000
 #: a call that cannot be appended in this many seconds is answered -32011
 #: (PROTOCOL.md section 1: Redis away is answered within 5 s)
 APPEND_DEADLINE = 4.5
+#: seconds the last declarations are kept when the directory comes back empty
+#: (Redis lost its data): the workers declare again within 3 s, and until then
+#: a call is -32013 "no worker" (retryable), not -32601 "no such method"
+EMPTY_DIRECTORY_GRACE = 10.0
 #: an error message from a worker is cut to this many characters
 MAX_ERROR_MESSAGE = 1024
 
@@ -100,6 +104,8 @@ class BackendCalls:
         self._served: frozenset[str] = frozenset()
         #: raw declarations already refused (logged once each)
         self._refused: set[str] = set()
+        #: when the directory was first seen empty while declarations were known
+        self._emptied_at: float | None = None
         self._calls: dict[str, _Call] = {}
         #: per connection: request id key -> call in flight
         self._by_session: dict[Any, dict[tuple[str, Any], _Call]] = {}
@@ -112,6 +118,17 @@ class BackendCalls:
 
     def directory_changed(self, raw: Mapping[str, str], served: frozenset[str]) -> None:
         """The declarations and served names as Redis has them now."""
+        if not raw and self._declarations:
+            now = self._reactor.seconds()
+            if self._emptied_at is None:
+                self._emptied_at = now
+                log.warn("the backend method directory is empty (Redis lost its data?): "
+                         "keeping the last declarations, not served, until workers declare "
+                         "again")
+            if now - self._emptied_at < EMPTY_DIRECTORY_GRACE:
+                self._served = served
+                return
+        self._emptied_at = None
         declarations: dict[str, Declaration] = {}
         for name, text in raw.items():
             known = self._declarations.get(name)
