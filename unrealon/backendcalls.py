@@ -118,7 +118,9 @@ class BackendCalls:
 
     def directory_changed(self, raw: Mapping[str, str], served: frozenset[str]) -> None:
         """The declarations and served names as Redis has them now."""
-        if not raw and self._declarations:
+        # both hashes empty: Redis lost its data (a worker never deletes declarations,
+        # and live workers keep their heartbeat); anything else is taken as it is
+        if not raw and not served and self._declarations:
             now = self._reactor.seconds()
             if self._emptied_at is None:
                 self._emptied_at = now
