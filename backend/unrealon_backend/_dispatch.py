@@ -188,8 +188,8 @@ class Dispatcher:
             return set()
         try:
             values = await self.redis.mget([CANCEL_KEY_PREFIX + i for i in ids])
-        except REDIS_DOWN as e:
-            log.info("worker %s: reading the cancel keys of a batch failed (%s): each entry "
+        except Exception as e:  # Redis away, or refused: never the read loop's end
+            log.info("worker %s: reading the cancel keys of a batch failed (%r): each entry "
                      "reads its own", self.worker_id, e)
             return None
         return {call_id for call_id, value in zip(ids, values) if value is not None}
