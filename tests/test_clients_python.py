@@ -54,6 +54,16 @@ def fresh(prefix: str = "workspace") -> str:
     return f"{prefix}:py-{next(_rooms)}"
 
 
+async def cancel_task(task: asyncio.Future[Any]) -> None:
+    """Cancel a call's task and check it ends cancelled (not with a result or an error)."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        return
+    raise AssertionError("the call was not cancelled")
+
+
 async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
     end = time.monotonic() + timeout
     while not predicate():
@@ -601,13 +611,7 @@ class BackendCallRuntimeTests(TestCase):
             req = await s.request("demo.count")
             await s.progress(req["id"], 1, "a")
             await wait_for(lambda: got == ["a"], what="the first item")
-            call.cancel()
-            try:
-                await call
-            except asyncio.CancelledError:
-                pass
-            else:
-                raise AssertionError("the call was not cancelled")
+            await cancel_task(call)
             cancel = await s.request("rpc.cancel")
             assert cancel["params"] == {"id": req["id"]}, cancel
             await s.progress(req["id"], 2, "b")  # given up on: dropped
@@ -704,13 +708,7 @@ class BackendCallEndToEndTests(TestCase):
             call = asyncio.ensure_future(c.call("demo.logged_count", {"to": 1000, "delay": 0.05},
                                                 on_progress=lambda item, seq: got.append(item["n"])))
             await wait_for(lambda: len(got) >= 2, 10, "two progress items")
-            call.cancel()
-            try:
-                await call
-            except asyncio.CancelledError:
-                pass
-            else:
-                raise AssertionError("the call was not cancelled")
+            await cancel_task(call)
             await wait_for(lambda: any(e["event"] == "cancelled" for e in self.backend.worker_log()),
                            10, "the worker's cancel")
             cancelled = next(e for e in self.backend.worker_log() if e["event"] == "cancelled")

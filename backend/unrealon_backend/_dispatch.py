@@ -84,6 +84,15 @@ class InFlight:
             del self.calls[call.call_id]
 
 
+class Batch(NamedTuple):
+    """What L{Dispatcher.read_batch} read of one read's entries at once."""
+
+    #: the decoded payloads, by entry id (entries that are not JSON objects are absent)
+    payloads: dict[str, dict[str, Any]]
+    #: the call ids cancelled before they start; None: not known (Redis did not answer)
+    cancelled: set[str] | None
+
+
 class Refused(NamedTuple):
     """A call not to run: the error reply to send, or None to acknowledge it without one."""
 
@@ -128,14 +137,14 @@ class Dispatcher:
         self._reply_script = client.register_script(REPLY_SCRIPT)
 
     async def handle(self, entry_id: str, fields: Mapping[str, str] | None, deliveries: int,
-                     cancelled: set[str] | None = None) -> None:
+                     batch: Batch | None = None) -> None:
         """
         Everything about one entry; never raises but C{CancelledError}.
-        C{cancelled}: the call ids of a batch whose cancel keys were read
-        together (L{cancelled_of}); None: this entry's key is read on its own.
+        C{batch}: what was read of its read's batch at once (L{read_batch});
+        None: the entry is decoded and its cancel key read on its own.
         """
         try:
-            await self._handle(entry_id, fields, deliveries, cancelled)
+            await self._handle(entry_id, fields, deliveries, batch)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -144,8 +153,10 @@ class Dispatcher:
                           self.worker_id, entry_id, self.stream)
 
     async def _handle(self, entry_id: str, fields: Mapping[str, str] | None,
-                      deliveries: int, cancelled: set[str] | None) -> None:
-        payload = self._payload(entry_id, fields)
+                      deliveries: int, batch: Batch | None) -> None:
+        payload = batch.payloads.get(entry_id) if batch is not None else None
+        if payload is None:
+            payload = self._payload(entry_id, fields)  # (and logs why it is not one)
         if payload is None:
             await self._retrying(lambda: self._ack(entry_id), None)
             return
@@ -161,38 +172,42 @@ class Dispatcher:
             return
         deadline = int(payload["deadline"])
         method = self.registry.methods.get(payload["method"])
-        refused = await self._refusal(payload, method, deliveries, cancelled)
+        refused = await self._refusal(payload, method, deliveries,
+                                      batch.cancelled if batch is not None else None)
         if refused is not None:
             await self._finish(entry_id, reply_to, deadline, refused.reply)
             return
         assert method is not None  # _refusal refuses unknown methods
         await self._run(entry_id, payload, method, deliveries)
 
-    async def cancelled_of(self, entries: list[tuple[str, Mapping[str, str] | None]]
-                           ) -> set[str] | None:
+    async def read_batch(self, entries: list[tuple[str, Mapping[str, str] | None]]) -> Batch:
         """
-        The call ids of C{entries} (one read's batch) cancelled before they
-        start: one MGET of their cancel keys, instead of one EXISTS each (a
-        round trip cost as much as the rest of a small call's handling).
-        None when Redis did not answer (each entry then asks on its own).
+        One read's entries, decoded once, and which of their calls were
+        cancelled before they start: one MGET of their cancel keys, instead
+        of one EXISTS each (a round trip cost as much as the rest of a small
+        call's handling).  C{cancelled} is None when Redis did not answer
+        (each entry then asks on its own).
         """
+        payloads: dict[str, dict[str, Any]] = {}
         ids: list[str] = []
-        for _entry_id, fields in entries:
+        for entry_id, fields in entries:
             try:
-                call_id = json.loads((fields or {}).get("payload", "")).get("call_id")
-            except (ValueError, AttributeError):
+                payload = json.loads((fields or {}).get("payload", ""))
+            except ValueError:
                 continue  # refused by _handle, with its reason logged
-            if isinstance(call_id, str):
-                ids.append(call_id)
+            if isinstance(payload, dict):
+                payloads[entry_id] = payload
+                if isinstance(payload.get("call_id"), str):
+                    ids.append(payload["call_id"])
         if not ids:
-            return set()
+            return Batch(payloads, set())
         try:
             values = await self.redis.mget([CANCEL_KEY_PREFIX + i for i in ids])
         except Exception as e:  # Redis away, or refused: never the read loop's end
             log.info("worker %s: reading the cancel keys of a batch failed (%r): each entry "
                      "reads its own", self.worker_id, e)
-            return None
-        return {call_id for call_id, value in zip(ids, values) if value is not None}
+            return Batch(payloads, None)
+        return Batch(payloads, {call_id for call_id, value in zip(ids, values) if value is not None})
 
     def _payload(self, entry_id: str, fields: Mapping[str, str] | None) -> dict[str, Any] | None:
         if fields is None:

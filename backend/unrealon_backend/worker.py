@@ -68,7 +68,7 @@ from typing import Any
 
 from unrealon_backend import _streams
 from unrealon_backend._call import Call, Cancelled, MethodError, Result, encode_json
-from unrealon_backend._dispatch import Dispatcher, InFlight
+from unrealon_backend._dispatch import Batch, Dispatcher, InFlight
 from unrealon_backend._methods import F, MethodRegistry, default_registry, method
 from unrealon_backend._streams import REDIS_DOWN, Backoff, RedisClient
 from unrealon_backend._watch import CallWatcher
@@ -330,20 +330,20 @@ class Worker:
                        for entry in stream_entries]
             for _ in range(taken - len(entries)):
                 slots.release()
-            cancelled = await dispatcher.cancelled_of(entries) if entries else set()
+            batch = await dispatcher.read_batch(entries) if entries else None
             for entry_id, fields in entries:
-                self._start(dispatcher, slots, handling, entry_id, fields, 1, cancelled)
+                self._start(dispatcher, slots, handling, entry_id, fields, 1, batch)
 
     def _start(self, dispatcher: Dispatcher, slots: asyncio.Semaphore,
                handling: set[asyncio.Task[None]], entry_id: str,
                fields: Mapping[str, str] | None, deliveries: int,
-               cancelled: set[str] | None = None) -> None:
+               batch: Batch | None = None) -> None:
         """Handle one entry in a task of its own; its slot is released when it ends."""
         self.in_flight.add(entry_id)
 
         async def handle() -> None:
             try:
-                await dispatcher.handle(entry_id, fields, deliveries, cancelled)
+                await dispatcher.handle(entry_id, fields, deliveries, batch)
             finally:
                 self.in_flight.remove(entry_id)
                 slots.release()
