@@ -51,7 +51,8 @@ class EngineConformance:
 
     # -- provided by the engine's subclass --------------------------------------
 
-    def make(self, history_size: int = 5, history_ttl: float = 600) -> Deferred[None]:
+    def make(self, history_size: int = 5, history_ttl: float = 600,
+             gap_wait: float = 2.0) -> Deferred[None]:
         """Build C{self.sink}, C{self.broker} and C{self.presence}, started."""
         raise NotImplementedError
 
@@ -387,12 +388,14 @@ class EngineConformance:
 class MemoryEngineTests(EngineConformance, TestCase):
     """The contract, in one process, on a L{Clock}."""
 
-    def make(self, history_size: int = 5, history_ttl: float = 600) -> Deferred[None]:
+    def make(self, history_size: int = 5, history_ttl: float = 600,
+             gap_wait: float = 2.0) -> Deferred[None]:
         self.clock = Clock()
         self.clock.advance(time.time())
         self.sink = FakeSink()
         self.broker = MemoryBroker(
-            self.clock, self.sink, history_size=history_size, history_ttl=history_ttl
+            self.clock, self.sink, history_size=history_size, history_ttl=history_ttl,
+            gap_wait=gap_wait,
         )
         self.presence = MemoryPresence(self.broker.publish_ephemeral)
         self.broker.start()
@@ -421,7 +424,8 @@ class RedisEngineTests(EngineConformance, TestCase):
     presence_ttl = 30.0
 
     @inlineCallbacks
-    def make(self, history_size: int = 5, history_ttl: float = 600) -> Any:
+    def make(self, history_size: int = 5, history_ttl: float = 600,
+             gap_wait: float = 2.0) -> Any:
         from unrealon.engine.redis import RedisConnections
         from unrealon.engine.redisbroker import RedisBroker
         from unrealon.engine.redispresence import RedisPresence
@@ -433,7 +437,7 @@ class RedisEngineTests(EngineConformance, TestCase):
         self.sink = FakeSink()
         self.broker = RedisBroker(
             reactor, self.sink, self.connections.commands, self.connections.feed_reader,
-            history_size=history_size, history_ttl=history_ttl,
+            history_size=history_size, history_ttl=history_ttl, gap_wait=gap_wait,
         )
         self.presence = RedisPresence(reactor, self.connections.commands, ttl=self.presence_ttl)
         yield self.broker.start()

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import attrs
 
 from unrealon import jsonrpc
-from unrealon.engine.interfaces import BackendUnavailable
+from unrealon.engine.interfaces import BackendUnavailable, MessageChunk
 from unrealon.events import CATALOGUE, CatalogueEvent, event_data
 from unrealon.jsonrpc import FieldError, RPCError, invalid_params
 from unrealon.names import EVENT_NAME, ROOM_NAME, ROOM_NAME_RE
@@ -109,6 +109,23 @@ class DisconnectResult:
     user_id: str
 
 
+#: the catalogue event whose chunks (with C{seq}) are streamed messages (PROTOCOL.md 5.1)
+STREAMED_EVENT = "session.message"
+
+
+def _chunk(data: dict[str, Any]) -> MessageChunk:
+    """
+    A chunk of a streamed message from C{session.message}'s data: repeated
+    chunks are dropped by C{seq}, so no idempotency key is needed.
+    """
+    error = data.get("error")
+    return MessageChunk(
+        message_id=str(data["message_id"]), seq=int(data["seq"]),
+        content=str(data.get("content", "")), done=bool(data.get("done")),
+        error=None if error is None else str(error), fields=data,
+    )
+
+
 def _catalogue_handler(event: CatalogueEvent) -> Any:
     async def handle(call: BackendCall, params_and_extras: tuple[Any, dict[str, Any]]) -> Published:
         params, extras = params_and_extras
@@ -123,9 +140,13 @@ def _catalogue_handler(event: CatalogueEvent) -> Any:
         room = event.room(params)
         if not ROOM_NAME_RE.match(room):
             raise invalid_params([FieldError("room", "the id makes an invalid room name")])
-        cursor = await call.node.broker.publish(
-            room, event.name, event_data(params, extras), call.idempotency_key()
-        )
+        data = event_data(params, extras)
+        if event.name == STREAMED_EVENT and data.get("seq") is not None:
+            cursor = await call.node.broker.append_chunk(room, event.name, _chunk(data))
+        else:
+            cursor = await call.node.broker.publish(
+                room, event.name, data, call.idempotency_key()
+            )
         return Published(room=room, cursor=cursor)
 
     handle.__doc__ = event.summary

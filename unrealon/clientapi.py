@@ -95,6 +95,10 @@ class JoinResult:
     missed: list[dict[str, Any]] = param(
         description="the missed events, as the notifications live delivery sends"
     )
+    streaming: list[dict[str, Any]] = param(
+        description="the room's streamed messages still streaming, each as one event "
+        "with all of it so far (unless recovered: missed covers them)"
+    )
 
 
 @attrs.frozen
@@ -276,6 +280,7 @@ async def rooms_join(call: ClientCall, params: JoinParams) -> JoinResult:
         cursor=recovery.cursor,
         recovered=recovery.recovered if params.since is not None else False,
         missed=list(recovery.missed) if params.since is not None else [],
+        streaming=list(recovery.streaming),
     )
 
 

@@ -306,6 +306,8 @@ class Config:
     presence_ttl: float
     history_size: int
     history_ttl: float
+    #: streamed messages (PROTOCOL.md section 5.1)
+    stream_gap_wait: float
     max_message_size: int
     send_buffer_limit: int
     rate_limit: float

@@ -344,7 +344,8 @@ def makeService(
 
 def _memory_engine(config: Config, reactor: Any, hub: Hub) -> _Engine:
     broker = MemoryBroker(
-        reactor, hub, history_size=config.history_size, history_ttl=config.history_ttl
+        reactor, hub, history_size=config.history_size, history_ttl=config.history_ttl,
+        gap_wait=config.stream_gap_wait,
     )
     presence = MemoryPresence(broker.publish_ephemeral)
     return _Engine(broker=broker, presence=presence, stoppables=(presence, broker),
@@ -368,7 +369,7 @@ def _redis_engine(
     broker = RedisBroker(
         reactor, hub, connections.commands, connections.feed_reader,
         history_size=config.history_size, history_ttl=config.history_ttl,
-        link=link, count_failure=failed,
+        gap_wait=config.stream_gap_wait, link=link, count_failure=failed,
     )
     presence = RedisPresence(
         reactor, connections.commands, ttl=config.presence_ttl, link=link, count_failure=failed,
@@ -383,7 +384,7 @@ def _redis_engine(
     return _Engine(
         broker=broker, presence=presence,
         stoppables=(backend, presence, broker, connections),
-        loops=(broker.reader, *presence.loops, *backend.loops),
+        loops=(broker.reader, broker.releaser, *presence.loops, *backend.loops),
         features=("rooms", "history", "presence", "ingress", "cluster"),
         api_replies=RedisReplyStore(connections.commands),
         ingress=connections,

@@ -60,6 +60,30 @@ class Recovery:
     cursor: str
     recovered: bool
     missed: tuple[Any, ...] = ()
+    #: the room's streamed messages still streaming, each as one event with
+    #: all of it so far (PROTOCOL.md section 4); empty when C{recovered}
+    streaming: tuple[Any, ...] = ()
+
+
+#: fields of a chunk's data that belong to the event, not to the message
+CHUNK_FIELDS = frozenset({"content", "seq", "last_seq", "done", "error", "gaps"})
+
+
+@attrs.frozen
+class MessageChunk:
+    """
+    One chunk of a streamed message (PROTOCOL.md section 5.1): the
+    C{seq}-th piece of message C{message_id} of a room.  C{fields} are the
+    message's other fields (C{session_id}, C{role}, extras): delivered with
+    every event of the message, as the first chunk received carried them.
+    """
+
+    message_id: str
+    seq: int
+    content: str
+    done: bool = False
+    error: str | None = None
+    fields: Mapping[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -119,8 +143,22 @@ class IBroker(Interface):
         Fires with the event's cursor.
         """
 
+    def append_chunk(room: str, event: str, chunk: MessageChunk) -> Deferred[str]:
+        """
+        Add one chunk to a streamed message of C{room} (PROTOCOL.md section
+        5.1): delivered in C{seq} order with the chunks before it, held
+        back while an earlier one is missing (at most the gap wait, then
+        reported in C{gaps}), ignored when repeated or after C{done}.  The
+        message keeps one history entry.  Fires with the room's latest
+        cursor.
+        """
+
     def recover(room: str, since: str | None) -> Deferred[Recovery]:
-        """The events after C{since} (None: none, just the current cursor)."""
+        """
+        The events after C{since} (None: none, just the current cursor),
+        a streamed message as one event; and, unless recovered, the
+        messages still streaming.
+        """
 
     def cursor_key(cursor: str) -> tuple[Any, ...] | None:
         """

@@ -22,15 +22,18 @@ from zope.interface import implementer
 
 from unrealon import jsoncodec
 from unrealon.engine.interfaces import (
+    CHUNK_FIELDS,
     EphemeralEvent,
     IBroker,
     IDeliverySink,
     IPresence,
+    MessageChunk,
     PresenceCount,
     PresenceUser,
     Recovery,
     RoomEvent,
 )
+from unrealon.engine.memorymessages import StreamedMessage
 from unrealon.engine.supervision import SupervisedLoop
 from unrealon.jsonrpc import encode, notification
 
@@ -51,7 +54,20 @@ class RoomHistory:
     epoch: str
     last_seq: int = 0
     last_publish: float = 0.0
-    entries: deque[tuple[int, bytes]] = attrs.field(factory=deque)
+    #: an event's notification, or the streamed message whose latest event
+    #: stands at that position (its one entry, PROTOCOL.md section 5.1)
+    entries: deque[tuple[int, bytes | StreamedMessage]] = attrs.field(factory=deque)
+    #: the last position trimmed from the head: a replay from before it is incomplete
+    trimmed: int = 0
+    messages: dict[str, StreamedMessage] = attrs.field(factory=dict)
+
+    def append(self, item: bytes | StreamedMessage, size: int) -> None:
+        """Add the entry at position C{last_seq}, keeping C{size} entries."""
+        self.entries.append((self.last_seq, item))
+        while len(self.entries) > size:
+            self.trimmed, gone = self.entries.popleft()
+            if isinstance(gone, StreamedMessage):
+                del self.messages[gone.message_id]
 
     def cursor(self, seq: int | None = None) -> str:
         return f"{self.epoch}-{self.last_seq if seq is None else seq}"
@@ -77,6 +93,7 @@ class MemoryBroker:
         *,
         history_size: int,
         history_ttl: float,
+        gap_wait: float = 2.0,
     ) -> None:
         self.sink = sink
         self._clock = clock
@@ -84,14 +101,22 @@ class MemoryBroker:
         self._ttl = history_ttl
         self._rooms: dict[str, RoomHistory] = {}
         self._published: dict[str, tuple[str, float]] = {}
-        self.loops = (SupervisedLoop("history expiry", clock, min(self._ttl, 60.0), self.sweep),)
+        self._gap_wait = gap_wait
+        #: (room, message id) of the messages holding chunks back
+        self._holding: set[tuple[str, str]] = set()
+        self.loops = (
+            SupervisedLoop("history expiry", clock, min(self._ttl, 60.0), self.sweep),
+            SupervisedLoop("streamed message release", clock, 0.25, self.release_due),
+        )
 
     def start(self) -> Deferred[None]:
-        self.loops[0].start()
+        for loop in self.loops:
+            loop.start()
         return succeed(None)
 
     def stop(self) -> Deferred[None]:
-        self.loops[0].stop()
+        for loop in self.loops:
+            loop.stop()
         return succeed(None)
 
     def sweep(self) -> None:
@@ -123,29 +148,94 @@ class MemoryBroker:
         history.last_publish = now
         cursor = history.cursor()
         message = event_message(event, room, cursor, data)
-        history.entries.append((history.last_seq, message))
-        while len(history.entries) > self._size:
-            history.entries.popleft()
+        history.append(message, self._size)
         if idempotency_key is not None:
             self._published[idempotency_key] = (cursor, now)
         self.sink.deliver(RoomEvent(room=room, cursor=cursor, message=message))
         return succeed(cursor)
 
+    # -- streamed messages (PROTOCOL.md section 5.1) ------------------------------
+
+    def append_chunk(self, room: str, event: str, chunk: MessageChunk) -> Deferred[str]:
+        now = self._clock.seconds()
+        history = self._history(room)
+        history.last_publish = now
+        message = history.messages.get(chunk.message_id)
+        if message is None:
+            fields = {k: v for k, v in chunk.fields.items() if k not in CHUNK_FIELDS}
+            message = StreamedMessage(chunk.message_id, event, fields, now)
+            history.messages[chunk.message_id] = message
+        message.last_chunk_at = now
+        run = message.accept(chunk, now, self._gap_wait)
+        if message.due is not None:
+            self._holding.add((room, chunk.message_id))
+        if run:
+            self._deliver(room, history, message, run, [])
+        return succeed(history.cursor())
+
+    def release_due(self) -> None:
+        """Deliver the held chunks of messages whose gap wait is over."""
+        now = self._clock.seconds()
+        for room, message_id in list(self._holding):
+            history = self._rooms.get(room)
+            message = history.messages.get(message_id) if history else None
+            if history is None or message is None or message.due is None:
+                self._holding.discard((room, message_id))
+            elif message.due <= now:
+                self._holding.discard((room, message_id))
+                run, gaps = message.release()
+                self._deliver(room, history, message, run, gaps)
+
+    def _deliver(self, room: str, history: RoomHistory, message: StreamedMessage,
+                 run: list[MessageChunk], gaps: list[tuple[int, int]]) -> None:
+        first, last = message.next_seq, run[-1].seq
+        content = "".join(c.content for c in run)
+        done = run[-1].done
+        error = run[-1].error if done else None
+        if message.deliveries:
+            history.entries.remove((message.position, message))
+        history.last_seq += 1
+        message.record(history.last_seq, first, last, content, done, error, gaps)
+        history.append(message, self._size)
+        cursor = history.cursor()
+        data = message.event_data(first, last, content, done, error)
+        self.sink.deliver(RoomEvent(
+            room=room, cursor=cursor, message=event_message(message.event, room, cursor, data)
+        ))
+
+    def _streaming(self, room: str, history: RoomHistory) -> tuple[Any, ...]:
+        alive = self._clock.seconds() - self._ttl
+        return tuple(
+            jsoncodec.decode(self._message_event(room, history, m, None))
+            for m in history.messages.values()
+            if m.deliveries and not m.done and m.last_chunk_at >= alive
+        )
+
+    def _message_event(self, room: str, history: RoomHistory, message: StreamedMessage,
+                       after: int | None) -> bytes:
+        cursor = history.cursor(message.position)
+        return event_message(message.event, room, cursor, message.data(after))
+
     def recover(self, room: str, since: str | None) -> Deferred[Recovery]:
         history = self._history(room)
         current = history.cursor()
-        if since is None:
-            return succeed(Recovery(cursor=current, recovered=False))
-        parsed = cursor_key(since)
-        if parsed is None or parsed[0] != history.epoch or parsed[1] > history.last_seq:
-            return succeed(Recovery(cursor=current, recovered=False))
+        parsed = cursor_key(since) if since is not None else None
+        if (
+            parsed is None or parsed[0] != history.epoch or parsed[1] > history.last_seq
+            # entries after `since` were trimmed
+            or parsed[1] < history.trimmed
+        ):
+            return succeed(Recovery(
+                cursor=current, recovered=False, streaming=self._streaming(room, history)
+            ))
         since_seq = parsed[1]
-        if since_seq == history.last_seq:
-            return succeed(Recovery(cursor=current, recovered=True))
-        first = history.entries[0][0] if history.entries else history.last_seq + 1
-        if since_seq < first - 1 or history.last_seq - since_seq > self._size:
-            return succeed(Recovery(cursor=current, recovered=False))
-        missed = tuple(jsoncodec.decode(m) for seq, m in history.entries if seq > since_seq)
+        missed = tuple(
+            jsoncodec.decode(
+                self._message_event(room, history, item, since_seq)
+                if isinstance(item, StreamedMessage) else item
+            )
+            for seq, item in history.entries if seq > since_seq
+        )
         return succeed(Recovery(cursor=current, recovered=True, missed=missed))
 
     def cursor_key(self, cursor: str) -> tuple[Any, ...] | None:

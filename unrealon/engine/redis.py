@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from unrealon.engine import redisbackend, scripts
+from unrealon.engine import messagescripts, redisbackend, scripts
 from unrealon.engine.redisclient import LuaScript, RedisHandler, connect, parse_redis_url
 from unrealon.engine.supervision import RedisLink, redis_down
 
@@ -27,7 +27,7 @@ log = Logger(namespace="unrealon.engine.redis")
 
 ALL_SCRIPTS: tuple[LuaScript, ...] = tuple(
     value for value in vars(scripts).values() if isinstance(value, LuaScript)
-) + redisbackend.SCRIPTS
+) + messagescripts.SCRIPTS + redisbackend.SCRIPTS
 
 
 @attrs.define

@@ -40,11 +40,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from unrealon import jsoncodec
-from unrealon.engine import rediskeys, scripts
+from unrealon.engine import messagescripts, rediskeys, scripts
 from unrealon.engine.interfaces import (
+    CHUNK_FIELDS,
     EphemeralEvent,
     IBroker,
     IDeliverySink,
+    MessageChunk,
     Recovery,
     RoomEvent,
 )
@@ -56,8 +58,11 @@ from unrealon.engine.rediskeys import (
     IDEMPOTENCY_TTL,
     epoch_key,
     history_key,
+    message_keys,
+    message_tag,
+    streaming_key,
 )
-from unrealon.engine.supervision import RedisLink, SupervisedReader
+from unrealon.engine.supervision import RedisLink, SupervisedLoop, SupervisedReader
 
 log = Logger(namespace="unrealon.engine.redisbroker")
 
@@ -72,6 +77,11 @@ READ_COUNT = 1000
 #: closed with 4008.  Yielding to the reactor every slice lets each turn's
 #: writes reach the kernel first, so only real slow readers accumulate.
 DISPATCH_SLICE = 64 * 1024
+#: how often a node looks for streamed messages whose held chunks are due:
+#: PROTOCOL.md section 5.1 reports a gap within a second after the wait
+RELEASE_INTERVAL = 0.25
+#: messages released per look (the rest at the next one)
+RELEASE_BATCH = 100
 
 
 def split_notification(event: str, room: str, data: Mapping[str, Any]) -> tuple[str, str]:
@@ -109,6 +119,7 @@ class RedisBroker:
         *,
         history_size: int,
         history_ttl: float,
+        gap_wait: float = 2.0,
         link: RedisLink | None = None,
         count_failure: Callable[[str], None] = lambda loop: None,
     ) -> None:
@@ -125,6 +136,7 @@ class RedisBroker:
         self._reader = StreamClient(reader)
         self._size = history_size
         self._ttl = max(1, int(history_ttl))
+        self._gap_wait_ms = max(1, int(gap_wait * 1000))
         self._last_id = "0-0"
         #: the feed's epoch when this node last proved continuity
         self._feed_epoch = ""
@@ -134,6 +146,11 @@ class RedisBroker:
         self._reader_id: int | None = None
         self.reader = SupervisedReader(
             "cluster feed reader", reactor, self._read_once, self._prepare,
+            link=link, count_failure=count_failure,
+        )
+        #: releases held chunks of streamed messages once their wait is over
+        self.releaser = SupervisedLoop(
+            "streamed message release", reactor, RELEASE_INTERVAL, self.release_due,
             link=link, count_failure=count_failure,
         )
 
@@ -150,9 +167,11 @@ class RedisBroker:
         (which waits for Redis: a node starts serving without it).
         """
         self.reader.start()
+        self.releaser.start()
         return self.reader.prepared()
 
     def stop(self) -> Deferred[None]:
+        self.releaser.stop()
         stopping = self.reader.stop()
         # End the read in flight now (CLIENT UNBLOCK: it returns as if its
         # BLOCK timed out); else it ends within READ_BLOCK_MS.  Don't cancel
@@ -308,6 +327,34 @@ class RedisBroker:
         d = scripts.PUBLISH(self._redis, keys, args)
         return d.addCallbacks(str, unavailable)
 
+    def append_chunk(self, room: str, event: str, chunk: MessageChunk) -> Deferred[str]:
+        head, _ = split_notification(event, room, {})
+        fields = {k: v for k, v in chunk.fields.items() if k not in CHUNK_FIELDS}
+        meta = jsoncodec.text(fields)[:-1]
+        error = "" if chunk.error is None else "e" + chunk.error
+        return self._chunk(room, chunk.message_id, [
+            chunk.seq, chunk.content, "1" if chunk.done else "0", error, head, meta,
+        ])
+
+    def _chunk(self, room: str, message_id: str, args: list[str | bytes | int]) -> Deferred[str]:
+        keys = [
+            history_key(room), epoch_key(room), FEED, *message_keys(room, message_id),
+            rediskeys.MESSAGES_HELD, streaming_key(room),
+        ]
+        d = messagescripts.CHUNK(self._redis, keys, [
+            room, message_id, *args, self._size, self._ttl, FEED_MAXLEN, self._gap_wait_ms,
+        ])
+        return d.addCallbacks(str, unavailable)
+
+    async def release_due(self) -> None:
+        """Deliver the held chunks of messages whose gap wait is over (section 5.1)."""
+        due = await messagescripts.HELD_DUE(
+            self._redis, [rediskeys.MESSAGES_HELD], [RELEASE_BATCH]
+        )
+        for member in due or ():
+            room, _, message_id = str(member).partition("\n")
+            await self._chunk(room, message_id, [-1, "", "0", "", "", ""])
+
     def recover(self, room: str, since: str | None) -> Deferred[Recovery]:
         if not self._positioned:
             # A reply's cursor must not predate the feed position live
@@ -325,15 +372,17 @@ class RedisBroker:
         else:
             args = [parsed[0], f"{parsed[1]}-{parsed[2]}"]
         d = scripts.RECOVER(
-            self._redis, [history_key(room), epoch_key(room)], [*args, self._size, self._ttl]
+            self._redis, [history_key(room), epoch_key(room), streaming_key(room)],
+            [*args, self._size, self._ttl, rediskeys.MESSAGE, message_tag(room)],
         )
 
         def done(reply: list[Any]) -> Recovery:
-            epoch, last, recovered, missed = reply
+            epoch, last, recovered, missed, streaming = reply
             return Recovery(
                 cursor=f"{epoch}:{last}",
                 recovered=bool(int(recovered)),
                 missed=tuple(jsoncodec.decode(m) for m in missed or ()),
+                streaming=tuple(jsoncodec.decode(m) for m in streaming or ()),
             )
 
         return d.addCallbacks(done, unavailable)

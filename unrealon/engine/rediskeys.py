@@ -59,3 +59,32 @@ def backend_reply_stream(node_id: str) -> str:
 def backend_cancel_key(call_id: str) -> str:
     """Exists while call C{call_id} is cancelled (a worker must not start it)."""
     return f"{PREFIX}backend:cancel:{call_id}"
+
+
+# -- streamed messages (PROTOCOL.md section 5.1) ---------------------------------
+# A message's keys are "<kind>:{<room>}|<message id>": room names hold neither
+# "|" nor braces, so the message id is everything after the first "|" (ids are
+# free text), and the hash tag keeps a room's message keys in one slot.
+
+#: kinds of message keys: state hash, text, delivery index stream, held chunks
+MESSAGE_KINDS = ("s", "t", "i", "h")
+#: message keys start with this
+MESSAGE = PREFIX + "m:"
+#: zset of "<room>\n<message id>" with held chunks, scored by when they are due
+MESSAGES_HELD = PREFIX + "m:held"
+
+
+def message_tag(room: str) -> str:
+    """What follows a message key's kind, before the message id."""
+    return f"{{{room}}}|"
+
+
+def message_keys(room: str, message_id: str) -> list[str]:
+    """State, text, index and held-chunks keys of one streamed message."""
+    tag = message_tag(room) + message_id
+    return [f"{MESSAGE}{kind}:{tag}" for kind in MESSAGE_KINDS]
+
+
+def streaming_key(room: str) -> str:
+    """The set of a room's messages still streaming."""
+    return f"{PREFIX}ms:{{{room}}}"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from unrealon.engine.redisclient import LuaScript
 
-_EPOCH = """
+EPOCH_LIB = """
 local function new_epoch()
   local t = redis.call('TIME')
   local n = redis.call('INCR', 'unrealon:epochs')
@@ -35,12 +35,65 @@ local function id_less(a, b)
 end
 """
 
+#: Lua helpers for streamed messages (see L{unrealon.engine.messagescripts}),
+#: shared by its CHUNK and by RECOVER
+MESSAGES_LIB = """
+local function fmt(n)
+  return string.format('%d', n)
+end
+-- gaps are kept as "a-b,c-d"; the ones meeting first..last as JSON, clipped
+local function gaps_json(gaps, first, last)
+  if not gaps or gaps == '' then return '' end
+  local out = {}
+  for a, b in string.gmatch(gaps, '(%d+)-(%d+)') do
+    a, b = tonumber(a), tonumber(b)
+    if b >= first and a <= last then
+      out[#out + 1] = '[' .. fmt(math.max(a, first)) .. ',' .. fmt(math.min(b, last)) .. ']'
+    end
+  end
+  if #out == 0 then return '' end
+  return ',"gaps":[' .. table.concat(out, ',') .. ']'
+end
+-- the notification of one event of a message; head ends with '"cursor":"',
+-- meta is the data object's other fields without its closing brace
+local function message_event(head, meta, cursor, content, first, last, done, err, gaps)
+  local sep = ','
+  if meta == '{' then sep = '' end
+  local s = head .. cursor .. '","data":' .. meta .. sep .. '"content":' .. cjson.encode(content)
+    .. ',"seq":' .. fmt(first) .. ',"last_seq":' .. fmt(last)
+    .. ',"done":' .. (done and 'true' or 'false') .. gaps
+  if err then s = s .. ',"error":' .. cjson.encode(err) end
+  return s .. '}}}'
+end
+-- one event of message `mid` covering its deliveries after history id
+-- `after` ('' for all of it); nil when the message's keys are gone
+local function compacted(prefix, tag, mid, epoch, after)
+  local state = redis.call('HMGET', prefix .. 's:' .. tag .. mid,
+                           'next', 'marker', 'head', 'meta', 'done', 'error', 'gaps')
+  if not state[1] or not state[2] then return nil end
+  local first, offset = 0, 0
+  if after ~= '' then
+    local e = redis.call('XRANGE', prefix .. 'i:' .. tag .. mid, '(' .. after, '+', 'COUNT', 1)
+    if #e == 0 then return nil end
+    local f = e[1][2]
+    for j = 1, #f, 2 do
+      if f[j] == 's' then first = tonumber(f[j + 1]) end
+      if f[j] == 'o' then offset = tonumber(f[j + 1]) end
+    end
+  end
+  local last = tonumber(state[1]) - 1
+  local content = redis.call('GETRANGE', prefix .. 't:' .. tag .. mid, offset, -1)
+  return message_event(state[3], state[4], epoch .. ':' .. state[2], content, first, last,
+                       state[5] == '1', state[6] or nil, gaps_json(state[7], first, last))
+end
+"""
+
 #: KEYS: history stream, epoch key, feed stream, idempotency key ("" for none)
 #: ARGV: head, tail, history size, history ttl (s), feed maxlen, idempotency ttl (s), room
 #: The notification is head .. cursor .. tail; the server encoded head and tail.
 #: Returns the cursor (the first one when the idempotency key was already used).
 PUBLISH = LuaScript(
-    _EPOCH
+    EPOCH_LIB
     + """
 if KEYS[4] ~= '' then
   local done = redis.call('GET', KEYS[4])
@@ -71,12 +124,17 @@ return cursor
 """
 )
 
-#: KEYS: history stream, epoch key
-#: ARGV: since epoch ("" for none), since id, history size, history ttl (s)
-#: Returns {epoch, last id, recovered (0/1), {message, ...}}.  A room with no
-#: history gets an epoch (so its "start" cursor, <epoch>:0-0, stays valid).
+#: KEYS: history stream, epoch key, the room's streaming set
+#: ARGV: since epoch ("" for none), since id, history size, history ttl (s),
+#:       message key prefix, the room's message tag (rediskeys.message_tag)
+#: Returns {epoch, last id, recovered (0/1), {message, ...}, {streaming, ...}}.
+#: A room with no history gets an epoch (so its "start" cursor, <epoch>:0-0,
+#: stays valid).  A streamed message's history entry is a marker ("m" = its
+#: id) replayed as one event covering what came after `since`; the messages
+#: still streaming are listed unless the replay is complete.
 RECOVER = LuaScript(
-    _EPOCH
+    EPOCH_LIB
+    + MESSAGES_LIB
     + """
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
@@ -84,44 +142,64 @@ if not epoch then
   redis.call('DEL', KEYS[1])
   redis.call('SET', KEYS[2], epoch, 'EX', tonumber(ARGV[4]))
 end
+local prefix, tag = ARGV[5], ARGV[6]
 local last = '0-0'
-local deleted = '0-0'
 if redis.call('EXISTS', KEYS[1]) == 1 then
   local info = redis.call('XINFO', 'STREAM', KEYS[1])
   for i = 1, #info, 2 do
     if info[i] == 'last-generated-id' then last = info[i + 1] end
-    if info[i] == 'max-deleted-entry-id' then deleted = info[i + 1] end
   end
 end
+local function streaming()
+  local out = {}
+  for _, mid in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+    local event = compacted(prefix, tag, mid, epoch, '')
+    if event then
+      out[#out + 1] = event
+    else
+      redis.call('SREM', KEYS[3], mid)
+    end
+  end
+  return out
+end
 if ARGV[1] == '' or ARGV[1] ~= epoch then
-  return {epoch, last, 0, {}}
+  return {epoch, last, 0, {}, streaming()}
 end
 local since = ARGV[2]
-if id_less(last, since) or id_less(since, deleted) then
-  return {epoch, last, 0, {}}
+if id_less(last, since) then
+  return {epoch, last, 0, {}, streaming()}
 end
 -- Complete or nothing: PUBLISH keeps at least size + 1 entries and trims
 -- only from the head, so if any entry after `since` was trimmed, every
 -- retained one (size + 1 or more) is after `since` and the count below is
--- over `size`.  (max-deleted-entry-id above only covers XDEL, not trimming.)
+-- over `size`.  (Entries are deleted otherwise only when a streamed message
+-- moves its marker to its latest event: nothing a replay needs.)
 local size = tonumber(ARGV[3])
 local entries = redis.call('XRANGE', KEYS[1], '(' .. since, '+', 'COUNT', size + 1)
 if #entries > size then
-  return {epoch, last, 0, {}}
+  return {epoch, last, 0, {}, streaming()}
 end
 local missed = {}
 for i, entry in ipairs(entries) do
   local fields = entry[2]
-  local head, tail = '', ''
-  for j = 1, #fields, 2 do
-    if fields[j] == 'h' then head = fields[j + 1] end
-    if fields[j] == 't' then tail = fields[j + 1] end
+  if fields[1] == 'm' then
+    local event = compacted(prefix, tag, fields[2], epoch, since)
+    -- the message's text is gone (expired): the replay cannot be complete
+    if not event then return {epoch, last, 0, {}, streaming()} end
+    missed[i] = event
+  else
+    local head, tail = '', ''
+    for j = 1, #fields, 2 do
+      if fields[j] == 'h' then head = fields[j + 1] end
+      if fields[j] == 't' then tail = fields[j + 1] end
+    end
+    missed[i] = head .. epoch .. ':' .. entry[1] .. tail
   end
-  missed[i] = head .. epoch .. ':' .. entry[1] .. tail
 end
-return {epoch, last, 1, missed}
+return {epoch, last, 1, missed, {}}
 """
 )
+
 
 #: KEYS: feed stream
 #: ARGV: feed maxlen, then field/value pairs

@@ -1,0 +1,212 @@
+"""
+Streamed messages (PROTOCOL.md section 5.1), one contract for both engines:
+the same tests against the in-memory engine (on a Clock) and the Redis
+engine (a private redis-server), through the engine seam (IBroker).
+
+Order by C{seq}, held chunks released with the gap reported, one history
+entry per message, recovery as one event per message, the messages still
+streaming, repeated and late chunks ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from tests import test_engine_conformance as engines
+from unrealon.engine.interfaces import MessageChunk
+
+ROOM = "session:7"
+FIELDS = {"session_id": "7", "message_id": "m1", "role": "assistant", "model": "x"}
+
+
+def chunk(seq: int, content: str, done: bool = False, error: str | None = None,
+          message_id: str = "m1") -> MessageChunk:
+    fields = dict(FIELDS, message_id=message_id, seq=seq, content=content, done=done)
+    return MessageChunk(message_id=message_id, seq=seq, content=content, done=done,
+                        error=error, fields=fields)
+
+
+class MessageStreamConformance:
+    """Mixed into a TestCase that provides make/advance/delivered (the engine tests)."""
+
+    broker: Any
+    sink: Any
+    #: the room's cursor before anything was published
+    start: str
+
+    @inlineCallbacks
+    def make(self, history_size: int = 5, history_ttl: float = 600,
+             gap_wait: float = 2.0) -> Any:
+        yield self.make_engine(history_size, history_ttl, gap_wait)  # type: ignore[attr-defined]
+        recovery = yield self.broker.recover(ROOM, None)
+        self.start = recovery.cursor
+
+    def datas(self, room: str = ROOM) -> list[dict[str, Any]]:
+        return [n["params"]["data"] for n in self.sink.notifications(room)]
+
+    @inlineCallbacks
+    def append(self, *chunks: MessageChunk, room: str = ROOM) -> Any:
+        cursor = None
+        for c in chunks:
+            cursor = yield self.broker.append_chunk(room, "session.message", c)
+        return cursor
+
+    @inlineCallbacks
+    def test_chunks_in_order(self) -> Any:
+        """One event per chunk, its fields, content, seq = last_seq, done on the last."""
+        yield self.make()
+        yield self.append(chunk(0, "Hel"), chunk(1, "lo "), chunk(2, "wörld", done=True))
+        yield self.delivered(3, ROOM)
+        datas = self.datas()
+        self.assertEqual([(d["seq"], d["last_seq"], d["content"], d["done"]) for d in datas],
+                         [(0, 0, "Hel", False), (1, 1, "lo ", False), (2, 2, "wörld", True)])
+        for d in datas:
+            self.assertEqual((d["session_id"], d["message_id"], d["role"], d["model"]),
+                             ("7", "m1", "assistant", "x"))
+            self.assertNotIn("gaps", d)
+            self.assertNotIn("error", d)
+        methods = {n["method"] for n in self.sink.notifications(ROOM)}
+        self.assertEqual(methods, {"session.message"})
+
+    @inlineCallbacks
+    def test_out_of_order_chunks_are_ordered(self) -> Any:
+        """A chunk ahead of a missing one waits; the missing one releases both, as one event."""
+        yield self.make()
+        yield self.append(chunk(0, "a"), chunk(2, "c"), chunk(3, "d"))
+        yield self.delivered(1, ROOM)
+        yield self.advance(0.3)
+        self.assertEqual(len(self.datas()), 1)
+        yield self.append(chunk(1, "b"))
+        yield self.delivered(2, ROOM)
+        last = self.datas()[-1]
+        self.assertEqual((last["seq"], last["last_seq"], last["content"]), (1, 3, "bcd"))
+        yield self.append(chunk(4, "e", done=True))
+        yield self.delivered(3, ROOM)
+        self.assertEqual("".join(d["content"] for d in self.datas()), "abcde")
+
+    @inlineCallbacks
+    def test_missing_chunk_reported_after_the_wait(self) -> Any:
+        """After the gap wait the held chunks come with the gap in gaps; the late chunk is ignored."""
+        yield self.make(gap_wait=0.5)
+        yield self.append(chunk(0, "a"), chunk(2, "c"), chunk(4, "e"))
+        yield self.delivered(1, ROOM)
+        yield self.advance(1.5)
+        yield self.delivered(2, ROOM)
+        released = self.datas()[1]
+        self.assertEqual((released["seq"], released["last_seq"], released["content"]),
+                         (1, 4, "ce"))
+        self.assertEqual(released["gaps"], [[1, 1], [3, 3]])
+        yield self.append(chunk(1, "LATE"), chunk(3, "LATE"), chunk(5, "f", done=True))
+        yield self.delivered(3, ROOM)
+        yield self.advance(0.3)
+        datas = self.datas()
+        self.assertEqual(len(datas), 3)
+        self.assertEqual((datas[2]["seq"], datas[2]["content"], datas[2]["done"]), (5, "f", True))
+        self.assertNotIn("gaps", datas[2])
+        recovery = yield self.broker.recover(ROOM, self.start)
+        self.assertTrue(recovery.recovered)
+        [whole] = recovery.missed
+        data = whole["params"]["data"]
+        self.assertEqual((data["seq"], data["last_seq"], data["content"], data["gaps"]),
+                         (0, 5, "acef", [[1, 1], [3, 3]]))
+
+    @inlineCallbacks
+    def test_repeated_and_after_done_ignored(self) -> Any:
+        yield self.make()
+        yield self.append(chunk(0, "a"), chunk(0, "a"), chunk(1, "b", done=True),
+                          chunk(1, "b", done=True), chunk(2, "c"))
+        yield self.delivered(2, ROOM)
+        yield self.advance(0.3)
+        self.assertEqual([d["content"] for d in self.datas()], ["a", "b"])
+
+    @inlineCallbacks
+    def test_error_ends_the_message(self) -> Any:
+        yield self.make()
+        yield self.append(chunk(0, "par"), chunk(1, "", done=True, error="model overloaded"))
+        yield self.delivered(2, ROOM)
+        last = self.datas()[-1]
+        self.assertEqual((last["done"], last["error"]), (True, "model overloaded"))
+        recovery = yield self.broker.recover(ROOM, self.start)
+        data = recovery.missed[0]["params"]["data"]
+        self.assertEqual((data["content"], data["done"], data["error"]), ("par", True, "model overloaded"))
+        fresh = yield self.broker.recover(ROOM, None)
+        self.assertEqual(fresh.streaming, ())
+
+    @inlineCallbacks
+    def test_history_holds_one_entry_per_message(self) -> Any:
+        """
+        50 chunks with a history of 5: the events around them still recover,
+        the message as one event at the position of its latest chunk.
+        """
+        yield self.make(history_size=5)
+        yield self.broker.publish(ROOM, "note", {"n": 1})
+        yield self.append(*[chunk(i, f"{i},") for i in range(25)])
+        yield self.broker.publish(ROOM, "note", {"n": 2})
+        yield self.append(*[chunk(i, f"{i},", done=i == 49) for i in range(25, 50)])
+        yield self.broker.publish(ROOM, "note", {"n": 3})
+        recovery = yield self.broker.recover(ROOM, self.start)
+        self.assertTrue(recovery.recovered)
+        kinds = [(n["method"], n["params"]["data"].get("n")) for n in recovery.missed]
+        self.assertEqual(kinds, [("note", 1), ("note", 2), ("session.message", None),
+                                 ("note", 3)])
+        message = recovery.missed[2]["params"]["data"]
+        self.assertEqual(message["content"], "".join(f"{i}," for i in range(50)))
+        self.assertEqual((message["seq"], message["last_seq"], message["done"]), (0, 49, True))
+        self.assertEqual(recovery.cursor, recovery.missed[-1]["params"]["cursor"])
+
+    @inlineCallbacks
+    def test_recovery_mid_message_covers_what_was_missed(self) -> Any:
+        """From a cursor inside the message: one event from the next seq; streaming for a fresh join."""
+        yield self.make(history_size=100)
+        yield self.append(chunk(0, "a"), chunk(1, "b"))
+        yield self.delivered(2, ROOM)
+        mid_cursor = self.sink.notifications(ROOM)[1]["params"]["cursor"]
+        yield self.append(chunk(2, "c"), chunk(3, "d"))
+        yield self.broker.publish(ROOM, "note", {"n": 1})
+        recovery = yield self.broker.recover(ROOM, mid_cursor)
+        self.assertTrue(recovery.recovered)
+        self.assertEqual(recovery.streaming, ())
+        self.assertEqual(len(recovery.missed), 2)
+        data = recovery.missed[0]["params"]["data"]
+        self.assertEqual((data["seq"], data["last_seq"], data["content"], data["done"]),
+                         (2, 3, "cd", False))
+        fresh = yield self.broker.recover(ROOM, None)
+        self.assertFalse(fresh.recovered)
+        [streaming] = fresh.streaming
+        self.assertEqual(streaming["method"], "session.message")
+        sdata = streaming["params"]["data"]
+        self.assertEqual((sdata["seq"], sdata["last_seq"], sdata["content"]), (0, 3, "abcd"))
+        # the cursor of the join covers the streaming state: later chunks come live
+        self.assertLessEqual(self.broker.cursor_key(streaming["params"]["cursor"]),
+                             self.broker.cursor_key(fresh.cursor))
+        yield self.append(chunk(4, "e", done=True))
+        done = yield self.broker.recover(ROOM, None)
+        self.assertEqual(done.streaming, ())
+
+    @inlineCallbacks
+    def test_two_messages_interleaved(self) -> Any:
+        yield self.make(history_size=100)
+        yield self.append(chunk(0, "a", message_id="x"), chunk(0, "A", message_id="y"),
+                          chunk(1, "b", message_id="x", done=True), chunk(1, "B", message_id="y"))
+        fresh = yield self.broker.recover(ROOM, None)
+        self.assertEqual([s["params"]["data"]["content"] for s in fresh.streaming], ["AB"])
+        recovery = yield self.broker.recover(ROOM, self.start)
+        self.assertEqual([(m["params"]["data"]["message_id"], m["params"]["data"]["content"])
+                          for m in recovery.missed], [("x", "ab"), ("y", "AB")])
+
+
+
+class MemoryMessageTests(MessageStreamConformance, TestCase):
+    make_engine = engines.MemoryEngineTests.make
+    advance = engines.MemoryEngineTests.advance
+    delivered = engines.MemoryEngineTests.delivered
+
+
+class RedisMessageTests(MessageStreamConformance, TestCase):
+    presence_ttl = 30.0
+    make_engine = engines.RedisEngineTests.make
+    advance = engines.RedisEngineTests.advance
+    delivered = engines.RedisEngineTests.delivered

@@ -1,0 +1,193 @@
+"""
+The Redis engine's scripts for streamed messages (PROTOCOL.md section 5.1).
+
+A streamed message (an AI answer published chunk by chunk) lives in four
+keys of its own (L{unrealon.engine.rediskeys.message_keys}): a state hash
+(the next C{seq} expected, its latest history entry, its fields, done,
+error, gaps), its text so far (APPENDed), an index stream of its deliveries
+(one entry per event, at the same id as that event's history entry: the
+first C{seq} it covered and the text offset it started at), and the chunks
+held back while an earlier one is missing.
+
+The room's history holds one entry per message, a marker at the position of
+the message's latest event: each delivery adds a new marker and deletes the
+previous one.  So a message counts once toward C{UNREALON_HISTORY_SIZE}, and
+a recovery from any cursor finds, in the index, the first delivery after it
+and so the text the client lacks: one event per message, built here.
+
+Ordering is done here too, because chunks of one message may be handled by
+different nodes in any order: a chunk is delivered when its C{seq} is the
+next one (with the held chunks that follow it), held otherwise, and ignored
+when seen before.  Held chunks are released, with the missing ones reported
+in C{gaps}, by L{CHUNK} in release mode once the gap wait is over; nodes find
+the messages that are due with L{HELD_DUE}.
+"""
+
+from __future__ import annotations
+
+from unrealon.engine.redisclient import LuaScript
+from unrealon.engine.scripts import EPOCH_LIB, MESSAGES_LIB
+
+#: KEYS: history stream, epoch key, feed, message state, text, index, held
+#:       chunks, held zset, the room's streaming set
+#: ARGV: room, message id, seq (-1: release the held chunks if they are due),
+#:       content, done ("1"/"0"), error ("" for none, else "e" .. text),
+#:       notification head (up to the cursor), data fields without the
+#:       closing brace, history size, history ttl (s), feed maxlen, gap wait (ms)
+#: Returns the room's latest cursor.
+CHUNK = LuaScript(
+    EPOCH_LIB
+    + MESSAGES_LIB
+    + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local room, mid = ARGV[1], ARGV[2]
+local member = room .. '\\n' .. mid
+local ttl = tonumber(ARGV[10])
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = new_epoch()
+  redis.call('DEL', KEYS[1])
+end
+redis.call('SET', KEYS[2], epoch, 'EX', ttl)
+local function latest()
+  local e = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  if #e > 0 then return epoch .. ':' .. e[1][1] end
+  return epoch .. ':0-0'
+end
+local function refresh()
+  for i = 4, 7 do redis.call('EXPIRE', KEYS[i], ttl) end
+  redis.call('EXPIRE', KEYS[9], ttl)
+end
+local function settle()
+  redis.call('HDEL', KEYS[4], 'deadline')
+  redis.call('ZREM', KEYS[8], member)
+end
+local state = redis.call('HMGET', KEYS[4], 'next', 'done', 'deadline')
+local seq = tonumber(ARGV[3])
+if state[2] == '1' then return latest() end
+if not state[1] then
+  if seq < 0 then
+    settle()
+    return latest()
+  end
+  redis.call('HSET', KEYS[4], 'next', 0, 'head', ARGV[7], 'meta', ARGV[8])
+  redis.call('SADD', KEYS[9], mid)
+end
+local nxt = tonumber(state[1] or '0')
+
+-- one event: append the text, move the marker, index it, announce it
+local function deliver(first, last, content, done, err, gap)
+  local offset = redis.call('STRLEN', KEYS[5])
+  if content ~= '' then redis.call('APPEND', KEYS[5], content) end
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', tonumber(ARGV[9]) + 1, '*', 'm', mid)
+  redis.call('XADD', KEYS[6], id, 's', first, 'o', offset)
+  local old = redis.call('HGET', KEYS[4], 'marker')
+  if old then redis.call('XDEL', KEYS[1], old) end
+  local fields = {'marker', id, 'next', last + 1}
+  if done then
+    fields[#fields + 1] = 'done'
+    fields[#fields + 1] = '1'
+  end
+  if err then
+    fields[#fields + 1] = 'error'
+    fields[#fields + 1] = err
+  end
+  if gap ~= '' then
+    local gaps = redis.call('HGET', KEYS[4], 'gaps')
+    if gaps and gaps ~= '' then gap = gaps .. ',' .. gap end
+    fields[#fields + 1] = 'gaps'
+    fields[#fields + 1] = gap
+  end
+  redis.call('HSET', KEYS[4], unpack(fields))
+  local s = redis.call('HMGET', KEYS[4], 'head', 'meta', 'gaps')
+  local cursor = epoch .. ':' .. id
+  local message = message_event(s[1], s[2], cursor, content, first, last, done, err,
+                                gaps_json(s[3], first, last))
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[11], '*',
+             'e', room .. '\\n' .. cursor .. '\\n' .. message)
+  if done then
+    redis.call('SREM', KEYS[9], mid)
+    redis.call('DEL', KEYS[7])
+    settle()
+  end
+  refresh()
+  return cursor
+end
+local function held(s)
+  local h = redis.call('HGET', KEYS[7], fmt(s))
+  if not h then return nil end
+  local c = cjson.decode(h)
+  local err = nil
+  if c[3] ~= '' then err = string.sub(c[3], 2) end
+  return c[1], c[2] == '1', err
+end
+
+if seq < 0 then
+  -- release: report every missing seq before the held chunks, deliver them
+  local deadline = tonumber(state[3] or '0')
+  if deadline == 0 or now < deadline then return latest() end
+  local seqs = {}
+  for _, k in ipairs(redis.call('HKEYS', KEYS[7])) do seqs[#seqs + 1] = tonumber(k) end
+  table.sort(seqs)
+  if #seqs == 0 then
+    settle()
+    return latest()
+  end
+  local parts, gaps, cur, last, done, err = {}, {}, nxt, nxt - 1, false, nil
+  for _, s in ipairs(seqs) do
+    if s >= cur and not done then
+      if s > cur then gaps[#gaps + 1] = fmt(cur) .. '-' .. fmt(s - 1) end
+      local content, d, e = held(s)
+      parts[#parts + 1] = content
+      last, cur, done, err = s, s + 1, d, e
+    end
+  end
+  redis.call('DEL', KEYS[7])
+  settle()
+  return deliver(nxt, last, table.concat(parts), done, err, table.concat(gaps, ','))
+end
+
+if seq < nxt or redis.call('HEXISTS', KEYS[7], fmt(seq)) == 1 then
+  return latest()
+end
+if seq > nxt then
+  redis.call('HSET', KEYS[7], fmt(seq), cjson.encode({ARGV[4], ARGV[5], ARGV[6]}))
+  if not state[3] then
+    local due = now + tonumber(ARGV[12])
+    redis.call('HSET', KEYS[4], 'deadline', due)
+    redis.call('ZADD', KEYS[8], due, member)
+  end
+  refresh()
+  return latest()
+end
+-- the next chunk: deliver it with the held ones that follow it
+local parts, last, done, err = {ARGV[4]}, seq, ARGV[5] == '1', nil
+if ARGV[6] ~= '' then err = string.sub(ARGV[6], 2) end
+while not done do
+  local content, d, e = held(last + 1)
+  if content == nil then break end
+  redis.call('HDEL', KEYS[7], fmt(last + 1))
+  parts[#parts + 1] = content
+  last, done, err = last + 1, d, e
+end
+local cursor = deliver(seq, last, table.concat(parts), done, err, '')
+if not done and redis.call('HLEN', KEYS[7]) == 0 then settle() end
+return cursor
+"""
+)
+
+#: KEYS: held zset.  ARGV: most members to return.
+#: The messages whose held chunks are due ("<room>\\n<message id>"), by Redis' clock.
+HELD_DUE = LuaScript(
+    """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+"""
+)
+
+#: loaded at connection time with the others (L{unrealon.engine.redis.ALL_SCRIPTS}):
+#: a script loaded on first use would overtake calls made after it
+SCRIPTS = (CHUNK, HELD_DUE)
