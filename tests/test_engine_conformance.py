@@ -389,13 +389,13 @@ class MemoryEngineTests(EngineConformance, TestCase):
     """The contract, in one process, on a L{Clock}."""
 
     def make(self, history_size: int = 5, history_ttl: float = 600,
-             gap_wait: float = 2.0) -> Deferred[None]:
+             gap_wait: float = 2.0, count_chunk: Any = lambda outcome: None) -> Deferred[None]:
         self.clock = Clock()
         self.clock.advance(time.time())
         self.sink = FakeSink()
         self.broker = MemoryBroker(
             self.clock, self.sink, history_size=history_size, history_ttl=history_ttl,
-            gap_wait=gap_wait,
+            gap_wait=gap_wait, count_chunk=count_chunk,
         )
         self.presence = MemoryPresence(self.broker.publish_ephemeral)
         self.broker.start()
@@ -425,7 +425,7 @@ class RedisEngineTests(EngineConformance, TestCase):
 
     @inlineCallbacks
     def make(self, history_size: int = 5, history_ttl: float = 600,
-             gap_wait: float = 2.0) -> Any:
+             gap_wait: float = 2.0, count_chunk: Any = lambda outcome: None) -> Any:
         from unrealon.engine.redis import RedisConnections
         from unrealon.engine.redisbroker import RedisBroker
         from unrealon.engine.redispresence import RedisPresence
@@ -438,6 +438,7 @@ class RedisEngineTests(EngineConformance, TestCase):
         self.broker = RedisBroker(
             reactor, self.sink, self.connections.commands, self.connections.feed_reader,
             history_size=history_size, history_ttl=history_ttl, gap_wait=gap_wait,
+            count_chunk=count_chunk,
         )
         self.presence = RedisPresence(reactor, self.connections.commands, ttl=self.presence_ttl)
         yield self.broker.start()

@@ -40,7 +40,11 @@ class MessageStreamConformance:
     @inlineCallbacks
     def make(self, history_size: int = 5, history_ttl: float = 600,
              gap_wait: float = 2.0) -> Any:
-        yield self.make_engine(history_size, history_ttl, gap_wait)  # type: ignore[attr-defined]
+        #: what became of each chunk, as the engine counts it (the metric)
+        self.outcomes: list[str] = []
+        yield self.make_engine(  # type: ignore[attr-defined]
+            history_size, history_ttl, gap_wait, self.outcomes.append
+        )
         recovery = yield self.broker.recover(ROOM, None)
         self.start = recovery.cursor
 
@@ -99,6 +103,7 @@ class MessageStreamConformance:
         self.assertEqual((released["seq"], released["last_seq"], released["content"]),
                          (1, 4, "ce"))
         self.assertEqual(released["gaps"], [[1, 1], [3, 3]])
+        self.assertEqual(self.outcomes, ["delivered", "held", "held", "released"])
         yield self.append(chunk(1, "LATE"), chunk(3, "LATE"), chunk(5, "f", done=True))
         yield self.delivered(3, ROOM)
         yield self.advance(0.3)
@@ -121,6 +126,7 @@ class MessageStreamConformance:
         yield self.delivered(2, ROOM)
         yield self.advance(0.3)
         self.assertEqual([d["content"] for d in self.datas()], ["a", "b"])
+        self.assertEqual(self.outcomes, ["delivered", "ignored", "delivered", "ignored", "ignored"])
 
     @inlineCallbacks
     def test_error_ends_the_message(self) -> Any:

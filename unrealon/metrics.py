@@ -157,10 +157,18 @@ class Metrics:
         self.api_requests = ReactorCounter(
             "unrealon_api_requests", "HTTP API requests answered", ["method", "status"]
         )
+        self.stream_chunks = ReactorCounter(
+            "unrealon_stream_chunks",
+            "Chunks of streamed messages handled here (PROTOCOL.md 5.1), by outcome: delivered, "
+            "held (an earlier one missing), ignored (repeated, late, after done), released "
+            "(held chunks let go after the gap wait, the missing ones reported)",
+            ["outcome"],
+        )
         r.register(
             _ReactorMetrics(
                 [self.calls, self.call_seconds, self.events_delivered, self.bytes_sent,
-                 self.ingress_handled, self.rate_limited, self.loop_failures, self.api_requests]
+                 self.ingress_handled, self.rate_limited, self.loop_failures, self.api_requests,
+                 self.stream_chunks]
             )
         )
 
@@ -193,6 +201,10 @@ class Metrics:
               ).set_function(dropped)
         Gauge("unrealon_backend_methods_served", "Declared backend methods a live worker serves",
               registry=r).set_function(methods)
+
+    def chunk_outcome(self, outcome: str) -> None:
+        """Count one chunk of a streamed message by what became of it."""
+        self.stream_chunks.labels(outcome=outcome).inc()
 
     def loop_failure(self, loop: str) -> None:
         """Count one unexpected error in the supervised loop C{loop}."""

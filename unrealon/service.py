@@ -308,7 +308,7 @@ def makeService(
         engine = _redis_engine(config, reactor, hub, metrics, incarnation)
     else:
         hub = Hub(prepare_message, memory_cursor_key)
-        engine = _memory_engine(config, reactor, hub)
+        engine = _memory_engine(config, reactor, hub, metrics)
     node = Node(
         config=config,
         reactor=reactor,
@@ -342,10 +342,10 @@ def makeService(
     return NodeService(node, RPCServerFactory(node), stoppables, ingress=ingress, loops=loops)
 
 
-def _memory_engine(config: Config, reactor: Any, hub: Hub) -> _Engine:
+def _memory_engine(config: Config, reactor: Any, hub: Hub, metrics: Metrics) -> _Engine:
     broker = MemoryBroker(
         reactor, hub, history_size=config.history_size, history_ttl=config.history_ttl,
-        gap_wait=config.stream_gap_wait,
+        gap_wait=config.stream_gap_wait, count_chunk=metrics.chunk_outcome,
     )
     presence = MemoryPresence(broker.publish_ephemeral)
     return _Engine(broker=broker, presence=presence, stoppables=(presence, broker),
@@ -370,6 +370,7 @@ def _redis_engine(
         reactor, hub, connections.commands, connections.feed_reader,
         history_size=config.history_size, history_ttl=config.history_ttl,
         gap_wait=config.stream_gap_wait, link=link, count_failure=failed,
+        count_chunk=metrics.chunk_outcome,
     )
     presence = RedisPresence(
         reactor, connections.commands, ttl=config.presence_ttl, link=link, count_failure=failed,

@@ -94,8 +94,10 @@ class MemoryBroker:
         history_size: int,
         history_ttl: float,
         gap_wait: float = 2.0,
+        count_chunk: Callable[[str], None] = lambda outcome: None,
     ) -> None:
         self.sink = sink
+        self._count_chunk = count_chunk
         self._clock = clock
         self._size = history_size
         self._ttl = history_ttl
@@ -171,6 +173,9 @@ class MemoryBroker:
             self._holding.add((room, chunk.message_id))
         if run:
             self._deliver(room, history, message, run, [])
+            self._count_chunk("delivered")
+        else:
+            self._count_chunk("held" if message.held.get(chunk.seq) is chunk else "ignored")
         return succeed(history.cursor())
 
     def release_due(self) -> None:
@@ -185,6 +190,7 @@ class MemoryBroker:
                 self._holding.discard((room, message_id))
                 run, gaps = message.release()
                 self._deliver(room, history, message, run, gaps)
+                self._count_chunk("released")
 
     def _deliver(self, room: str, history: RoomHistory, message: StreamedMessage,
                  run: list[MessageChunk], gaps: list[tuple[int, int]]) -> None:

@@ -34,7 +34,9 @@ from unrealon.engine.scripts import EPOCH_LIB, MESSAGES_LIB
 #:       content, done ("1"/"0"), error ("" for none, else "e" .. text),
 #:       notification head (up to the cursor), data fields without the
 #:       closing brace, history size, history ttl (s), feed maxlen, gap wait (ms)
-#: Returns the room's latest cursor.
+#: Returns {the room's latest cursor, outcome}: delivered, held, ignored
+#: (repeated, late, after done), released (held chunks let go after the
+#: wait), none (a release with nothing due).
 CHUNK = LuaScript(
     EPOCH_LIB
     + MESSAGES_LIB
@@ -65,11 +67,11 @@ local function settle()
 end
 local state = redis.call('HMGET', KEYS[4], 'next', 'done', 'deadline')
 local seq = tonumber(ARGV[3])
-if state[2] == '1' then return latest() end
+if state[2] == '1' then return {latest(), 'ignored'} end
 if not state[1] then
   if seq < 0 then
     settle()
-    return latest()
+    return {latest(), 'none'}
   end
   redis.call('HSET', KEYS[4], 'next', 0, 'head', ARGV[7], 'meta', ARGV[8])
   redis.call('SADD', KEYS[9], mid)
@@ -127,13 +129,13 @@ end
 if seq < 0 then
   -- release: report every missing seq before the held chunks, deliver them
   local deadline = tonumber(state[3] or '0')
-  if deadline == 0 or now < deadline then return latest() end
+  if deadline == 0 or now < deadline then return {latest(), 'none'} end
   local seqs = {}
   for _, k in ipairs(redis.call('HKEYS', KEYS[7])) do seqs[#seqs + 1] = tonumber(k) end
   table.sort(seqs)
   if #seqs == 0 then
     settle()
-    return latest()
+    return {latest(), 'none'}
   end
   local parts, gaps, cur, last, done, err = {}, {}, nxt, nxt - 1, false, nil
   for _, s in ipairs(seqs) do
@@ -146,11 +148,11 @@ if seq < 0 then
   end
   redis.call('DEL', KEYS[7])
   settle()
-  return deliver(nxt, last, table.concat(parts), done, err, table.concat(gaps, ','))
+  return {deliver(nxt, last, table.concat(parts), done, err, table.concat(gaps, ',')), 'released'}
 end
 
 if seq < nxt or redis.call('HEXISTS', KEYS[7], fmt(seq)) == 1 then
-  return latest()
+  return {latest(), 'ignored'}
 end
 if seq > nxt then
   redis.call('HSET', KEYS[7], fmt(seq), cjson.encode({ARGV[4], ARGV[5], ARGV[6]}))
@@ -160,7 +162,7 @@ if seq > nxt then
     redis.call('ZADD', KEYS[8], due, member)
   end
   refresh()
-  return latest()
+  return {latest(), 'held'}
 end
 -- the next chunk: deliver it with the held ones that follow it
 local parts, last, done, err = {ARGV[4]}, seq, ARGV[5] == '1', nil
@@ -174,7 +176,7 @@ while not done do
 end
 local cursor = deliver(seq, last, table.concat(parts), done, err, '')
 if not done and redis.call('HLEN', KEYS[7]) == 0 then settle() end
-return cursor
+return {cursor, 'delivered'}
 """
 )
 

@@ -122,6 +122,7 @@ class RedisBroker:
         gap_wait: float = 2.0,
         link: RedisLink | None = None,
         count_failure: Callable[[str], None] = lambda loop: None,
+        count_chunk: Callable[[str], None] = lambda outcome: None,
     ) -> None:
         """
         @param redis: the handler for ordinary commands (one connection, so
@@ -137,6 +138,7 @@ class RedisBroker:
         self._size = history_size
         self._ttl = max(1, int(history_ttl))
         self._gap_wait_ms = max(1, int(gap_wait * 1000))
+        self._count_chunk = count_chunk
         self._last_id = "0-0"
         #: the feed's epoch when this node last proved continuity
         self._feed_epoch = ""
@@ -332,11 +334,15 @@ class RedisBroker:
         fields = {k: v for k, v in chunk.fields.items() if k not in CHUNK_FIELDS}
         meta = jsoncodec.text(fields)[:-1]
         error = "" if chunk.error is None else "e" + chunk.error
-        return self._chunk(room, chunk.message_id, [
+        d = self._chunk(room, chunk.message_id, [
             chunk.seq, chunk.content, "1" if chunk.done else "0", error, head, meta,
         ])
+        return d.addCallback(lambda outcome: outcome[0])
 
-    def _chunk(self, room: str, message_id: str, args: list[str | bytes | int]) -> Deferred[str]:
+    def _chunk(
+        self, room: str, message_id: str, args: list[str | bytes | int]
+    ) -> Deferred[tuple[str, str]]:
+        """Run L{messagescripts.CHUNK}; fires with (the room's cursor, the outcome)."""
         keys = [
             history_key(room), epoch_key(room), FEED, *message_keys(room, message_id),
             rediskeys.MESSAGES_HELD, streaming_key(room),
@@ -344,7 +350,13 @@ class RedisBroker:
         d = messagescripts.CHUNK(self._redis, keys, [
             room, message_id, *args, self._size, self._ttl, FEED_MAXLEN, self._gap_wait_ms,
         ])
-        return d.addCallbacks(str, unavailable)
+        def counted(reply: list[Any]) -> tuple[str, str]:
+            cursor, outcome = str(reply[0]), str(reply[1])
+            if outcome != "none":
+                self._count_chunk(outcome)
+            return cursor, outcome
+
+        return d.addCallbacks(counted, unavailable)
 
     async def release_due(self) -> None:
         """Deliver the held chunks of messages whose gap wait is over (section 5.1)."""
@@ -353,7 +365,11 @@ class RedisBroker:
         )
         for member in due or ():
             room, _, message_id = str(member).partition("\n")
-            await self._chunk(room, message_id, [-1, "", "0", "", "", ""])
+            _, outcome = await self._chunk(room, message_id, [-1, "", "0", "", "", ""])
+            if outcome == "released":
+                log.info("released the held chunks of message {message_id} in {room} "
+                         "after the gap wait (the missing ones are reported in gaps)",
+                         message_id=message_id, room=room)
 
     def recover(self, room: str, since: str | None) -> Deferred[Recovery]:
         if not self._positioned:
