@@ -127,6 +127,40 @@ class StatusTests(TestCase):
                                                    "change": "modified", "editor": "vim"})
 
     @inlineCallbacks
+    def test_streamed_message(self) -> Any:
+        """
+        session.message chunks through the API are a streamed message
+        (PROTOCOL.md 5.1): posted out of order, they reach the client in seq
+        order, and a later join shows the answer so far in `streaming`.
+        """
+        room = "session:s1"
+        client = yield joined_client(self.running, room)
+        base = {"session_id": "s1", "message_id": "m1", "role": "assistant"}
+        for seq, content in ((0, "Hel"), (2, "wor"), (1, "lo "), (3, "ld")):
+            reply = yield post(self.port, "session.message", {**base, "seq": seq,
+                                                              "content": content})
+            self.assertEqual(reply.status, 200, reply.body)
+            self.assertEqual(reply.json["result"]["room"], room)
+        got = []
+        while not got or got[-1][1] < 3:
+            event = yield next_event(client, "session.message")
+            data = event["params"]["data"]
+            got.append((data["seq"], data["last_seq"], data["content"]))
+        self.assertEqual(got, [(0, 0, "Hel"), (1, 2, "lo wor"), (3, 3, "ld")])
+        late = yield joined_client(self.running, room, user="bob")
+        joined = yield late.call("rooms.join", {"room": room})
+        [streaming] = joined["streaming"]
+        self.assertEqual(streaming["params"]["data"],
+                         {**base, "content": "Hello world", "seq": 0, "last_seq": 3,
+                          "done": False})
+        reply = yield post(self.port, "session.message", {**base, "seq": 4, "content": "",
+                                                          "done": True, "error": "cut off"})
+        self.assertEqual(reply.status, 200, reply.body)
+        event = yield next_event(late, "session.message")
+        self.assertEqual((event["params"]["data"]["done"], event["params"]["data"]["error"]),
+                         (True, "cut off"))
+
+    @inlineCallbacks
     def test_presence_and_disconnect(self) -> Any:
         """presence.online, presence.list and connections.disconnect (close 4003)."""
         client = yield joined_client(self.running)

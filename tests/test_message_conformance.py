@@ -193,6 +193,27 @@ class MessageStreamConformance:
         self.assertEqual(done.streaming, ())
 
     @inlineCallbacks
+    def test_message_goes_on_after_its_entry_was_trimmed(self) -> Any:
+        """
+        Events pushing a streaming message's entry out of a small history do
+        not end it: its next chunks follow without a gap, and a fresh join
+        still shows all of it.
+        """
+        yield self.make(history_size=3)
+        yield self.append(chunk(0, "a"))
+        for n in range(6):
+            yield self.broker.publish(ROOM, "note", {"n": n})
+        yield self.append(chunk(1, "b"))
+        fresh = yield self.broker.recover(ROOM, None)
+        self.assertEqual([m["params"]["data"]["content"] for m in fresh.streaming], ["ab"])
+        yield self.append(chunk(2, "c", done=True))
+        yield self.delivered(9, ROOM)
+        datas = [d for d in self.datas() if "message_id" in d]
+        self.assertEqual([(d["seq"], d["last_seq"], d["content"]) for d in datas],
+                         [(0, 0, "a"), (1, 1, "b"), (2, 2, "c")])
+        self.assertEqual(self.outcomes, ["delivered"] * 3)
+
+    @inlineCallbacks
     def test_two_messages_interleaved(self) -> Any:
         yield self.make(history_size=100)
         yield self.append(chunk(0, "a", message_id="x"), chunk(0, "A", message_id="y"),

@@ -66,7 +66,9 @@ class RoomHistory:
         self.entries.append((self.last_seq, item))
         while len(self.entries) > size:
             self.trimmed, gone = self.entries.popleft()
-            if isinstance(gone, StreamedMessage):
+            # a message still streaming goes on (as in Redis, where its keys
+            # outlive a trimmed marker); a finished one is forgotten
+            if isinstance(gone, StreamedMessage) and gone.done:
                 del self.messages[gone.message_id]
 
     def cursor(self, seq: int | None = None) -> str:
@@ -198,7 +200,7 @@ class MemoryBroker:
         content = "".join(c.content for c in run)
         done = run[-1].done
         error = run[-1].error if done else None
-        if message.deliveries:
+        if message.deliveries and history.trimmed < message.position:
             history.entries.remove((message.position, message))
         history.last_seq += 1
         message.record(history.last_seq, first, last, content, done, error, gaps)
