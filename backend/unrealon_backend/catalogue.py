@@ -91,6 +91,8 @@ def _checked(name: str, field: Mapping[str, Any], value: Any) -> Any:
             raise TypeError(f"{name} must be a string, got {type(value).__name__}")
         if len(value) < field.get("min_length", 0):
             raise ValueError(f"{name} must not be empty")
+        if "max_length" in field and len(value) > field["max_length"]:
+            raise ValueError(f"{name} must have at most {field['max_length']} characters")
         return value
     if kind == "bool":
         if not isinstance(value, bool):

@@ -51,6 +51,18 @@ server's answer use L{Publisher.call}, always with a timeout::
     except BackendCallError as e:
         log.warning("unrealon refused: %s (%s)", e, e.error_code)
 
+Streaming an AI answer (PROTOCOL.md section 5.1): L{Publisher.stream_message}
+numbers the chunks, ends the message with C{done} and, when the code in the
+block raises, with C{error}::
+
+    with publisher.stream_message(session.id, role="assistant") as stream:
+        for token in llm.stream(prompt):
+            stream.append(token)
+
+From asyncio code (an async Django view, FastAPI) use L{AsyncPublisher}, the
+same with redis.asyncio: C{async with publisher.stream_message(...)} and
+C{await stream.append(token)}.
+
 The wire format is PROTOCOL.md section 6: one entry per request, with one
 field C{payload}, a JSON object C{{method, params, correlation_id?,
 reply_to?, timeout?}}; replies are JSON objects LPUSHed on C{reply_to}.
@@ -62,10 +74,18 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
 from typing import Any
 
 import redis
+import redis.asyncio
 
+from unrealon_backend._message_stream import (
+    MAX_ERROR_LENGTH,
+    AsyncMessageStream,
+    MessageStream,
+)
+from unrealon_backend._streams import close_client
 from unrealon_backend.catalogue import ENUMS, check_event
 
 __all__ = [
@@ -73,6 +93,8 @@ __all__ = [
     "LEVELS",
     "ROLES",
     "TASK_STATUSES",
+    "AsyncMessageStream",
+    "AsyncPublisher",
     "BackendCallError",
     "BackendError",
     "BackendUnavailable",
@@ -81,6 +103,7 @@ __all__ = [
     "Forbidden",
     "InternalError",
     "InvalidParams",
+    "MessageStream",
     "MethodNotFound",
     "Publisher",
 ]
@@ -182,6 +205,46 @@ def _object(name: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def _entry(method: str, params: Mapping[str, Any] | None, timeout: float | None,
+           correlation_id: str | None, reply_to: str | None,
+           json_default: Callable[[Any], Any] | None) -> str:
+    """The C{payload} field of one ingress entry (PROTOCOL.md section 6), as JSON text."""
+    if not isinstance(method, str) or not method:
+        raise ValueError("method must be a non-empty string")
+    payload: dict[str, Any] = {
+        "method": method,
+        "params": _object("params", params if params is not None else {}),
+    }
+    if correlation_id is not None:
+        payload["correlation_id"] = correlation_id
+    if reply_to is not None:
+        payload["reply_to"] = reply_to
+    if timeout is not None:
+        if isinstance(timeout, bool) or not timeout > 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        payload["timeout"] = timeout
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False, default=json_default)
+
+
+def _entry_id(entry_id: Any) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+def _session_message(session_id: str | int, message_id: str | int, role: Any, content: str,
+                     seq: int | None, done: bool | None, error: str | None,
+                     extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The checked params of one C{session.message} (one chunk when C{seq} is given)."""
+    params = check_event("session.message", {
+        "session_id": session_id, "message_id": message_id, "role": role, "content": content,
+        "seq": seq, "done": done, "error": error, **extra,
+    })
+    # the catalogue caps error; the server would refuse a longer one with nobody to read why
+    if len(params.get("error", "")) > MAX_ERROR_LENGTH:
+        raise ValueError(f"error must have at most {MAX_ERROR_LENGTH} characters")
+    return params
+
+
 # -- the publisher --------------------------------------------------------------------
 
 
@@ -238,22 +301,7 @@ class Publisher:
         Append one request; return its stream entry id.  Nothing waits for
         the server: see L{call} for that.
         """
-        if not isinstance(method, str) or not method:
-            raise ValueError("method must be a non-empty string")
-        payload: dict[str, Any] = {
-            "method": method,
-            "params": _object("params", params if params is not None else {}),
-        }
-        if correlation_id is not None:
-            payload["correlation_id"] = correlation_id
-        if reply_to is not None:
-            payload["reply_to"] = reply_to
-        if timeout is not None:
-            if isinstance(timeout, bool) or not timeout > 0:
-                raise ValueError("timeout must be a positive number of seconds")
-            payload["timeout"] = timeout
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"),
-                          allow_nan=False, default=self._json_default)
+        body = _entry(method, params, timeout, correlation_id, reply_to, self._json_default)
         try:
             entry_id = self.redis.xadd(
                 self.stream, {"payload": body},
@@ -261,7 +309,7 @@ class Publisher:
             )
         except redis.RedisError as e:
             raise BackendUnavailable(f"cannot append to {self.stream}: {e}") from e
-        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        return _entry_id(entry_id)
 
     def _event(self, method: str, params: dict[str, Any]) -> str:
         return self.send(method, params, timeout=self.event_timeout)
@@ -345,14 +393,48 @@ class Publisher:
 
     def session_message(self, session_id: str | int, message_id: str | int, role: str,
                         content: str, seq: int | None = None, done: bool | None = None,
-                        **extra: Any) -> str:
+                        error: str | None = None, **extra: Any) -> str:
         """
-        C{session.message} to room C{session:<session_id>}.  For a streamed
-        answer send one call per chunk with C{seq} 0, 1, 2, ... and
-        C{done=True} on the last: clients order chunks by C{seq}.
+        C{session.message} to room C{session:<session_id>}: a whole message,
+        or, with C{seq}, one chunk of a streamed one.  To stream an answer
+        use L{stream_message}, which numbers the chunks and ends the message
+        for you.  By hand: C{seq} 0, 1, 2, ... in the message, C{done=True}
+        on the last chunk, and C{error} (at most 2000 characters) on it when
+        the message ended in an error state; the server delivers the chunks
+        in C{seq} order, whatever order the nodes handle them in
+        (PROTOCOL.md section 5.1).
         """
-        return self.event("session.message", session_id=session_id, message_id=message_id,
-                          role=role, content=content, seq=seq, done=done, **extra)
+        return self._event("session.message", _session_message(
+            session_id, message_id, role, content, seq, done, error, extra))
+
+    def stream_message(self, session_id: str | int, message_id: str | int | None = None,
+                       role: str = "assistant", **extra: Any) -> MessageStream:
+        """
+        Stream one message in chunks (PROTOCOL.md section 5.1), as a context
+        manager::
+
+            with publisher.stream_message(session.id) as stream:
+                for token in llm.stream(prompt):
+                    stream.append(token)          # seq 0, 1, 2, ..., done false
+            # leaving the block: a last chunk, content "", done true
+
+        C{stream.finish(text)} inside the block makes C{text} the last chunk
+        instead.  An exception leaving the block publishes a last chunk with
+        C{done} and C{error} (the exception's class name and message, cut to
+        2000 characters), then propagates; if Redis is down then too, that
+        failure is logged (logger C{unrealon_backend.publisher}) and the
+        original exception still propagates.  After the last chunk,
+        C{append} and C{finish} raise C{RuntimeError}.
+
+        @param message_id: the message's id; a new one (uuid4 hex) when
+            omitted, in C{stream.message_id}.
+        @param extra: more fields for the event's C{data} (e.g. C{model}),
+            sent on every chunk.
+        @return: a L{MessageStream}: C{append(text)}, C{finish(text="",
+            error=None)}, C{message_id}, C{seq} (chunks published so far),
+            C{text} (their text), C{done}, C{error}.
+        """
+        return MessageStream(self.session_message, session_id, message_id, role, extra)
 
     def task_status(self, session_id: str | int, task_id: str | int, status: str,
                     progress: float | None = None, **extra: Any) -> str:
@@ -402,3 +484,104 @@ class Publisher:
         """Who is in a room: [{user_id, info, connections}, ...]."""
         result = self.call("presence.list", {"room": _text("room", room)}, timeout=timeout)
         return list(result["users"])
+
+
+# -- the asyncio publisher --------------------------------------------------------------
+
+
+class AsyncPublisher:
+    """
+    L{Publisher} for asyncio code (async Django views, FastAPI, an asyncio
+    worker): the same entries, appended with redis.asyncio, so nothing blocks
+    the event loop.  It publishes; for other events than C{session.message}
+    use C{await publisher.event(name, **params)}, and for L{Publisher.call}
+    the sync L{Publisher}.
+
+    A redis.asyncio client belongs to the event loop it first ran on.  Under
+    an ASGI server (one loop per process) a module-level instance is fine;
+    where each request gets a loop of its own (async views under WSGI), make
+    one per request: C{async with AsyncPublisher(url) as publisher: ...}.
+
+    @param client: a C{redis.asyncio.Redis}, or a URL for
+        C{redis.asyncio.Redis.from_url}; L{aclose} closes only a client this
+        object made from a URL.
+    @param stream, maxlen, event_timeout, json_default: as for L{Publisher}.
+    """
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis[Any] | str,
+        stream: str = DEFAULT_STREAM,
+        *,
+        maxlen: int | None = 100_000,
+        event_timeout: float | None = None,
+        json_default: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self._owned = isinstance(client, str)
+        if isinstance(client, str):
+            client = redis.asyncio.Redis.from_url(client)
+        self.redis: redis.asyncio.Redis[Any] = client
+        self.stream = stream
+        self.maxlen = maxlen
+        self.event_timeout = event_timeout
+        self._json_default = json_default
+
+    async def send(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        correlation_id: str | None = None,
+        reply_to: str | None = None,
+    ) -> str:
+        """As L{Publisher.send}: append one request, return its stream entry id."""
+        body = _entry(method, params, timeout, correlation_id, reply_to, self._json_default)
+        try:
+            entry_id = await self.redis.xadd(
+                self.stream, {"payload": body},
+                maxlen=self.maxlen, approximate=True,
+            )
+        except redis.RedisError as e:
+            raise BackendUnavailable(f"cannot append to {self.stream}: {e}") from e
+        return _entry_id(entry_id)
+
+    async def event(self, method: str, **params: Any) -> str:
+        """As L{Publisher.event}: any catalogue event by name, its params checked."""
+        return await self.send(method, check_event(method, params), timeout=self.event_timeout)
+
+    async def session_message(self, session_id: str | int, message_id: str | int, role: str,
+                              content: str, seq: int | None = None, done: bool | None = None,
+                              error: str | None = None, **extra: Any) -> str:
+        """As L{Publisher.session_message}."""
+        params = _session_message(session_id, message_id, role, content, seq, done, error,
+                                  extra)
+        return await self.send("session.message", params, timeout=self.event_timeout)
+
+    def stream_message(self, session_id: str | int, message_id: str | int | None = None,
+                       role: str = "assistant", **extra: Any) -> AsyncMessageStream:
+        """
+        As L{Publisher.stream_message}, with C{async with} and
+        C{await stream.append(text)} / C{await stream.finish(...)}::
+
+            async with publisher.stream_message(session_id) as stream:
+                async for token in llm.astream(prompt):
+                    await stream.append(token)
+
+        A cancellation (C{asyncio.CancelledError}: the client went away, a
+        timeout) ends the message with C{error} C{"CancelledError"} too, then
+        goes on.
+        """
+        return AsyncMessageStream(self.session_message, session_id, message_id, role, extra)
+
+    async def aclose(self) -> None:
+        """Close the Redis client if this object made it from a URL."""
+        if self._owned:
+            await close_client(self.redis)
+
+    async def __aenter__(self) -> AsyncPublisher:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
