@@ -39,6 +39,6 @@ from unrealon_backend.events import *  # noqa: F403 (its __all__)
 from unrealon_backend.publisher import *  # noqa: F403 (its __all__)
 from unrealon_backend.worker import *  # noqa: F403 (its __all__)
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = sorted([*catalogue.__all__, *publisher.__all__, *worker.__all__, *events.__all__])
