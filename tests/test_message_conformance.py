@@ -214,6 +214,17 @@ class MessageStreamConformance:
         self.assertEqual(self.outcomes, ["delivered"] * 3)
 
     @inlineCallbacks
+    def test_abandoned_message_expires(self) -> Any:
+        """A message whose publisher stopped before done stops streaming with the history TTL."""
+        yield self.make(history_ttl=1)
+        yield self.append(chunk(0, "a"))
+        fresh = yield self.broker.recover(ROOM, None)
+        self.assertEqual(len(fresh.streaming), 1)
+        yield self.advance(2.5)
+        later = yield self.broker.recover(ROOM, None)
+        self.assertEqual(later.streaming, ())
+
+    @inlineCallbacks
     def test_two_messages_interleaved(self) -> Any:
         yield self.make(history_size=100)
         yield self.append(chunk(0, "a", message_id="x"), chunk(0, "A", message_id="y"),

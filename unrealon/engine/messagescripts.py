@@ -50,22 +50,28 @@ local epoch = redis.call('GET', KEYS[2])
 if not epoch then
   epoch = new_epoch()
   redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[2], epoch, 'EX', ttl)
 end
-redis.call('SET', KEYS[2], epoch, 'EX', ttl)
 local function latest()
   local e = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
   if #e > 0 then return epoch .. ':' .. e[1][1] end
   return epoch .. ':0-0'
 end
-local function refresh()
-  for i = 4, 7 do redis.call('EXPIRE', KEYS[i], ttl) end
-  redis.call('EXPIRE', KEYS[9], ttl)
+-- the message's keys live as long as the history (their TTL), refreshed on
+-- its first event, its last, and every 32 chunks in between: not on every
+-- chunk, which would be most of a chunk's cost
+local function refresh(first, last, done)
+  if done or math.floor(last / 32) ~= math.floor((first - 1) / 32) then
+    for i = 4, 6 do redis.call('EXPIRE', KEYS[i], ttl) end
+    redis.call('EXPIRE', KEYS[9], ttl)
+  end
 end
 local function settle()
   redis.call('HDEL', KEYS[4], 'deadline')
   redis.call('ZREM', KEYS[8], member)
 end
-local state = redis.call('HMGET', KEYS[4], 'next', 'done', 'deadline')
+local state = redis.call('HMGET', KEYS[4], 'next', 'done', 'deadline', 'marker', 'head',
+                         'meta', 'gaps')
 local seq = tonumber(ARGV[3])
 if state[2] == '1' then return {latest(), 'ignored'} end
 if not state[1] then
@@ -75,6 +81,7 @@ if not state[1] then
   end
   redis.call('HSET', KEYS[4], 'next', 0, 'head', ARGV[7], 'meta', ARGV[8])
   redis.call('SADD', KEYS[9], mid)
+  state[5], state[6] = ARGV[7], ARGV[8]
 end
 local nxt = tonumber(state[1] or '0')
 
@@ -84,8 +91,7 @@ local function deliver(first, last, content, done, err, gap)
   if content ~= '' then redis.call('APPEND', KEYS[5], content) end
   local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', tonumber(ARGV[9]) + 1, '*', 'm', mid)
   redis.call('XADD', KEYS[6], id, 's', first, 'o', offset)
-  local old = redis.call('HGET', KEYS[4], 'marker')
-  if old then redis.call('XDEL', KEYS[1], old) end
+  if state[4] then redis.call('XDEL', KEYS[1], state[4]) end
   local fields = {'marker', id, 'next', last + 1}
   if done then
     fields[#fields + 1] = 'done'
@@ -95,18 +101,18 @@ local function deliver(first, last, content, done, err, gap)
     fields[#fields + 1] = 'error'
     fields[#fields + 1] = err
   end
+  local gaps = state[7]
   if gap ~= '' then
-    local gaps = redis.call('HGET', KEYS[4], 'gaps')
-    if gaps and gaps ~= '' then gap = gaps .. ',' .. gap end
+    if gaps and gaps ~= '' then gaps = gaps .. ',' .. gap else gaps = gap end
     fields[#fields + 1] = 'gaps'
-    fields[#fields + 1] = gap
+    fields[#fields + 1] = gaps
   end
   redis.call('HSET', KEYS[4], unpack(fields))
-  local s = redis.call('HMGET', KEYS[4], 'head', 'meta', 'gaps')
   local cursor = epoch .. ':' .. id
-  local message = message_event(s[1], s[2], cursor, content, first, last, done, err,
-                                gaps_json(s[3], first, last))
+  local message = message_event(state[5], state[6], cursor, content, first, last, done, err,
+                                gaps_json(gaps, first, last))
   redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('SET', KEYS[2], epoch, 'EX', ttl)
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[11], '*',
              'e', room .. '\\n' .. cursor .. '\\n' .. message)
   if done then
@@ -114,7 +120,7 @@ local function deliver(first, last, content, done, err, gap)
     redis.call('DEL', KEYS[7])
     settle()
   end
-  refresh()
+  refresh(first, last, done)
   return cursor
 end
 local function held(s)
@@ -161,7 +167,8 @@ if seq > nxt then
     redis.call('HSET', KEYS[4], 'deadline', due)
     redis.call('ZADD', KEYS[8], due, member)
   end
-  refresh()
+  redis.call('EXPIRE', KEYS[7], ttl)
+  redis.call('EXPIRE', KEYS[4], ttl)
   return {latest(), 'held'}
 end
 -- the next chunk: deliver it with the held ones that follow it
