@@ -48,6 +48,7 @@ Level = ENUMS["Level"]
 
 _TYPES: dict[str, Any] = {
     "id": str, "string": str, "int": int, "number": float, "bool": bool, "object": dict[str, Any],
+    "ranges": list[list[int]],
 }
 
 
@@ -71,11 +72,15 @@ def _field(spec: Mapping[str, Any]) -> tuple[Any, Any]:
     return base, param(**constraints)
 
 
-def _params_class(spec: Mapping[str, Any]) -> type:
-    """The attrs class of one catalogue event's params."""
+def _params_class(spec: Mapping[str, Any], section: tuple[str, ...] = ("params",)) -> type:
+    """
+    The attrs class of one catalogue event's params (what the backend
+    sends), or, with the C{delivered} section too, of the data clients
+    receive (the server adds those fields).
+    """
     annotations: dict[str, Any] = {}
     body: dict[str, Any] = {"__doc__": spec["description"], "__module__": __name__}
-    for field in spec["params"]:
+    for field in (f for name in section for f in spec.get(name, ())):
         annotations[field["name"]], body[field["name"]] = _field(field)
     body["__annotations__"] = annotations
     return attrs.frozen(type(spec["class"], (), body))
@@ -99,6 +104,9 @@ class CatalogueEvent:
     summary: str
     #: param -> the values of other params that make it required
     required_when: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    #: the data clients receive, when the server adds fields to the params
+    #: (a streamed message's last_seq and gaps, PROTOCOL.md 5.1)
+    delivered: type | None = None
 
     def missing(self, params: Any) -> list[str]:
         """Params this event's own rules require for these values and that are not given."""
@@ -117,6 +125,7 @@ CATALOGUE: tuple[CatalogueEvent, ...] = tuple(
     CatalogueEvent(
         spec["name"], _params_class(spec), _room(spec["room"]), spec["summary"],
         {f["name"]: f["required_when"] for f in spec["params"] if "required_when" in f},
+        _params_class(spec, ("params", "delivered")) if "delivered" in spec else None,
     )
     for spec in CATALOGUE_DATA["events"]
 )
@@ -165,7 +174,7 @@ def client_events() -> list[tuple[str, type, str, str]]:
     "room" event's params are C{room}, C{cursor} and C{data} (the class); a
     "direct" event's params are the class itself (never stored or replayed).
     """
-    events = [(e.name, e.params, e.summary, "room") for e in CATALOGUE]
+    events = [(e.name, e.delivered or e.params, e.summary, "room") for e in CATALOGUE]
     events += [
         ("presence.joined", PresenceJoined, "A user joined a room (ephemeral)", "direct"),
         ("presence.left", PresenceLeft, "A user left a room (ephemeral)", "direct"),

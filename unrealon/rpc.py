@@ -312,6 +312,11 @@ def to_json(value: Any) -> Any:
 # -- JSON Schema ------------------------------------------------------------
 
 
+def _is_text(tp: Any) -> bool:
+    """Whether a declared type is a string, optional or not (its lengths are maxLength)."""
+    return tp is str or _is_optional(tp) == (True, str)
+
+
 def schema_for(tp: Any, field: attrs.Attribute | None = None) -> dict[str, Any]:  # type: ignore[type-arg]
     """JSON Schema (draft 2020-12 subset OpenRPC uses) for a declared type."""
     schema: dict[str, Any]
@@ -351,8 +356,8 @@ def schema_for(tp: Any, field: attrs.Attribute | None = None) -> dict[str, Any]:
         for key, name in (
             ("minimum", "minimum"),
             ("maximum", "maximum"),
-            ("min_length", "minLength" if tp is str else "minItems"),
-            ("max_length", "maxLength" if tp is str else "maxItems"),
+            ("min_length", "minLength" if _is_text(tp) else "minItems"),
+            ("max_length", "maxLength" if _is_text(tp) else "maxItems"),
         ):
             if meta.get(key) is not None:
                 schema[name] = meta[key]

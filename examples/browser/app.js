@@ -8,6 +8,12 @@
 // (re)connect and before expiry -- the tokenProvider pattern an application uses.
 // `delay=<seconds>` sets the backend task's pace (default 0.2).
 //
+// The "Assistant" panel shows the AI answers the backend streams into
+// session:<session> (PROTOCOL.md section 5.1: `session.message` chunks with
+// `seq`), through client.messages(room, handler): one snapshot per change, with
+// the text so far.  Reload the page mid-answer: the join's reply carries the
+// answer so far (`streaming`), shown at once, and the rest follows.
+//
 // The "Backend task" panel calls demo.count, a method a backend worker serves
 // (examples/backend_methods.py; the token needs `methods: ["demo.*"]`): its
 // progress items move the bar, Cancel aborts it with an AbortSignal (the
@@ -17,12 +23,13 @@ import { UnrealonClient } from "../../clients/typescript/dist/index.js";
 const $ = (id) => document.getElementById(id);
 const form = $("connect");
 const params = new URLSearchParams(location.hash.slice(1));
-for (const name of ["ws", "token", "workspace"]) {
+for (const name of ["ws", "token", "workspace", "session"]) {
   if (params.get(name)) form.elements[name].value = params.get(name);
 }
 
 let client = null;
 let task = null; // the AbortController of the backend call in flight
+let answers = null; // the MessageFeed of the session room
 
 function setTask(state, text) {
   $("task-status").dataset.state = state;
@@ -81,6 +88,46 @@ function addEvent(name, data, meta) {
   $("events").prepend(li);
 }
 
+/** One answer of the Assistant panel, after each change (a MessageSnapshot). */
+function showAnswer(m) {
+  let article = [...$("answers").children].find((a) => a.dataset.messageId === m.messageId);
+  if (!article) {
+    article = document.createElement("article");
+    article.className = "answer";
+    article.dataset.messageId = m.messageId;
+    const role = document.createElement("div");
+    role.className = "role";
+    const text = document.createElement("p");
+    text.className = "text";
+    const note = document.createElement("p");
+    note.className = "note";
+    article.append(role, text, note);
+    $("answers").append(article);
+  }
+  article.dataset.state = m.error !== null ? "error" : m.lost ? "lost" : m.done ? "done" : "streaming";
+  article.querySelector(".role").textContent = m.role;
+  article.querySelector(".text").textContent = m.text; // text, never HTML: it comes from the network
+  const notes = [];
+  if (m.error !== null) notes.push(`failed: ${m.error}`);
+  if (m.gaps.length) notes.push(`missing: ${m.gaps.map(([a, b]) => (a === b ? `${a}` : `${a}-${b}`)).join(", ")}`);
+  if (m.lost) notes.push("interrupted while disconnected: reload to see the whole answer");
+  article.querySelector(".note").textContent = notes.join("; ");
+}
+
+async function joinSession(c, room) {
+  answers?.close();
+  $("answers").replaceChildren();
+  // before the join: its reply's `streaming` (the answers in progress) goes to this feed at once
+  answers = c.messages(room, showAnswer);
+  try {
+    await c.rooms.join({ room });
+    $("session-status").textContent = `answers streamed into ${room}`;
+    document.body.dataset.session = room;
+  } catch (e) {
+    $("session-status").textContent = `cannot join ${room}: ${e.message}`;
+  }
+}
+
 function showPresence(users) {
   const list = $("presence");
   list.replaceChildren();
@@ -99,11 +146,12 @@ function removeUser(userId) {
   for (const li of [...$("presence").children]) if (li.dataset.user === userId) li.remove();
 }
 
-async function start({ ws, token, tokenUrl, workspace }) {
+async function start({ ws, token, tokenUrl, workspace, session }) {
   client?.close();
   task?.abort();
   const room = `workspace:${workspace}`;
   document.body.dataset.joined = "";
+  document.body.dataset.session = "";
   $("events").replaceChildren();
   $("presence").replaceChildren();
   const provider = tokenUrl ? async () => (await fetch(tokenUrl, { cache: "no-store" })).text() : undefined;
@@ -138,6 +186,7 @@ async function start({ ws, token, tokenUrl, workspace }) {
     showPresence((await c.presence.list({ room })).users);
     document.body.dataset.joined = room;
     setTask("idle", $("task-status").textContent);
+    if (session) await joinSession(c, `session:${session}`);
   } catch (e) {
     setStatus("closed", `failed: ${e.message}`);
   }
@@ -146,7 +195,7 @@ async function start({ ws, token, tokenUrl, workspace }) {
 form.addEventListener("submit", (event) => {
   event.preventDefault();
   const data = new FormData(form);
-  start({ ws: data.get("ws"), token: data.get("token"), workspace: data.get("workspace") });
+  start({ ws: data.get("ws"), token: data.get("token"), workspace: data.get("workspace"), session: data.get("session") });
 });
 
 if ((params.get("token") || params.get("tokenUrl")) && form.elements.workspace.value) {
@@ -155,5 +204,6 @@ if ((params.get("token") || params.get("tokenUrl")) && form.elements.workspace.v
     token: form.elements.token.value,
     tokenUrl: params.get("tokenUrl"),
     workspace: form.elements.workspace.value,
+    session: form.elements.session.value,
   });
 }

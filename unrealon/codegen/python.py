@@ -22,7 +22,8 @@ from unrealon.codegen.typescript import BACKEND_TIMEOUT_MARGIN
 
 #: names the runtime and this module define (a schema title must not shadow them)
 RUNTIME_NAMES = (
-    "Any", "BackendStream", "Callable", "ClientCore", "DirectEventMeta", "EVENT_KINDS", "Literal",
+    "Any", "BackendStream", "Callable", "ClientCore", "DirectEventMeta", "EVENT_KINDS", "GapRange",
+    "Literal", "MessageFeed", "MessageHandler", "MessageSnapshot", "MessageStreamError",
     "NotRequired", "RecoveryInfo", "RoomEventMeta", "StateChange", "TypedDict",
     "UnrealonClient", "API_VERSION", "cached_property", "cast", "drop_none", "overload",
 )

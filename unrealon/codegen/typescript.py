@@ -1,6 +1,8 @@
 """
 The TypeScript client: C{src/index.ts} (types, typed methods, typed events)
-from the OpenRPC model, on top of the hand-written runtime C{src/core.ts}.
+from the OpenRPC model, on top of the hand-written runtime C{src/core.ts}
+(and C{src/messages.ts}, the streamed messages of PROTOCOL.md section 5.1,
+which core.ts re-exports).
 
 C{tsc} compiles both to C{dist/} (see L{unrealon.codegen.__main__}).
 
@@ -22,9 +24,10 @@ from unrealon.codegen.openrpc import Method, Model, Type, groups, read_model
 #: names the runtime already exports (a schema title must not shadow them)
 RUNTIME_TYPES = (
     "AnyEventHandler", "BackendCallOptions", "BackoffOptions", "CallCancelledError",
-    "CallOptions", "ProgressHandler", "CallTimeoutError", "ChunkOrder",
+    "CallOptions", "ProgressHandler", "CallTimeoutError",
     "ClientCore", "ClientOptions", "CloseCodes", "ConnectionClosedError", "ConnectionState",
-    "DirectEventMeta", "ErrorCodes", "EventMeta", "LifecycleEvents", "RecoveryInfo",
+    "DirectEventMeta", "ErrorCodes", "EventMeta", "GapRange", "LifecycleEvents",
+    "MessageFeed", "MessageHandler", "MessageSnapshot", "MessageStreamError", "RecoveryInfo",
     "RoomEventMeta", "RpcError", "StateChange", "TokenProvider", "WebSocketConstructor",
     "WebSocketLike", "decodeJwtPayload", "UnrealonClient", "ServerEvents", "EventName",
     "EventData", "EVENT_KINDS", "API_VERSION",

@@ -9,6 +9,8 @@ from __future__ import annotations
 from unrealon_client import (
     FileChanged,
     JoinResult,
+    MessageFeed,
+    MessageSnapshot,
     PresenceJoined,
     RecoveryInfo,
     RoomEventMeta,
@@ -42,6 +44,24 @@ async def usage() -> None:
     client.on("presence.joined", joined_room)
     client.on("recovery", recovered)
     client.on("state", state)
+
+    # streamed messages (PROTOCOL.md section 5.1): a handler, an async iterator, or both
+    streaming: list[dict[str, object]] = joined["streaming"]
+
+    def show(m: MessageSnapshot) -> None:
+        last_seq: int | None = m.last_seq
+        gaps: tuple[tuple[int, int], ...] = m.gaps
+        print(m.message_id, m.role, m.text, last_seq, gaps, m.done, m.error, m.lost, m.fields)
+
+    feed: MessageFeed = client.messages("session:1", show)
+    async with client.messages("session:1") as answers:
+        async for m in answers:
+            text: str = m.text
+            print(text, streaming)
+    feed.close()
+    client.messages(42)  # type: ignore[arg-type]
+    client.messages("session:1", lambda m: m.text.bit_length())  # type: ignore[attr-defined]
+    UnrealonClient("ws://h/ws", token="t", chunk_gap=1.0)  # type: ignore[call-arg]
 
     await client.rooms.join()  # type: ignore[call-arg]
     await client.rooms.join(room="r", since=5)  # type: ignore[arg-type]

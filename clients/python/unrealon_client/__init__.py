@@ -5,6 +5,7 @@ hand-written runtime.  See clients/python/README.md.
 
 from .api import *  # noqa: F403  (the generated types and UnrealonClient)
 from .api import API_VERSION, EVENT_KINDS, UnrealonClient
+from .messages import GapRange, MessageFeed, MessageHandler, MessageSnapshot, MessageStreamError
 from .runtime import (
     CANCELLED,
     DEADLINE_EXCEEDED,
@@ -12,7 +13,6 @@ from .runtime import (
     WORKER_LOST,
     Backoff,
     CallTimeoutError,
-    ChunkOrder,
     ClientCore,
     ConnectError,
     ConnectionClosedError,
@@ -39,13 +39,17 @@ __all__ = [
     "BackendStream",
     "Backoff",
     "CallTimeoutError",
-    "ChunkOrder",
     "ClientCore",
     "ConnectError",
     "ConnectionClosedError",
     "ConnectionState",
     "DirectEventMeta",
     "EventMeta",
+    "GapRange",
+    "MessageFeed",
+    "MessageHandler",
+    "MessageSnapshot",
+    "MessageStreamError",
     "ProgressHandler",
     "RecoveryInfo",
     "RoomEventMeta",

@@ -83,6 +83,8 @@ class JoinResult(TypedDict):
     """the missed events, as the notifications live delivery sends"""
     recovered: bool
     room: str
+    streaming: list[dict[str, Any]]
+    """the room's streamed messages still streaming, each as one event with all of it so far (unless recovered: missed covers them)"""
 
 
 class RoomsLeaveParams(TypedDict):
@@ -162,14 +164,20 @@ class ContextUpdated(TypedDict):
 
 
 class SessionMessage(TypedDict):
-    """An AI session message, or one streamed chunk of it (ordered by seq). Other keys the producer sent may be present."""
+    """An AI session message, or one streamed chunk of it (PROTOCOL.md section 5.1: the server orders chunks by seq and keeps one history entry per message). Other keys the producer sent may be present."""
     content: str
     done: NotRequired[bool | None]
-    """true on a message's last chunk"""
+    """true on a streamed message's last chunk"""
+    error: NotRequired[str | None]
+    """on the last chunk: the message ended in an error state, with this text"""
+    gaps: NotRequired[list[list[int]] | None]
+    """a streamed message's event: [first, last] ranges of chunks inside seq..last_seq reported missing"""
+    last_seq: NotRequired[int | None]
+    """a streamed message's event: the last chunk it covers (seq is the first)"""
     message_id: str
     role: Literal['user', 'assistant', 'system', 'tool']
     seq: NotRequired[int | None]
-    """chunk order within the message"""
+    """a streamed chunk's number in its message: 0, 1, 2, ... (the server orders chunks by it)"""
     session_id: str
 
 

@@ -18,7 +18,10 @@ TypeScript runtime (clients/typescript/src/core.ts) does:
 - calls have timeouts; calls sent on a connection that drops are rejected
   with ConnectionClosedError; calls made while disconnected wait for the next
   connection (or their timeout);
-- ``session.message`` chunks are delivered in ``seq`` order per message_id;
+- streamed messages (PROTOCOL.md section 5.1): the server orders the chunks of
+  a ``session.message``; handlers get its events as they come, and
+  ``messages(room, handler)`` gives each message's text as it grows, from live
+  events, a join's ``missed`` and a join's ``streaming`` (L{unrealon_client.messages});
 - backend methods (PROTOCOL.md section 9): ``rpc.progress`` items go to the
   call's ``on_progress(item, seq)`` in ``seq`` order, or are iterated with
   ``stream()`` (L{unrealon_client.streams}); cancelling the task awaiting a
@@ -38,12 +41,13 @@ import random
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from .messages import MessageFeed, MessageHandler, MessageTracker
 from .streams import BackendStream
 
 ConnectionState = Literal["connecting", "open", "reconnecting", "closed"]
@@ -59,6 +63,8 @@ ProgressHandler = Callable[[Any, int], object]
 RETRYABLE = frozenset({-32011, -32029, -32603})
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_ABNORMAL = 1000, 1001, 1006
 CLOSE_UNAUTHENTICATED, CLOSE_DISCONNECTED, CLOSE_TOKEN_EXPIRED = 4001, 4003, 4009
+#: the event of streamed messages (PROTOCOL.md section 5.1)
+MESSAGE_EVENT = "session.message"
 
 
 class RpcError(Exception):
@@ -124,7 +130,7 @@ class _Refused(Exception):
 class RoomEventMeta:
     room: str
     cursor: str
-    #: True when it comes from a join's ``missed`` replay
+    #: True when it comes from a join's reply (its ``missed`` replay, or its ``streaming`` list)
     replayed: bool
     kind: Literal["room"] = "room"
 
@@ -166,13 +172,6 @@ class Backoff:
     jitter: float = 0.5
 
 
-@dataclass(frozen=True)
-class ChunkOrder:
-    key: str
-    seq: str
-    done: str
-
-
 def decode_jwt_payload(token: str) -> Json | None:
     """The payload of a JWT (no signature check), or None."""
     try:
@@ -209,13 +208,6 @@ class _Tracked:
     token: str | None = None
 
 
-@dataclass
-class _Stream:
-    next: int = 0
-    buffer: dict[int, tuple[Json, RoomEventMeta]] = field(default_factory=dict)
-    timer: asyncio.TimerHandle | None = None
-
-
 class _Lost(Exception):
     def __init__(self, code: int, reason: str) -> None:
         self.code, self.reason = code, reason
@@ -238,8 +230,6 @@ class ClientCore:
         backoff: Backoff = Backoff(),
         refresh_lead: float = 30.0,
         heartbeat: float = 25.0,
-        chunk_gap: float = 1.0,
-        ordered_events: Mapping[str, ChunkOrder] | None = None,
         track_implicit_rooms: bool = True,
         connect_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -255,12 +245,6 @@ class ClientCore:
         self._backoff = backoff
         self._refresh_lead = refresh_lead
         self._heartbeat = heartbeat
-        self._chunk_gap = chunk_gap
-        self._ordered = dict(
-            ordered_events
-            if ordered_events is not None
-            else {"session.message": ChunkOrder("message_id", "seq", "done")}
-        )
         self._track_implicit = track_implicit_rooms
         self._connect_options = dict(connect_options or {})
         self._state: ConnectionState = "closed"
@@ -276,8 +260,8 @@ class ClientCore:
         self._queue: list[_Pending] = []
         self._tracked: dict[str, _Tracked] = {}
         self._holding: dict[str, list[Json]] = {}
-        self._streams: dict[str, _Stream] = {}
-        self._finished: dict[str, None] = {}
+        #: streamed messages in progress, and the feeds of messages()
+        self._messages = MessageTracker(self._emit_error, self._invoke)
         self._listeners: dict[str, list[Callable[..., Any]]] = {}
         self._any: list[Callable[[str, Json, EventMeta], Any]] = []
         self._waiters: list[asyncio.Future[None]] = []
@@ -351,6 +335,19 @@ class ClientCore:
         """Every server event, typed or not (e.g. custom events of ``publish``)."""
         self._any.append(handler)
         return lambda: self._any.remove(handler) if handler in self._any else None
+
+    def messages(self, room: str, handler: MessageHandler | None = None) -> MessageFeed:
+        """
+        The messages of ``room`` (PROTOCOL.md section 5.1): a L{MessageSnapshot}
+        of a message (``text`` so far, ``last_seq``, ``done``, ``error``,
+        ``gaps``, ...) after each change, to ``handler`` and to the feed's async
+        iterator.  Each message still streaming is given at once; then streamed
+        ones grow by their ``session.message`` events (live, from a join's
+        ``missed`` after a reconnect, or from a join's ``streaming``), and one
+        published whole comes as one snapshot, done.  ``feed.close()`` stops it;
+        so does the client's ``close()``.
+        """
+        return self._messages.subscribe(room, handler)
 
     async def call(self, method: str, params: Mapping[str, Any] | None = None,
                    timeout: float | None = None, *,
@@ -557,6 +554,7 @@ class ClientCore:
                 self._drop(sid, CLOSE_ABNORMAL, f"rejoining {room} failed: {e.message}")
                 return
             self._tracked.pop(room, None)  # refused (e.g. -32003: the new token no longer grants it)
+            self._messages.forget(room)
             self._emit("recovery", RecoveryInfo(room, False, 0, error=e))
         except (CallTimeoutError, ConnectionClosedError):
             pass  # the next connection tries again
@@ -585,9 +583,7 @@ class ClientCore:
         if ws is not None:
             self._detach(self._socket)
             self._spawn(_close_quietly(ws))
-        for s in self._streams.values():
-            if s.timer:
-                s.timer.cancel()
+        self._messages.close()
         error = ConnectionClosedError(code, reason)
         queued, self._queue = self._queue, []
         for p in [*self._pending.values(), *queued]:
@@ -727,6 +723,7 @@ class ClientCore:
         elif error is None:
             if p.method == "rooms.leave" and isinstance(room, str):
                 self._tracked.pop(room, None)
+                self._messages.forget(room)
             token = p.params.get("token")
             if p.method == "auth.refresh" and isinstance(token, str):
                 self._token = token
@@ -738,6 +735,11 @@ class ClientCore:
             p.future.set_result(result)
 
     def _joined(self, params: Json, result: Json, held: list[Json]) -> None:
+        """
+        A join's reply: replay ``missed``, then the messages still ``streaming``
+        (after a failed recovery, the ones held and no longer streaming are
+        lost), then the live events held meanwhile.
+        """
         room = str(result["room"])
         tracked = self._tracked.setdefault(room, _Tracked())
         if isinstance(params.get("token"), str):
@@ -748,6 +750,12 @@ class ClientCore:
             seen.add((n.get("params") or {}).get("cursor"))
             self._notification(n, True)
         tracked.cursor = str(result["cursor"])
+        streaming = result.get("streaming") or []
+        if params.get("since") is not None and result.get("recovered") is not True:
+            still = {str(((n.get("params") or {}).get("data") or {}).get("message_id")) for n in streaming}
+            self._messages.lose(room, still)
+        for n in streaming:
+            self._notification(n, True, tracked.cursor)
         for n in held:
             if (n.get("params") or {}).get("cursor") not in seen:
                 self._notification(n, False)
@@ -791,7 +799,12 @@ class ClientCore:
         if p.on_progress is not None:
             self._invoke(p.on_progress, params.get("data"), seq)
 
-    def _notification(self, msg: Json, replayed: bool) -> None:
+    def _notification(self, msg: Json, replayed: bool, join_cursor: str | None = None) -> None:
+        """
+        A notification: a direct event, or a room event (held while a join of
+        its room is in flight; the room's cursor follows it).  ``join_cursor``
+        marks an event of a join's ``streaming`` list, which leaves the cursor alone.
+        """
         method = str(msg["method"])
         params = msg.get("params") or {}
         kind = self._event_kinds.get(method) or (
@@ -800,61 +813,27 @@ class ClientCore:
         if kind == "direct":
             if method == "rooms.revoked" and isinstance(params.get("room"), str):
                 self._tracked.pop(params["room"], None)
+                self._messages.forget(params["room"])
             self._emit_event(method, params, DirectEventMeta())
             return
-        room, cursor = str(params.get("room")), str(params.get("cursor"))
+        room = str(params.get("room"))
         held = self._holding.get(room)
         if held is not None and not replayed:
             held.append(msg)
             return
-        tracked = self._tracked.get(room)
-        if tracked is not None:
-            if not replayed and tracked.cursor == cursor:
-                return  # already seen
-            tracked.cursor = cursor
-        data = params.get("data") or {}
-        meta = RoomEventMeta(room, cursor, replayed)
-        order = self._ordered.get(method)
-        seq = data.get(order.seq) if order else None
-        if order and isinstance(seq, int) and not isinstance(seq, bool) and order.key in data:
-            self._chunk(method, order, data, meta, seq)
+        if join_cursor is not None:
+            cursor = params["cursor"] if isinstance(params.get("cursor"), str) else join_cursor
         else:
-            self._emit_event(method, data, meta)
-
-    def _chunk(self, method: str, order: ChunkOrder, data: Json, meta: RoomEventMeta, seq: int) -> None:
-        key = f"{method}\0{meta.room}\0{data[order.key]}"
-        if key in self._finished:
-            return
-        s = self._streams.setdefault(key, _Stream())
-        if seq < s.next or seq in s.buffer:
-            return  # a duplicate, or later than its gap wait
-        s.buffer[seq] = (data, meta)
-        self._drain(method, order, key, s)
-
-    def _drain(self, method: str, order: ChunkOrder, key: str, s: _Stream) -> None:
-        while s.next in s.buffer:
-            data, meta = s.buffer.pop(s.next)
-            s.next += 1
-            self._emit_event(method, data, meta)
-            if data.get(order.done) is True:
-                if s.timer:
-                    s.timer.cancel()
-                self._streams.pop(key, None)
-                self._finished[key] = None
-                if len(self._finished) > 1000:
-                    del self._finished[next(iter(self._finished))]
-                return
-        if not s.buffer and s.timer:
-            s.timer.cancel()
-            s.timer = None
-        elif s.buffer and not s.timer:
-
-            def gap() -> None:
-                s.timer = None
-                s.next = min(s.buffer)
-                self._drain(method, order, key, s)
-
-            s.timer = asyncio.get_running_loop().call_later(self._chunk_gap, gap)
+            cursor = str(params.get("cursor"))
+            tracked = self._tracked.get(room)
+            if tracked is not None:
+                if not replayed and tracked.cursor == cursor:
+                    return  # already seen
+                tracked.cursor = cursor
+        data = params.get("data") or {}
+        self._emit_event(method, data, RoomEventMeta(room, cursor, replayed))
+        if method == MESSAGE_EVENT:
+            self._messages.apply(room, data)
 
     def _emit(self, name: str, *args: Any) -> None:
         for handler in list(self._listeners.get(name, ())):

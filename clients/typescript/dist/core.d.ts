@@ -23,8 +23,16 @@
  *   "AbortError", so both `e.code === ErrorCodes.CANCELLED` and the browser's
  *   `e.name === "AbortError"` idiom (as with fetch) recognise it.  The server's
  *   own reply to the cancelled call comes later and is dropped.
+ * - Streamed messages (PROTOCOL.md section 5.1): the server orders the chunks
+ *   of a `session.message`; handlers get its events as they come, and
+ *   `messages(room, handler?)` gives each message's text as it grows, from live
+ *   events, a join's `missed` and a join's `streaming` (messages.ts).
  * No runtime dependencies; any WebSocket with the browser's API works.
  */
+import { MessageFeed } from "./messages.js";
+import type { MessageHandler } from "./messages.js";
+export { MessageFeed, MessageStreamError } from "./messages.js";
+export type { GapRange, MessageHandler, MessageSnapshot } from "./messages.js";
 export type ConnectionState = "connecting" | "open" | "reconnecting" | "closed";
 /** JSON-RPC error codes of PROTOCOL.md section 3. */
 export declare const ErrorCodes: {
@@ -108,15 +116,6 @@ export interface BackoffOptions {
     /** share of the delay taken off at random, 0..1 (default 0.5) */
     jitter?: number;
 }
-/** How an event of a stream of chunks is put in order (see orderedEvents). */
-export interface ChunkOrder {
-    /** data field naming the stream (e.g. message_id) */
-    key: string;
-    /** data field with the chunk's position, from 0 */
-    seq: string;
-    /** data field that is true on the last chunk */
-    done: string;
-}
 export interface ClientOptions {
     /** e.g. "wss://rt.example.com/ws" */
     url: string;
@@ -137,10 +136,6 @@ export interface ClientOptions {
     refreshLeadMs?: number;
     /** system.ping every this many ms while open; no reply in time drops the connection (default 25 000; 0: off) */
     heartbeatMs?: number;
-    /** longest wait for a missing chunk before delivering the ones after it (default 1 000 ms) */
-    chunkGapMs?: number;
-    /** events whose chunks are delivered in `seq` order (default: session.message by message_id) */
-    orderedEvents?: Record<string, ChunkOrder>;
     /** join user:<id> and broadcast to track their cursors (default true) */
     trackImplicitRooms?: boolean;
 }
@@ -161,7 +156,7 @@ export interface RoomEventMeta {
     kind: "room";
     room: string;
     cursor: string;
-    /** true when it comes from a join's `missed` replay */
+    /** true when it comes from a join's reply (its `missed` replay, or its `streaming` list) */
     replayed: boolean;
 }
 /** Delivered with a direct (ephemeral, never replayed) event. */
@@ -209,8 +204,6 @@ export declare class ClientCore<E extends object> {
     private readonly _backoff;
     private readonly _refreshLeadMs;
     private readonly _heartbeatMs;
-    private readonly _chunkGapMs;
-    private readonly _ordered;
     private readonly _trackImplicit;
     private readonly _kinds;
     private _token;
@@ -226,8 +219,8 @@ export declare class ClientCore<E extends object> {
     private readonly _tracked;
     /** rooms with a join in flight -> live events held until its reply */
     private readonly _holding;
-    private readonly _chunks;
-    private readonly _finishedStreams;
+    /** streamed messages in progress, and the feeds of `messages()` */
+    private readonly _messages;
     private readonly _listeners;
     private readonly _anyListeners;
     private _waiters;
@@ -248,6 +241,16 @@ export declare class ClientCore<E extends object> {
     off<K extends keyof (E & LifecycleEvents) & string>(name: K, handler: (E & LifecycleEvents)[K]): void;
     /** Every server event, typed or not (e.g. custom events of `publish`). */
     onAny(handler: AnyEventHandler): () => void;
+    /**
+     * The messages of `room` (PROTOCOL.md section 5.1): a snapshot of a message
+     * (`text` so far, `lastSeq`, `done`, `error`, `gaps`, ...) after each change,
+     * to `handler` and to the feed's async iterator.  Each message still streaming
+     * is given at once; then streamed ones grow by their `session.message` events
+     * (live, from a join's `missed` after a reconnect, or from a join's
+     * `streaming`), and one published whole comes as one snapshot, done.
+     * `feed.close()` stops it; so does the client's `close()`.
+     */
+    messages(room: string, handler?: MessageHandler): MessageFeed;
     /**
      * Call any method by name (the generated methods are typed wrappers of this).
      * `onProgress` and `signal` are for backend methods (see BackendCallOptions).
@@ -279,17 +282,22 @@ export declare class ClientCore<E extends object> {
     private _write;
     /** Finish a call: with an error, or with its result after the protocol's bookkeeping. */
     private _settle;
-    /** A join's reply: replay `missed`, then the live events held meanwhile. */
+    /**
+     * A join's reply: replay `missed`, then the messages still `streaming` (after
+     * a failed recovery, the ones held and no longer streaming are lost), then
+     * the live events held meanwhile.
+     */
     private _joined;
     private _receive;
     /** `rpc.progress {id, seq, data}`: to its call's onProgress, in order; unknown ids are dropped. */
     private _progress;
+    /**
+     * A notification: a direct event, or a room event (held while a join of its
+     * room is in flight; the room's cursor follows it).  `joinCursor` marks an
+     * event of a join's `streaming` list, which leaves the cursor alone.
+     */
     private _notification;
-    /** Deliver a chunk in `seq` order per stream (PROTOCOL.md section 6). */
-    private _chunk;
-    private _drain;
     private _emit;
     private _emitEvent;
     private _emitError;
 }
-export {};

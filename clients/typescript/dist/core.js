@@ -23,8 +23,14 @@
  *   "AbortError", so both `e.code === ErrorCodes.CANCELLED` and the browser's
  *   `e.name === "AbortError"` idiom (as with fetch) recognise it.  The server's
  *   own reply to the cancelled call comes later and is dropped.
+ * - Streamed messages (PROTOCOL.md section 5.1): the server orders the chunks
+ *   of a `session.message`; handlers get its events as they come, and
+ *   `messages(room, handler?)` gives each message's text as it grows, from live
+ *   events, a join's `missed` and a join's `streaming` (messages.ts).
  * No runtime dependencies; any WebSocket with the browser's API works.
  */
+import { MessageTracker } from "./messages.js";
+export { MessageFeed, MessageStreamError } from "./messages.js";
 /** JSON-RPC error codes of PROTOCOL.md section 3. */
 export const ErrorCodes = {
     PARSE_ERROR: -32700,
@@ -97,6 +103,8 @@ export class ConnectionClosedError extends Error {
     }
 }
 const MAX_TIMER_MS = 2 ** 31 - 1;
+/** The event of streamed messages (PROTOCOL.md section 5.1). */
+const MESSAGE_EVENT = "session.message";
 const RETRYABLE = new Set([ErrorCodes.BACKEND_UNAVAILABLE, ErrorCodes.RATE_LIMITED, ErrorCodes.INTERNAL_ERROR]);
 /** The payload of a JWT (no signature check), or null. */
 export function decodeJwtPayload(token) {
@@ -129,8 +137,8 @@ export class ClientCore {
         this._tracked = new Map();
         /** rooms with a join in flight -> live events held until its reply */
         this._holding = new Map();
-        this._chunks = new Map();
-        this._finishedStreams = new Set();
+        /** streamed messages in progress, and the feeds of `messages()` */
+        this._messages = new MessageTracker((e) => this._emitError(e));
         this._listeners = new Map();
         this._anyListeners = new Set();
         this._waiters = [];
@@ -155,10 +163,6 @@ export class ClientCore {
         this._backoff = { initialMs: 250, maxMs: 15000, factor: 2, jitter: 0.5, ...options.backoff };
         this._refreshLeadMs = options.refreshLeadMs ?? 30000;
         this._heartbeatMs = options.heartbeatMs ?? 25000;
-        this._chunkGapMs = options.chunkGapMs ?? 1000;
-        this._ordered = options.orderedEvents ?? {
-            "session.message": { key: "message_id", seq: "seq", done: "done" },
-        };
         this._trackImplicit = options.trackImplicitRooms ?? true;
         this._kinds = kinds;
     }
@@ -201,6 +205,18 @@ export class ClientCore {
     onAny(handler) {
         this._anyListeners.add(handler);
         return () => this._anyListeners.delete(handler);
+    }
+    /**
+     * The messages of `room` (PROTOCOL.md section 5.1): a snapshot of a message
+     * (`text` so far, `lastSeq`, `done`, `error`, `gaps`, ...) after each change,
+     * to `handler` and to the feed's async iterator.  Each message still streaming
+     * is given at once; then streamed ones grow by their `session.message` events
+     * (live, from a join's `missed` after a reconnect, or from a join's
+     * `streaming`), and one published whole comes as one snapshot, done.
+     * `feed.close()` stops it; so does the client's `close()`.
+     */
+    messages(room, handler) {
+        return this._messages.subscribe(room, handler ?? null);
     }
     /**
      * Call any method by name (the generated methods are typed wrappers of this).
@@ -338,6 +354,7 @@ export class ClientCore {
                 return;
             }
             this._tracked.delete(room); // refused (e.g. -32003: the new token no longer grants it)
+            this._messages.forget(room);
             this._emit("recovery", { room, recovered: false, missed: 0, error: e });
         }
     }
@@ -419,9 +436,7 @@ export class ClientCore {
         if (this._reconnectTimer)
             clearTimeout(this._reconnectTimer);
         this._reconnectTimer = null;
-        for (const s of this._chunks.values())
-            if (s.timer)
-                clearTimeout(s.timer);
+        this._messages.close();
         const error = new ConnectionClosedError(code, reason);
         const queued = this._queue;
         this._queue = [];
@@ -550,8 +565,10 @@ export class ClientCore {
                     this._notification(n, false);
         }
         else if (error === null) {
-            if (p.method === "rooms.leave" && typeof room === "string")
+            if (p.method === "rooms.leave" && typeof room === "string") {
                 this._tracked.delete(room);
+                this._messages.forget(room);
+            }
             if (p.method === "auth.refresh" && typeof p.params.token === "string") {
                 this._token = p.params.token;
                 this._scheduleRefresh(this._socketId, p.params.token, Number(result.expires_at));
@@ -562,7 +579,11 @@ export class ClientCore {
         else
             p.resolve(result);
     }
-    /** A join's reply: replay `missed`, then the live events held meanwhile. */
+    /**
+     * A join's reply: replay `missed`, then the messages still `streaming` (after
+     * a failed recovery, the ones held and no longer streaming are lost), then
+     * the live events held meanwhile.
+     */
     _joined(params, result, held) {
         const room = String(result.room);
         const tracked = this._tracked.get(room) ?? { cursor: null };
@@ -576,6 +597,13 @@ export class ClientCore {
             this._notification(n, true);
         }
         tracked.cursor = String(result.cursor);
+        const streaming = Array.isArray(result.streaming) ? result.streaming : [];
+        if (params.since !== undefined && params.since !== null && result.recovered !== true) {
+            const still = new Set(streaming.map((n) => String(n.params?.data?.message_id)));
+            this._messages.lose(room, still);
+        }
+        for (const n of streaming)
+            this._notification(n, true, tracked.cursor);
         for (const n of held) {
             if (!seen.has(n.params?.cursor))
                 this._notification(n, false);
@@ -634,81 +662,46 @@ export class ClientCore {
             this._emitError(asError(e));
         }
     }
-    _notification(msg, replayed) {
+    /**
+     * A notification: a direct event, or a room event (held while a join of its
+     * room is in flight; the room's cursor follows it).  `joinCursor` marks an
+     * event of a join's `streaming` list, which leaves the cursor alone.
+     */
+    _notification(msg, replayed, joinCursor) {
         const method = String(msg.method);
         const params = (msg.params ?? {});
         const kind = this._kinds[method] ?? (typeof params.cursor === "string" && "data" in params ? "room" : "direct");
         if (kind === "direct") {
-            if (method === "rooms.revoked" && typeof params.room === "string")
+            if (method === "rooms.revoked" && typeof params.room === "string") {
                 this._tracked.delete(params.room);
+                this._messages.forget(params.room);
+            }
             this._emitEvent(method, params, { kind: "direct" });
             return;
         }
         const room = String(params.room);
-        const cursor = String(params.cursor);
         const held = this._holding.get(room);
         if (held && !replayed) {
             held.push(msg);
             return;
         }
-        const tracked = this._tracked.get(room);
-        if (tracked) {
-            if (!replayed && tracked.cursor === cursor)
-                return; // already seen
-            tracked.cursor = cursor;
-        }
-        const data = (params.data ?? {});
-        const meta = { kind: "room", room, cursor, replayed };
-        const order = this._ordered[method];
-        if (order && typeof data[order.seq] === "number" && data[order.key] !== undefined) {
-            this._chunk(method, order, data, meta);
+        let cursor;
+        if (joinCursor !== undefined) {
+            cursor = typeof params.cursor === "string" ? params.cursor : joinCursor;
         }
         else {
-            this._emitEvent(method, data, meta);
-        }
-    }
-    /** Deliver a chunk in `seq` order per stream (PROTOCOL.md section 6). */
-    _chunk(method, order, data, meta) {
-        const key = `${method}\u0000${meta.room}\u0000${String(data[order.key])}`;
-        if (this._finishedStreams.has(key))
-            return;
-        let s = this._chunks.get(key);
-        if (!s)
-            this._chunks.set(key, (s = { next: 0, buffer: new Map(), timer: null }));
-        const seq = data[order.seq];
-        if (seq < s.next || s.buffer.has(seq))
-            return; // a duplicate, or later than its gap wait
-        s.buffer.set(seq, [data, meta]);
-        this._drain(method, order, key, s);
-    }
-    _drain(method, order, key, s) {
-        let entry;
-        while ((entry = s.buffer.get(s.next)) !== undefined) {
-            s.buffer.delete(s.next);
-            s.next++;
-            this._emitEvent(method, entry[0], entry[1]);
-            if (entry[0][order.done] === true) {
-                if (s.timer)
-                    clearTimeout(s.timer);
-                this._chunks.delete(key);
-                this._finishedStreams.add(key);
-                if (this._finishedStreams.size > 1000) {
-                    this._finishedStreams.delete(this._finishedStreams.values().next().value);
-                }
-                return;
+            cursor = String(params.cursor);
+            const tracked = this._tracked.get(room);
+            if (tracked) {
+                if (!replayed && tracked.cursor === cursor)
+                    return; // already seen
+                tracked.cursor = cursor;
             }
         }
-        if (s.buffer.size === 0 && s.timer) {
-            clearTimeout(s.timer);
-            s.timer = null;
-        }
-        else if (s.buffer.size > 0 && !s.timer) {
-            s.timer = setTimeout(() => {
-                s.timer = null;
-                s.next = Math.min(...s.buffer.keys());
-                this._drain(method, order, key, s);
-            }, this._chunkGapMs);
-        }
+        const data = (params.data ?? {});
+        this._emitEvent(method, data, { kind: "room", room, cursor, replayed });
+        if (method === MESSAGE_EVENT)
+            this._messages.apply(room, data);
     }
     _emit(name, ...args) {
         for (const listener of [...(this._listeners.get(name) ?? [])]) {

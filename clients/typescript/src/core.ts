@@ -23,8 +23,18 @@
  *   "AbortError", so both `e.code === ErrorCodes.CANCELLED` and the browser's
  *   `e.name === "AbortError"` idiom (as with fetch) recognise it.  The server's
  *   own reply to the cancelled call comes later and is dropped.
+ * - Streamed messages (PROTOCOL.md section 5.1): the server orders the chunks
+ *   of a `session.message`; handlers get its events as they come, and
+ *   `messages(room, handler?)` gives each message's text as it grows, from live
+ *   events, a join's `missed` and a join's `streaming` (messages.ts).
  * No runtime dependencies; any WebSocket with the browser's API works.
  */
+
+import { MessageFeed, MessageTracker } from "./messages.js";
+import type { MessageHandler } from "./messages.js";
+
+export { MessageFeed, MessageStreamError } from "./messages.js";
+export type { GapRange, MessageHandler, MessageSnapshot } from "./messages.js";
 
 export type ConnectionState = "connecting" | "open" | "reconnecting" | "closed";
 
@@ -138,16 +148,6 @@ export interface BackoffOptions {
   jitter?: number;
 }
 
-/** How an event of a stream of chunks is put in order (see orderedEvents). */
-export interface ChunkOrder {
-  /** data field naming the stream (e.g. message_id) */
-  key: string;
-  /** data field with the chunk's position, from 0 */
-  seq: string;
-  /** data field that is true on the last chunk */
-  done: string;
-}
-
 export interface ClientOptions {
   /** e.g. "wss://rt.example.com/ws" */
   url: string;
@@ -168,10 +168,6 @@ export interface ClientOptions {
   refreshLeadMs?: number;
   /** system.ping every this many ms while open; no reply in time drops the connection (default 25 000; 0: off) */
   heartbeatMs?: number;
-  /** longest wait for a missing chunk before delivering the ones after it (default 1 000 ms) */
-  chunkGapMs?: number;
-  /** events whose chunks are delivered in `seq` order (default: session.message by message_id) */
-  orderedEvents?: Record<string, ChunkOrder>;
   /** join user:<id> and broadcast to track their cursors (default true) */
   trackImplicitRooms?: boolean;
 }
@@ -196,7 +192,7 @@ export interface RoomEventMeta {
   kind: "room";
   room: string;
   cursor: string;
-  /** true when it comes from a join's `missed` replay */
+  /** true when it comes from a join's reply (its `missed` replay, or its `streaming` list) */
   replayed: boolean;
 }
 
@@ -261,13 +257,9 @@ interface TrackedRoom {
   token?: string;
 }
 
-interface ChunkStream {
-  next: number;
-  buffer: Map<number, [Json, RoomEventMeta]>;
-  timer: ReturnType<typeof setTimeout> | null;
-}
-
 const MAX_TIMER_MS = 2 ** 31 - 1;
+/** The event of streamed messages (PROTOCOL.md section 5.1). */
+const MESSAGE_EVENT = "session.message";
 const RETRYABLE = new Set<number>([ErrorCodes.BACKEND_UNAVAILABLE, ErrorCodes.RATE_LIMITED, ErrorCodes.INTERNAL_ERROR]);
 
 /** The payload of a JWT (no signature check), or null. */
@@ -297,8 +289,6 @@ export class ClientCore<E extends object> {
   private readonly _backoff: Required<BackoffOptions>;
   private readonly _refreshLeadMs: number;
   private readonly _heartbeatMs: number;
-  private readonly _chunkGapMs: number;
-  private readonly _ordered: Record<string, ChunkOrder>;
   private readonly _trackImplicit: boolean;
   private readonly _kinds: Readonly<Record<string, "room" | "direct">>;
 
@@ -315,8 +305,8 @@ export class ClientCore<E extends object> {
   private readonly _tracked = new Map<string, TrackedRoom>();
   /** rooms with a join in flight -> live events held until its reply */
   private readonly _holding = new Map<string, Json[]>();
-  private readonly _chunks = new Map<string, ChunkStream>();
-  private readonly _finishedStreams = new Set<string>();
+  /** streamed messages in progress, and the feeds of `messages()` */
+  private readonly _messages = new MessageTracker((e) => this._emitError(e));
   private readonly _listeners = new Map<string, Set<Listener>>();
   private readonly _anyListeners = new Set<AnyEventHandler>();
   private _waiters: Array<{ resolve: () => void; reject: (e: Error) => void }> = [];
@@ -344,10 +334,6 @@ export class ClientCore<E extends object> {
     this._backoff = { initialMs: 250, maxMs: 15_000, factor: 2, jitter: 0.5, ...options.backoff };
     this._refreshLeadMs = options.refreshLeadMs ?? 30_000;
     this._heartbeatMs = options.heartbeatMs ?? 25_000;
-    this._chunkGapMs = options.chunkGapMs ?? 1_000;
-    this._ordered = options.orderedEvents ?? {
-      "session.message": { key: "message_id", seq: "seq", done: "done" },
-    };
     this._trackImplicit = options.trackImplicitRooms ?? true;
     this._kinds = kinds;
   }
@@ -401,6 +387,19 @@ export class ClientCore<E extends object> {
   onAny(handler: AnyEventHandler): () => void {
     this._anyListeners.add(handler);
     return () => this._anyListeners.delete(handler);
+  }
+
+  /**
+   * The messages of `room` (PROTOCOL.md section 5.1): a snapshot of a message
+   * (`text` so far, `lastSeq`, `done`, `error`, `gaps`, ...) after each change,
+   * to `handler` and to the feed's async iterator.  Each message still streaming
+   * is given at once; then streamed ones grow by their `session.message` events
+   * (live, from a join's `missed` after a reconnect, or from a join's
+   * `streaming`), and one published whole comes as one snapshot, done.
+   * `feed.close()` stops it; so does the client's `close()`.
+   */
+  messages(room: string, handler?: MessageHandler): MessageFeed {
+    return this._messages.subscribe(room, handler ?? null);
   }
 
   /**
@@ -522,6 +521,7 @@ export class ClientCore<E extends object> {
         return;
       }
       this._tracked.delete(room); // refused (e.g. -32003: the new token no longer grants it)
+      this._messages.forget(room);
       this._emit("recovery", { room, recovered: false, missed: 0, error: e });
     }
   }
@@ -594,7 +594,7 @@ export class ClientCore<E extends object> {
     this._detach(code, reason);
     if (this._reconnectTimer) clearTimeout(this._reconnectTimer);
     this._reconnectTimer = null;
-    for (const s of this._chunks.values()) if (s.timer) clearTimeout(s.timer);
+    this._messages.close();
     const error = new ConnectionClosedError(code, reason);
     const queued = this._queue;
     this._queue = [];
@@ -718,7 +718,10 @@ export class ClientCore<E extends object> {
       if (error === null) this._joined(p.params, result as Json, held);
       else for (const n of held) this._notification(n, false);
     } else if (error === null) {
-      if (p.method === "rooms.leave" && typeof room === "string") this._tracked.delete(room);
+      if (p.method === "rooms.leave" && typeof room === "string") {
+        this._tracked.delete(room);
+        this._messages.forget(room);
+      }
       if (p.method === "auth.refresh" && typeof p.params.token === "string") {
         this._token = p.params.token;
         this._scheduleRefresh(this._socketId, p.params.token, Number((result as Json).expires_at));
@@ -728,7 +731,11 @@ export class ClientCore<E extends object> {
     else p.resolve(result);
   }
 
-  /** A join's reply: replay `missed`, then the live events held meanwhile. */
+  /**
+   * A join's reply: replay `missed`, then the messages still `streaming` (after
+   * a failed recovery, the ones held and no longer streaming are lost), then
+   * the live events held meanwhile.
+   */
   private _joined(params: Json, result: Json, held: Json[]): void {
     const room = String(result.room);
     const tracked = this._tracked.get(room) ?? { cursor: null };
@@ -741,6 +748,12 @@ export class ClientCore<E extends object> {
       this._notification(n, true);
     }
     tracked.cursor = String(result.cursor);
+    const streaming = Array.isArray(result.streaming) ? (result.streaming as Json[]) : [];
+    if (params.since !== undefined && params.since !== null && result.recovered !== true) {
+      const still = new Set(streaming.map((n) => String(((n.params as Json | undefined)?.data as Json | undefined)?.message_id)));
+      this._messages.lose(room, still);
+    }
+    for (const n of streaming) this._notification(n, true, tracked.cursor);
     for (const n of held) {
       if (!seen.has((n.params as Json | undefined)?.cursor)) this._notification(n, false);
     }
@@ -791,75 +804,43 @@ export class ClientCore<E extends object> {
     }
   }
 
-  private _notification(msg: Json, replayed: boolean): void {
+  /**
+   * A notification: a direct event, or a room event (held while a join of its
+   * room is in flight; the room's cursor follows it).  `joinCursor` marks an
+   * event of a join's `streaming` list, which leaves the cursor alone.
+   */
+  private _notification(msg: Json, replayed: boolean, joinCursor?: string): void {
     const method = String(msg.method);
     const params = (msg.params ?? {}) as Json;
     const kind = this._kinds[method] ?? (typeof params.cursor === "string" && "data" in params ? "room" : "direct");
     if (kind === "direct") {
-      if (method === "rooms.revoked" && typeof params.room === "string") this._tracked.delete(params.room);
+      if (method === "rooms.revoked" && typeof params.room === "string") {
+        this._tracked.delete(params.room);
+        this._messages.forget(params.room);
+      }
       this._emitEvent(method, params, { kind: "direct" });
       return;
     }
     const room = String(params.room);
-    const cursor = String(params.cursor);
     const held = this._holding.get(room);
     if (held && !replayed) {
       held.push(msg);
       return;
     }
-    const tracked = this._tracked.get(room);
-    if (tracked) {
-      if (!replayed && tracked.cursor === cursor) return; // already seen
-      tracked.cursor = cursor;
-    }
-    const data = (params.data ?? {}) as Json;
-    const meta: RoomEventMeta = { kind: "room", room, cursor, replayed };
-    const order = this._ordered[method];
-    if (order && typeof data[order.seq] === "number" && data[order.key] !== undefined) {
-      this._chunk(method, order, data, meta);
+    let cursor: string;
+    if (joinCursor !== undefined) {
+      cursor = typeof params.cursor === "string" ? params.cursor : joinCursor;
     } else {
-      this._emitEvent(method, data, meta);
-    }
-  }
-
-  /** Deliver a chunk in `seq` order per stream (PROTOCOL.md section 6). */
-  private _chunk(method: string, order: ChunkOrder, data: Json, meta: RoomEventMeta): void {
-    const key = `${method}\u0000${meta.room}\u0000${String(data[order.key])}`;
-    if (this._finishedStreams.has(key)) return;
-    let s = this._chunks.get(key);
-    if (!s) this._chunks.set(key, (s = { next: 0, buffer: new Map(), timer: null }));
-    const seq = data[order.seq] as number;
-    if (seq < s.next || s.buffer.has(seq)) return; // a duplicate, or later than its gap wait
-    s.buffer.set(seq, [data, meta]);
-    this._drain(method, order, key, s);
-  }
-
-  private _drain(method: string, order: ChunkOrder, key: string, s: ChunkStream): void {
-    let entry: [Json, RoomEventMeta] | undefined;
-    while ((entry = s.buffer.get(s.next)) !== undefined) {
-      s.buffer.delete(s.next);
-      s.next++;
-      this._emitEvent(method, entry[0], entry[1]);
-      if (entry[0][order.done] === true) {
-        if (s.timer) clearTimeout(s.timer);
-        this._chunks.delete(key);
-        this._finishedStreams.add(key);
-        if (this._finishedStreams.size > 1000) {
-          this._finishedStreams.delete(this._finishedStreams.values().next().value as string);
-        }
-        return;
+      cursor = String(params.cursor);
+      const tracked = this._tracked.get(room);
+      if (tracked) {
+        if (!replayed && tracked.cursor === cursor) return; // already seen
+        tracked.cursor = cursor;
       }
     }
-    if (s.buffer.size === 0 && s.timer) {
-      clearTimeout(s.timer);
-      s.timer = null;
-    } else if (s.buffer.size > 0 && !s.timer) {
-      s.timer = setTimeout(() => {
-        s.timer = null;
-        s.next = Math.min(...s.buffer.keys());
-        this._drain(method, order, key, s);
-      }, this._chunkGapMs);
-    }
+    const data = (params.data ?? {}) as Json;
+    this._emitEvent(method, data, { kind: "room", room, cursor, replayed });
+    if (method === MESSAGE_EVENT) this._messages.apply(room, data);
   }
 
   private _emit(name: string, ...args: unknown[]): void {

@@ -67,6 +67,8 @@ export interface JoinResult {
   missed: Record<string, unknown>[];
   recovered: boolean;
   room: string;
+  /** the room's streamed messages still streaming, each as one event with all of it so far (unless recovered: missed covers them) */
+  streaming: Record<string, unknown>[];
 }
 
 export interface RoomsLeaveParams {
@@ -151,14 +153,20 @@ export interface ContextUpdated {
   [key: string]: unknown;
 }
 
-/** An AI session message, or one streamed chunk of it (ordered by seq). */
+/** An AI session message, or one streamed chunk of it (PROTOCOL.md section 5.1: the server orders chunks by seq and keeps one history entry per message). */
 export interface SessionMessage {
   content: string;
-  /** true on a message's last chunk */
+  /** true on a streamed message's last chunk */
   done?: boolean | null;
+  /** on the last chunk: the message ended in an error state, with this text */
+  error?: string | null;
+  /** a streamed message's event: [first, last] ranges of chunks inside seq..last_seq reported missing */
+  gaps?: number[][] | null;
+  /** a streamed message's event: the last chunk it covers (seq is the first) */
+  last_seq?: number | null;
   message_id: string;
   role: "user" | "assistant" | "system" | "tool";
-  /** chunk order within the message */
+  /** a streamed chunk's number in its message: 0, 1, 2, ... (the server orders chunks by it) */
   seq?: number | null;
   session_id: string;
   /** other fields the producer sent */

@@ -108,40 +108,22 @@ test("presence.joined and presence.left come from other users", async () => {
   assert.equal((await left)[0].user_id, "bob");
 });
 
-test("session.message chunks are delivered in seq order", async () => {
-  const c = await connected({ chunkGapMs: 2000 });
+test("session.message events reach handlers as the server sends them (it orders chunks, not the client)", async () => {
+  const c = await connected();
   const room = freshRoom("session");
   const sid = room.split(":")[1];
   await c.rooms.join({ room });
   const seen = [];
   c.on("session.message", (m) => seen.push(`${m.message_id}/${m.seq ?? "-"}`));
+  // test.publish bypasses the server's chunk ordering (PROTOCOL.md 5.1): what it sends arrives as sent
   const chunk = (message_id, seq, done = false) =>
     c.call("test.publish", { room, event: "session.message", data: { session_id: sid, message_id, role: "assistant", content: `c${seq}`, seq, done } });
   await chunk("m1", 1);
-  await chunk("m2", 0);
   await chunk("m1", 0);
-  await chunk("m1", 3, true);
-  await chunk("m2", 1, true);
-  await chunk("m1", 2);
-  await chunk("m1", 2); // a duplicate: dropped
   await c.call("test.publish", { room, event: "session.message", data: { session_id: sid, message_id: "m3", role: "user", content: "whole" } });
-  await waitFor(() => seen.length >= 7, 3000, "7 chunks");
+  await waitFor(() => seen.length >= 3, 3000, "3 events");
   await sleep(50);
-  assert.deepEqual(seen, ["m2/0", "m1/0", "m1/1", "m2/1", "m1/2", "m1/3", "m3/-"]);
-});
-
-test("a missing chunk is skipped after chunkGapMs", async () => {
-  const c = await connected({ chunkGapMs: 150 });
-  const room = freshRoom("session");
-  const sid = room.split(":")[1];
-  await c.rooms.join({ room });
-  const seen = [];
-  c.on("session.message", (m) => seen.push(m.seq));
-  for (const seq of [0, 2, 3]) {
-    await c.call("test.publish", { room, event: "session.message", data: { session_id: sid, message_id: "m", role: "assistant", content: "x", seq } });
-  }
-  await waitFor(() => seen.length === 3, 2000, "the chunks after the gap");
-  assert.deepEqual(seen, [0, 2, 3]);
+  assert.deepEqual(seen, ["m1/1", "m1/0", "m3/-"]);
 });
 
 test("the server's URL comes from the test server", async () => {

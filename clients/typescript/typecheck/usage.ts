@@ -6,7 +6,10 @@ import {
   UnrealonClient,
   type EventData,
   type FileChanged,
+  type GapRange,
   type JoinResult,
+  type MessageFeed,
+  type MessageSnapshot,
   type RoomEventMeta,
 } from "../dist/index.js";
 
@@ -42,6 +45,26 @@ export async function usage(): Promise<void> {
   });
   const role: EventData<"session.message">["role"] = "assistant";
 
+  // streamed messages (PROTOCOL.md section 5.1): a handler, an async iterator, or both
+  const streaming: Record<string, unknown>[] = joined.streaming;
+  const feed: MessageFeed = client.messages("session:1", (m: MessageSnapshot) => {
+    const text: string = m.text;
+    const lastSeq: number | null = m.lastSeq;
+    const gaps: readonly GapRange[] = m.gaps;
+    const ended: boolean = m.done || m.lost || m.error !== null;
+    void [text, lastSeq, gaps, ended, m.messageId, m.role, m.fields.session_id];
+  });
+  for await (const m of client.messages("session:1")) {
+    if (m.done) break;
+  }
+  feed.close();
+  // @ts-expect-error: messages takes a room name
+  client.messages(42);
+  // @ts-expect-error: a snapshot's text is a string
+  client.messages("session:1", (m) => m.text.toFixed());
+  // @ts-expect-error: the options of the reorder buffer are gone (the server orders chunks)
+  new UnrealonClient({ url: "ws://127.0.0.1:8765/ws", token: "t", chunkGapMs: 1000 });
+
   // @ts-expect-error: rooms.join needs a room
   await client.rooms.join({});
   // @ts-expect-error: since is a string
@@ -59,6 +82,6 @@ export async function usage(): Promise<void> {
     if (e instanceof RpcError) void e.code;
     if (e instanceof ConnectionClosedError) void e.reason;
   }
-  void [cursor, pong, users, role];
+  void [cursor, pong, users, role, streaming];
   client.close();
 }
