@@ -214,6 +214,20 @@ class MessageStreamConformance:
         self.assertEqual(self.outcomes, ["delivered"] * 3)
 
     @inlineCallbacks
+    def test_streaming_after_a_join_while_only_held(self) -> Any:
+        """
+        A join while a message has only held chunks lists nothing of it, and
+        does not forget it: once delivered, the next join lists it.
+        """
+        yield self.make()
+        yield self.append(chunk(2, "c"), chunk(1, "b"))
+        early = yield self.broker.recover(ROOM, None)
+        self.assertEqual(early.streaming, ())
+        yield self.append(chunk(0, "a"))
+        later = yield self.broker.recover(ROOM, None)
+        self.assertEqual([s["params"]["data"]["content"] for s in later.streaming], ["abc"])
+
+    @inlineCallbacks
     def test_abandoned_message_expires(self) -> Any:
         """A message whose publisher stopped before done stops streaming with the history TTL."""
         yield self.make(history_ttl=1)

@@ -66,11 +66,13 @@ local function message_event(head, meta, cursor, content, first, last, done, err
   return s .. '}}}'
 end
 -- one event of message `mid` covering its deliveries after history id
--- `after` ('' for all of it); nil when the message's keys are gone
+-- `after` ('' for all of it); nil when the message's keys are gone, false
+-- when it has no event yet (its only chunks are held)
 local function compacted(prefix, tag, mid, epoch, after)
   local state = redis.call('HMGET', prefix .. 's:' .. tag .. mid,
                            'next', 'marker', 'head', 'meta', 'done', 'error', 'gaps')
-  if not state[1] or not state[2] then return nil end
+  if not state[1] then return nil end
+  if not state[2] then return false end
   local first, offset = 0, 0
   if after ~= '' then
     local e = redis.call('XRANGE', prefix .. 'i:' .. tag .. mid, '(' .. after, '+', 'COUNT', 1)
@@ -156,7 +158,7 @@ local function streaming()
     local event = compacted(prefix, tag, mid, epoch, '')
     if event then
       out[#out + 1] = event
-    else
+    elseif event == nil then
       redis.call('SREM', KEYS[3], mid)
     end
   end
