@@ -11,7 +11,7 @@ HTTP_PORT ?= 8766
 LOG_FILE ?= logs/unrealon-ws.json
 
 .PHONY: install install-ipc dev health logs test test-unit run-prod docker-build docker-run constraints \
-        generate-client check-clients lint bench bench-backend bench-peers bench-smoke token clean
+        generate-client check-clients lint bench bench-backend bench-ai-memory bench-peers bench-smoke token clean
 
 install:
 	@PYTHON=$(PYTHON) sh scripts/check-prereqs install
@@ -60,6 +60,7 @@ test:
 	$(PY) -m twisted.trial -j2 tests
 	$(PY) bench/run.py --smoke
 	$(PY) bench/backend_rpc.py --smoke
+	$(PY) bench/ai_history_memory.py --smoke
 
 test-unit:
 	$(PY) -m twisted.trial tests
@@ -92,6 +93,10 @@ constraints:
 bench:
 	$(PY) bench/run.py
 	$(PY) bench/backend_rpc.py
+	$(PY) bench/ai_history_memory.py
+
+bench-ai-memory:
+	$(PY) bench/ai_history_memory.py
 
 bench-backend:
 	$(PY) bench/backend_rpc.py
@@ -101,6 +106,7 @@ bench-peers:
 
 bench-smoke:
 	$(PY) bench/run.py --smoke
+	$(PY) bench/ai_history_memory.py --smoke
 
 clean:
 	rm -rf _trial_temp* .mypy_cache .ruff_cache build dist *.egg-info

@@ -21,6 +21,13 @@ from typing import Any
 # (django-ipc's broadcast message).
 RE_T_NS = re.compile(rb'"t_ns\\?"\s*:\s*(\d+)')
 RE_SEQ = re.compile(rb'"seq\\?"\s*:\s*(\d+)')
+# Streamed messages (PROTOCOL.md section 5.1): an event covers seq..last_seq,
+# says done, and lists reported gaps; each bench chunk's text carries its own
+# marker "@<index in the session>:<scheduled perf_counter_ns>~" (role_events).
+RE_LAST_SEQ = re.compile(rb'"last_seq\\?"\s*:\s*(\d+)')
+RE_DONE = re.compile(rb'"done\\?"\s*:\s*true')
+RE_GAPS = re.compile(rb'"gaps\\?"\s*:')
+RE_MARK = re.compile(rb"@(\d+):(\d+)~")
 
 
 class Dialect:

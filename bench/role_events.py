@@ -6,6 +6,19 @@ in every process on this host) and a per-room ``seq``. Receivers compute
 ``now - t_ns`` with a regex on the raw frame (no JSON decode on the hot
 path) and, when asked, check per-member ``seq`` completeness and order.
 
+AI mode (``mode: "ai"``) publishes streamed ``session.message`` answers the
+way a backend does (PROTOCOL.md sections 5.1 and 6): each session's answers
+``m-<sid>-0``, ``m-<sid>-1``, ... of ``chunks_per_message`` chunks, ``seq``
+numbered from 0 in each answer, ``done`` true on its last chunk. A server
+may deliver several chunks as one event (``seq``..``last_seq``, the chunks'
+text concatenated), and a message's fields are those of its first chunk, so
+the timing cannot ride in a field: each chunk's ``content`` starts with a
+marker ``@<k>:<scheduled ns>~`` (``k``: the chunk's index in its session),
+padded with text to the same size as before. Receivers time every chunk
+from its own marker and check, per event, that the markers are exactly the
+chunks ``seq``..``last_seq`` of one answer, in order, ``done`` exactly on an
+answer's last chunk; per member, no chunk missing or repeated.
+
 Publish adapters (chosen per server by the harness):
 - ``rpc``: a client call over ``conns`` WebSockets (``bench.publish`` for the
   peers and our memory engine, ``broadcast`` for django-ipc). Room ``i``
@@ -22,7 +35,7 @@ import asyncio
 import time
 from typing import Any
 
-from dialects import DIALECTS, RE_SEQ, RE_T_NS, xadd_payload
+from dialects import DIALECTS, RE_DONE, RE_GAPS, RE_LAST_SEQ, RE_MARK, RE_SEQ, RE_T_NS, xadd_payload
 from stats import Hist
 from wsclient import Client, close_all, connect_many
 
@@ -32,21 +45,69 @@ now_ns = time.perf_counter_ns
 # every millisecond and send everything due (stamped with its scheduled time).
 MIN_SLEEP_S = 0.001
 
-CHUNK = "token token token token token token "  # ~36 chars of streamed text
+CHUNK = "token token token token token token "  # 36 chars of streamed text
+
+
+def ai_content(k: int, t: int) -> str:
+    """A chunk's text: its timing marker, padded with text to ``len(CHUNK)``."""
+    mark = f"@{k}:{t}~"
+    return mark + CHUNK[len(mark):]
 
 
 class Member:
-    """Per-connection delivery bookkeeping."""
+    """Per-connection delivery bookkeeping (``got`` counts chunks in AI mode)."""
 
-    __slots__ = ("dups", "expected", "got", "last_seq", "ooo", "room", "seen")
+    __slots__ = ("bad_done", "dups", "events", "expected", "got", "last_seq", "mismatch", "ooo",
+                 "room", "seen")
 
     def __init__(self, room: str, expected: int, track_seq: bool) -> None:
         self.room = room
         self.expected = expected
-        self.got = 0
+        self.got = self.events = 0
         self.seen: bytearray | None = bytearray(expected) if track_seq else None
-        self.dups = self.ooo = 0
+        self.dups = self.ooo = self.mismatch = self.bad_done = 0
         self.last_seq = -1
+
+
+def ai_event(m: Member, payload: bytes, t: int, cpm: int, hist: Hist) -> int | None:
+    """Check and time one AI-mode frame for member ``m``; returns the chunks it covers.
+
+    Chunks are counted by ``seq``..``last_seq`` (``last_seq`` absent: one
+    chunk, as the peers send) in the answer the text's first marker names;
+    each is marked seen (a second time: a duplicate; before one already seen:
+    out of order). The event is "mismatched" when its markers are not exactly
+    those chunks in order, or it reports gaps; "bad done" when ``done`` is
+    not true exactly on an answer's last chunk. None: not an AI event.
+    """
+    marks = RE_MARK.findall(payload)
+    if not marks:
+        return None
+    seen = m.seen
+    assert seen is not None
+    m.events += 1
+    ms = RE_SEQ.search(payload)
+    seq = int(ms.group(1)) if ms else -1
+    ml = RE_LAST_SEQ.search(payload)
+    last = int(ml.group(1)) if ml else seq
+    base = int(marks[0][0]) // cpm * cpm  # the answer's first chunk
+    covered = range(base + seq, base + last + 1)
+    if [int(k) for k, _ in marks] != list(covered) or RE_GAPS.search(payload):
+        m.mismatch += 1
+    ends = (last == cpm - 1 or base + last == m.expected - 1)
+    if ends != (RE_DONE.search(payload) is not None):
+        m.bad_done += 1
+    for k in covered:
+        if 0 <= k < len(seen):
+            if seen[k]:
+                m.dups += 1
+            seen[k] = 1
+        if k <= m.last_seq:
+            m.ooo += 1
+        m.last_seq = k
+    for _, tb in marks:
+        hist.add((t - int(tb)) / 1000.0)
+    m.got += len(covered)
+    return len(covered)
 
 
 async def receivers(spec: dict[str, Any], ctl: Any) -> None:
@@ -54,7 +115,9 @@ async def receivers(spec: dict[str, Any], ctl: Any) -> None:
     d = DIALECTS[spec["dialect"]]
     rooms: list[str] = spec["rooms"]
     expected: dict[str, int] = spec["expected"]
-    track = bool(spec.get("track_seq", False))
+    ai = spec.get("mode") == "ai"
+    track = ai or bool(spec.get("track_seq", False))
+    cpm = int(spec.get("chunks_per_message", 1 << 30))
     offset = int(spec.get("member_offset", 0))
 
     async def join(c: Client) -> None:
@@ -69,8 +132,26 @@ async def receivers(spec: dict[str, Any], ctl: Any) -> None:
         raise RuntimeError(f"no member joined: {fails}")
     total_expected = sum(c.state.expected for c in clients)
     hist = Hist()
-    counters = {"got": 0, "other": 0, "first": 0, "last": 0}
+    counters = {"got": 0, "events": 0, "other": 0, "first": 0, "last": 0}
     finished = asyncio.get_running_loop().create_future()
+
+    def make_ai_handler(c: Client):  # type: ignore[no-untyped-def]
+        m: Member = c.state
+
+        def on_msg(payload: bytes) -> None:
+            t = now_ns()
+            n = ai_event(m, payload, t, cpm, hist)
+            if n is None:  # replies, presence, anything not ours
+                counters["other"] += 1
+                return
+            if not counters["first"]:
+                counters["first"] = t
+            counters["last"] = t
+            counters["got"] += n
+            counters["events"] += 1
+            if counters["got"] >= total_expected and not finished.done():
+                finished.set_result(None)
+        return on_msg
 
     def make_handler(c: Client):  # type: ignore[no-untyped-def]
         m: Member = c.state
@@ -102,7 +183,7 @@ async def receivers(spec: dict[str, Any], ctl: Any) -> None:
         return on_msg
 
     for c in clients:
-        c.on_msg = make_handler(c)
+        c.on_msg = make_ai_handler(c) if ai else make_handler(c)
     await ctl.phase("ready", connected=len(clients), failures=fails, connect_s=conn_s)
     try:
         await asyncio.wait_for(asyncio.shield(finished), spec["deadline_s"])
@@ -119,6 +200,9 @@ async def receivers(spec: dict[str, Any], ctl: Any) -> None:
             closed[k] = closed.get(k, 0) + 1
     ctl.done({"members": len(clients), "connect_failures": fails, "connect_s": conn_s,
               "expected": total_expected, "received": counters["got"], "missing": missing,
+              "events": counters["events"] if ai else counters["got"],
+              "mismatched_events": sum(m.mismatch for m in members),
+              "bad_done": sum(m.bad_done for m in members),
               "dups": sum(m.dups for m in members), "out_of_order": sum(m.ooo for m in members),
               "complete_members": sum(1 for m in members if m.got >= m.expected),
               "other_msgs": counters["other"], "first_ns": counters["first"],
@@ -126,12 +210,16 @@ async def receivers(spec: dict[str, Any], ctl: Any) -> None:
     await close_all(clients)
 
 
-def _event_data(mode: str, room: str, seq: int, last: bool, t: int, pad: str) -> dict[str, Any]:
+def _event_data(mode: str, room: str, k: int, per_room: int, cpm: int, t: int,
+                pad: str) -> dict[str, Any]:
+    """The ``k``-th event of ``room``; in AI mode chunk ``k % cpm`` of answer ``k // cpm``."""
     if mode == "ai":
         sid = room.split(":", 1)[1]
-        return {"session_id": sid, "message_id": "m-" + sid, "role": "assistant",
-                "content": CHUNK, "seq": seq, "done": last, "t_ns": t}
-    return {"t_ns": t, "seq": seq, "p": pad} if pad else {"t_ns": t, "seq": seq}
+        n, seq = divmod(k, cpm)
+        return {"session_id": sid, "message_id": f"m-{sid}-{n}", "role": "assistant",
+                "content": ai_content(k, t), "seq": seq,
+                "done": seq == cpm - 1 or k == per_room - 1}
+    return {"t_ns": t, "seq": k, "p": pad} if pad else {"t_ns": t, "seq": k}
 
 
 async def publisher(spec: dict[str, Any], ctl: Any) -> None:
@@ -141,6 +229,7 @@ async def publisher(spec: dict[str, Any], ctl: Any) -> None:
     event, mode, pad = spec["event"], spec.get("mode", "tick"), "x" * spec.get("pad", 0)
     count, rate = int(spec["count"]), float(spec["rate"])
     per_room = -(-count // len(rooms))
+    cpm = int(spec.get("chunks_per_message", per_room)) or per_room
     acks = {"ok": 0, "err": 0}
     sent = 0
     pubs: list[Client] = []
@@ -178,7 +267,7 @@ async def publisher(spec: dict[str, Any], ctl: Any) -> None:
             room = rooms[sent % len(rooms)]
             seq = sent // len(rooms)
             sched = int(t0 + sent * interval)
-            batch.append((room, _event_data(mode, room, seq, seq == per_room - 1, sched, pad), sent))
+            batch.append((room, _event_data(mode, room, seq, per_room, cpm, sched, pad), sent))
             sent += 1
         if pubs:
             for room, data, n in batch:

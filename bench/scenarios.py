@@ -31,7 +31,11 @@ FULL: dict[str, Any] = {
     "xadd_latency": {"rooms": 100, "members_per_room": 2, "rate": 1000, "duration_s": 5.0},
     # publisher_conns: client connections the rpc publish adapter spreads the
     # sessions over (a backend publishes through many workers, not one socket)
-    "ai_stream": {"sessions": 50, "chunks_per_s": 50, "duration_s": 5.0, "publisher_conns": 10},
+    # chunks_per_message: each session streams answers of this many chunks in
+    # a row (seq from 0 in each, done on the last): 250 chunks a session in
+    # 5 s make answers of 100, 100 and 50 chunks
+    "ai_stream": {"sessions": 50, "chunks_per_s": 50, "duration_s": 5.0, "publisher_conns": 10,
+                  "chunks_per_message": 100},
     # quiet_s: pause after the warm-up connections closed, before the baseline
     # conns: one case per size, each against one server process (19,000: the
     # issue's "19,000 connections in one process"); a fresh server per case
@@ -47,7 +51,8 @@ SMOKE: dict[str, Any] = {
             "open_conns": 10, "open_fracs": [0.5], "open_duration_s": 0.3},
     "fanout": [(100, 20, 0.6, 1)],
     "xadd_latency": {"rooms": 10, "members_per_room": 1, "rate": 200, "duration_s": 0.5},
-    "ai_stream": {"sessions": 5, "chunks_per_s": 20, "duration_s": 0.6, "publisher_conns": 2},
+    "ai_stream": {"sessions": 5, "chunks_per_s": 20, "duration_s": 0.6, "publisher_conns": 2,
+                  "chunks_per_message": 5},
     "idle_memory": {"conns": [200, 300], "hold_s": 0.2, "settle_s": 0.2, "quiet_s": 0.1,
                     "connect_deadline_s": 30.0, "ping_timeout_s": 10.0, "fresh_server": True},
     "connect_rate": {"total": 200, "concurrency": 50},
@@ -175,18 +180,26 @@ async def sc_rpc(ctx: Ctx, srv: RunningServer) -> list[dict[str, Any]]:
 # 2-4, 7 share this: receivers + one publisher -------------------------------
 async def _pubsub(ctx: Ctx, srv: RunningServer, *, tag: str, rooms: list[str], members: int,
                   procs: int, rate: float, duration: float, event: str, mode: str,
-                  adapter: dict[str, Any], track_seq: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Receivers in ``procs`` processes, one publisher; merged results + window."""
+                  adapter: dict[str, Any], track_seq: bool = False,
+                  extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Receivers in ``procs`` processes, one publisher; merged results + window.
+
+    ``extra``: more spec keys for the receivers and the publisher alike
+    (``chunks_per_message`` in AI mode).
+    """
+    extra = extra or {}
     count = max(len(rooms), int(rate * duration) // len(rooms) * len(rooms))
     expected = {r: count // len(rooms) for r in rooms}
     grace = ctx.sizes["grace_s"]
     share = [members // procs + (1 if i < members % procs else 0) for i in range(procs)]
     rspecs = [{**_base(srv), "role": "receivers", "members": share[i], "rooms": rooms,
                "member_offset": sum(share[:i]), "expected": expected, "track_seq": track_seq,
-               "deadline_s": duration + grace, "max_s": 200 + duration + grace}
+               "mode": mode, "deadline_s": duration + grace, "max_s": 200 + duration + grace,
+               **extra}
               for i in range(procs)]
     pspec = {**_base(srv), "role": "publisher", "adapter": adapter, "rooms": rooms,
-             "event": event, "mode": mode, "count": count, "rate": rate, "max_s": 100 + duration}
+             "event": event, "mode": mode, "count": count, "rate": rate, "max_s": 100 + duration,
+             **extra}
     recv = await start_all(rspecs, ctx.logdir, tag + "-recv")
     pub: list[ClientProc] = []
     try:
@@ -203,9 +216,9 @@ async def _pubsub(ctx: Ctx, srv: RunningServer, *, tag: str, rooms: list[str], m
         await finish_all(recv + pub)
     rs = [d["result"] for d in dones[:-1]]
     pr = dones[-1]["result"]
-    agg: dict[str, Any] = {k: sum(r[k] for r in rs) for k in
+    agg: dict[str, Any] = {k: sum(r.get(k, 0) for r in rs) for k in
                            ("members", "expected", "received", "missing", "dups", "out_of_order",
-                            "complete_members")}
+                            "complete_members", "events", "mismatched_events", "bad_done")}
     agg["closed"] = {}
     for r in rs:
         for k, v in r["closed"].items():
@@ -284,7 +297,17 @@ async def sc_xadd(ctx: Ctx, srv: RunningServer) -> list[dict[str, Any]]:
 
 
 async def sc_ai(ctx: Ctx, srv: RunningServer) -> list[dict[str, Any]]:
-    """AI streaming: S sessions x C chunks/s of session.message, one member each."""
+    """AI streaming: S sessions x C chunks/s of streamed session.message, one member each.
+
+    Each session streams answers of ``chunks_per_message`` chunks (seq from 0,
+    done on the last), published through the server's adapter: XADD of
+    ``session.message`` itself for the Redis engine (one CHUNK script per
+    chunk), ``bench.publish`` for the memory engine (which hands the chunks to
+    the broker's ``append_chunk``, as the backend method does), the same data
+    as ordinary events for the peers. Latency is per chunk, from its own
+    scheduled time to the event that carried it; ``received`` counts chunks
+    (an event may carry several: ``chunks_per_event``).
+    """
     sz = ctx.sizes["ai_stream"]
     name = f"s{sz['sessions']}_c{sz['chunks_per_s']}"
     params = {**sz, "publish": srv.spec.publish["kind"]}
@@ -295,13 +318,21 @@ async def sc_ai(ctx: Ctx, srv: RunningServer) -> list[dict[str, Any]]:
             members=sz["sessions"], procs=1, rate=sz["sessions"] * sz["chunks_per_s"],
             duration=sz["duration_s"], event="session.message", mode="ai",
             adapter={**srv.spec.publish_adapter(srv.ports), "conns": sz["publisher_conns"]},
-            track_seq=True)
+            track_seq=True, extra={"chunks_per_message": sz["chunks_per_message"]})
         m = _delivery_metrics(agg, pr, win)
         m["completeness_pct"] = 100.0 * (agg["expected"] - agg["missing"]) / max(1, agg["expected"])
         m["out_of_order"] = agg["out_of_order"]
+        m["events"] = agg["events"]
+        m["chunks_per_event"] = agg["received"] / agg["events"] if agg["events"] else None
+        m["mismatched_events"] = agg["mismatched_events"]
         checks = _pubsub_checks(agg, pr, win)
         if agg["out_of_order"]:
             checks.append(f"{agg['out_of_order']} chunks out of order")
+        if agg["mismatched_events"]:
+            checks.append(f"{agg['mismatched_events']} events whose text is not their "
+                          "seq..last_seq chunks")
+        if agg["bad_done"]:
+            checks.append(f"{agg['bad_done']} events with done wrong")
         return case("ai_stream", name, params, m, checks=checks)
     return [await _guarded("ai_stream", name, params, body)]
 

@@ -180,6 +180,16 @@ SERVERS: dict[str, ServerSpec] = {s.name: s for s in (
         publish={"kind": "redis_xadd", "format": "unrealon-native"}, ingress="unrealon",
         supports_since=True, health_path="/health",
         requires=_exists(TWIST, "main venv")),
+    # The same node, the AI chunks XADDed as ordinary events (the backend
+    # ``publish`` method): what streamed messages (PROTOCOL.md 5.1) cost over
+    # the plain event path, in the same run.
+    ServerSpec(
+        name="unrealon-redis-events", title="unrealon-ws, Redis engine, AI chunks as events",
+        dialect="jsonrpc", argv=_unrealon_argv, env=_unrealon_env(True), needs_redis=True,
+        publish={"kind": "redis_xadd", "format": "unrealon"}, ingress="unrealon",
+        supports_since=True, health_path="/health", requires=_exists(TWIST, "main venv"),
+        only=frozenset({"ai_stream"}),
+        only_reason="same server as unrealon-redis (only the AI chunks' path differs)"),
 )}
 
 
