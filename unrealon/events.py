@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from unrealon.rpc import param, to_json
+from unrealon.rpc import attrs_names, param
 
 
 def id_param(**extra: Any) -> Any:
@@ -87,7 +87,8 @@ def _params_class(spec: Mapping[str, Any], section: tuple[str, ...] = ("params",
 
 
 def _room(template: str) -> Callable[[Any], str]:
-    return lambda params: template.format(**{k: getattr(params, k) for k in _names(template)})
+    names = _names(template)  # parsed once: this runs for every event published
+    return lambda params: template.format(**{k: getattr(params, k) for k in names})
 
 
 def _names(template: str) -> list[str]:
@@ -135,7 +136,14 @@ PARAMS: dict[str, type] = {e.params.__name__: e.params for e in CATALOGUE}
 
 def event_data(params: Any, extras: dict[str, Any]) -> dict[str, Any]:
     """The C{data} clients receive: given params (None left out) and extras."""
-    data = {k: v for k, v in to_json(params).items() if v is not None}
+    # Not to_json: a catalogue param is a JSON scalar, an enum or a JSON
+    # object that came off the wire, so only enums need turning back, and
+    # this runs for every chunk of every streamed answer
+    data: dict[str, Any] = {}
+    for name in attrs_names(params.__class__) or ():
+        value = getattr(params, name)
+        if value is not None:
+            data[name] = value.value if isinstance(value, enum.Enum) else value
     for key, value in extras.items():
         data.setdefault(key, value)
     return data

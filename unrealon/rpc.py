@@ -288,7 +288,7 @@ _SCALARS = (str, int, float, bool, type(None))
 
 
 @functools.cache
-def _attrs_names(cls: type) -> tuple[str, ...] | None:
+def attrs_names(cls: type) -> tuple[str, ...] | None:
     """The field names of an attrs class (None for any other type), once per type."""
     return tuple(f.name for f in attrs.fields(cls)) if attrs.has(cls) else None
 
@@ -297,7 +297,7 @@ def to_json(value: Any) -> Any:
     """Turn a result (attrs instances, enums, tuples) into JSON values."""
     if isinstance(value, _SCALARS):
         return value
-    names = _attrs_names(value.__class__)
+    names = attrs_names(value.__class__)
     if names is not None:
         return {name: to_json(getattr(value, name)) for name in names}
     if isinstance(value, enum.Enum):

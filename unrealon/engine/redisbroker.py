@@ -82,6 +82,8 @@ DISPATCH_SLICE = 64 * 1024
 RELEASE_INTERVAL = 0.25
 #: messages released per look (the rest at the next one)
 RELEASE_BATCH = 100
+#: streamed messages whose encoded fields a node keeps (the oldest goes first)
+PREFIX_CACHE = 1024
 
 
 def split_notification(event: str, room: str, data: Mapping[str, Any]) -> tuple[str, str]:
@@ -139,6 +141,8 @@ class RedisBroker:
         self._ttl = max(1, int(history_ttl))
         self._gap_wait_ms = max(1, int(gap_wait * 1000))
         self._count_chunk = count_chunk
+        #: (room, event, message id) -> (fields, head, meta) of recent streamed messages
+        self._prefixes: dict[tuple[str, str, str], tuple[dict[str, Any], str, str]] = {}
         self._last_id = "0-0"
         #: the feed's epoch when this node last proved continuity
         self._feed_epoch = ""
@@ -330,14 +334,31 @@ class RedisBroker:
         return d.addCallbacks(str, unavailable)
 
     def append_chunk(self, room: str, event: str, chunk: MessageChunk) -> Deferred[str]:
-        head, _ = split_notification(event, room, {})
-        fields = {k: v for k, v in chunk.fields.items() if k not in CHUNK_FIELDS}
-        meta = jsoncodec.text(fields)[:-1]
+        head, meta = self._message_prefix(room, event, chunk)
         error = "" if chunk.error is None else "e" + chunk.error
         d = self._chunk(room, chunk.message_id, [
             chunk.seq, chunk.content, "1" if chunk.done else "0", error, head, meta,
         ])
         return d.addCallback(lambda outcome: outcome[0])
+
+    def _message_prefix(self, room: str, event: str, chunk: MessageChunk) -> tuple[str, str]:
+        """
+        The notification head and the message's fields as JSON (without the
+        closing brace) that the script stores from a message's first chunk.
+        Every chunk sends them (the node cannot know which chunk is first);
+        they are encoded once per message, while its chunks repeat them.
+        """
+        fields = {k: v for k, v in chunk.fields.items() if k not in CHUNK_FIELDS}
+        key = (room, event, chunk.message_id)
+        known = self._prefixes.get(key)
+        if known is not None and known[0] == fields:
+            return known[1], known[2]
+        head, _ = split_notification(event, room, {})
+        meta = jsoncodec.text(fields)[:-1]
+        if len(self._prefixes) >= PREFIX_CACHE:
+            del self._prefixes[next(iter(self._prefixes))]
+        self._prefixes[key] = (fields, head, meta)
+        return head, meta
 
     def _chunk(
         self, room: str, message_id: str, args: list[str | bytes | int]
