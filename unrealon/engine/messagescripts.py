@@ -41,8 +41,11 @@ CHUNK = LuaScript(
     EPOCH_LIB
     + MESSAGES_LIB
     + """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Redis' clock in ms, read only when a chunk is held or released
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local room, mid = ARGV[1], ARGV[2]
 local member = room .. '\\n' .. mid
 local ttl = tonumber(ARGV[10])
@@ -87,8 +90,12 @@ local nxt = tonumber(state[1] or '0')
 
 -- one event: append the text, move the marker, index it, announce it
 local function deliver(first, last, content, done, err, gap)
-  local offset = redis.call('STRLEN', KEYS[5])
-  if content ~= '' then redis.call('APPEND', KEYS[5], content) end
+  local offset
+  if content ~= '' then
+    offset = redis.call('APPEND', KEYS[5], content) - string.len(content)
+  else
+    offset = redis.call('STRLEN', KEYS[5])
+  end
   local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', tonumber(ARGV[9]) + 1, '*', 'm', mid)
   redis.call('XADD', KEYS[6], id, 's', first, 'o', offset)
   if state[4] then redis.call('XDEL', KEYS[1], state[4]) end
@@ -135,7 +142,7 @@ end
 if seq < 0 then
   -- release: report every missing seq before the held chunks, deliver them
   local deadline = tonumber(state[3] or '0')
-  if deadline == 0 or now < deadline then return {latest(), 'none'} end
+  if deadline == 0 or now_ms() < deadline then return {latest(), 'none'} end
   local seqs = {}
   for _, k in ipairs(redis.call('HKEYS', KEYS[7])) do seqs[#seqs + 1] = tonumber(k) end
   table.sort(seqs)
@@ -163,7 +170,7 @@ end
 if seq > nxt then
   redis.call('HSET', KEYS[7], fmt(seq), cjson.encode({ARGV[4], ARGV[5], ARGV[6]}))
   if not state[3] then
-    local due = now + tonumber(ARGV[12])
+    local due = now_ms() + tonumber(ARGV[12])
     redis.call('HSET', KEYS[4], 'deadline', due)
     redis.call('ZADD', KEYS[8], due, member)
   end
