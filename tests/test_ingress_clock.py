@@ -95,6 +95,7 @@ class ConsumerClockTests(SynchronousTestCase):
         self.assertEqual(self.calls, [(7, entry_id), (7, entry_id)])
         self.answers[1].callback({"n": 7})
         self.assertEqual(len(self.replies("list:r7")), 1)
+        self.clock.advance(0)  # acknowledgements go out at the end of the turn
         self.assertEqual(self.redis.groups[(STREAM, GROUP)].pending, {})
         self.assertTrue(consumer.reader.working())
 

@@ -49,6 +49,7 @@ from unrealon.engine.redisclient import (
     push_reply,
     redis_error_code,
 )
+from unrealon.engine.streamacks import StreamAcks
 from unrealon.engine.supervision import RedisLink, SupervisedLoop, SupervisedReader, redis_down
 from unrealon.ingresswire import (
     IngressRequest,
@@ -111,6 +112,7 @@ class EntryHandler:
         self._dead_stream = dead_stream
         self._max_deliveries = max_deliveries
         self._count = count
+        self._acks = StreamAcks(clock, self._streams, stream, group)
 
     async def handle(self, entry: StreamEntry, deliveries: int) -> None:
         fields = entry.fields
@@ -205,7 +207,7 @@ class EntryHandler:
         await push_reply(self._redis, reply_to, body, REPLY_TTL)
 
     async def _ack(self, entry: StreamEntry) -> None:
-        await self._streams.xack(self._stream, self._group, entry.id)
+        await self._acks.ack(entry.id)
 
     async def _dead(
         self, entry: StreamEntry, reason: str, deliveries: int, *, ack: bool = True
