@@ -239,6 +239,24 @@ class MessageStreamConformance:
         self.assertEqual(later.streaming, ())
 
     @inlineCallbacks
+    def test_finished_message_recovers_whole(self) -> Any:
+        """From a cursor inside a message that is done since: the whole message, from seq 0."""
+        yield self.make(history_size=100)
+        yield self.append(chunk(0, "a"), chunk(1, "b"))
+        yield self.delivered(2, ROOM)
+        mid_cursor = self.sink.notifications(ROOM)[1]["params"]["cursor"]
+        yield self.append(chunk(2, "c"))
+        partial = yield self.broker.recover(ROOM, mid_cursor)
+        self.assertEqual([(m["params"]["data"]["seq"], m["params"]["data"]["content"])
+                          for m in partial.missed], [(2, "c")])
+        yield self.append(chunk(3, "", done=True))
+        recovery = yield self.broker.recover(ROOM, mid_cursor)
+        [whole] = recovery.missed
+        data = whole["params"]["data"]
+        self.assertEqual((data["seq"], data["last_seq"], data["content"], data["done"]),
+                         (0, 3, "abc", True))
+
+    @inlineCallbacks
     def test_two_messages_interleaved(self) -> Any:
         yield self.make(history_size=100)
         yield self.append(chunk(0, "a", message_id="x"), chunk(0, "A", message_id="y"),

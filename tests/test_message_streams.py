@@ -631,8 +631,8 @@ class EndTests(StreamTestCase):
         """
         The last chunk carries error: the event covering it has done true
         and error, live and in recovery (from before the message, and for a
-        client that left half way); a join without since does not list it as
-        streaming (sections 5.1 and 6).
+        client that left half way: the finished message whole); a join
+        without since does not list it as streaming (sections 5.1 and 6).
         """
         nodes = yield self.cluster()
         room = "session:error"
@@ -664,8 +664,9 @@ class EndTests(StreamTestCase):
             self.assert_whole(reader, room, "m", whole, error=error)
         recovered = [(e.data["seq"], e.data["last_seq"], e.data["done"], e.data.get("error"),
                       e.data["content"]) for e in leaving.received if e.how == "missed"]
-        self.assertEqual(recovered, [(10, 19, True, error, "".join(texts[10:]))],
-                         self.about("back after seq 9: one event from seq 10, with the error"))
+        self.assertEqual(recovered, [(0, 19, True, error, whole)],
+                         self.about("back after seq 9, the message done: the whole message in "
+                                    "one event, with the error"))
         self.assertEqual((plain.joins[0]["missed"], plain.joins[0]["streaming"]), ([], []),
                          self.about("an ended message is not streaming"))
 

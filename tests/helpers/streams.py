@@ -255,6 +255,8 @@ class Reader:
                     f"not done: {_short(data)}")
         elif held is not None and held.done:
             self.violations.append(f"{where}: an event after the one with done: {_short(data)}")
+        elif how == "missed" and data["done"] and seq == 0:
+            pass  # section 5.1, Recovery: a message done since is recovered whole
         elif seq != n + 1:
             kind = "a gap" if seq > n + 1 else "a duplicate"
             self.violations.append(f"{where}: {kind}, expected seq {n + 1}: {_short(data)}")

@@ -101,9 +101,10 @@ class StreamedMessage:
     def data(self, after: int | None) -> dict[str, Any]:
         """
         The data of one event covering the deliveries after history position
-        C{after} (None: all of them).
+        C{after} (None: all of them; all of them too once the message is
+        done: a finished message is recovered whole).
         """
-        index = 0 if after is None else bisect.bisect_right(
+        index = 0 if after is None or self.done else bisect.bisect_right(
             [d.position for d in self.deliveries], after
         )
         covered = self.deliveries[index:]

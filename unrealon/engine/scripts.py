@@ -66,15 +66,17 @@ local function message_event(head, meta, cursor, content, first, last, done, err
   return s .. '}}}'
 end
 -- one event of message `mid` covering its deliveries after history id
--- `after` ('' for all of it); nil when the message's keys are gone, false
--- when it has no event yet (its only chunks are held)
+-- `after` ('' for all of it; all of it too once the message is done); nil
+-- when the message's keys are gone, false when it has no event yet (its
+-- only chunks are held)
 local function compacted(prefix, tag, mid, epoch, after)
   local state = redis.call('HMGET', prefix .. 's:' .. tag .. mid,
                            'next', 'marker', 'head', 'meta', 'done', 'error', 'gaps')
   if not state[1] then return nil end
   if not state[2] then return false end
   local first, offset = 0, 0
-  if after ~= '' then
+  -- a finished message is recovered whole, whatever the client had of it
+  if after ~= '' and state[5] ~= '1' then
     local e = redis.call('XRANGE', prefix .. 'i:' .. tag .. mid, '(' .. after, '+', 'COUNT', 1)
     if #e == 0 then return nil end
     local f = e[1][2]
