@@ -24,7 +24,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
 from unrealon_backend import (
     BackendCallError,
     BackendUnavailable,
@@ -37,31 +36,8 @@ from unrealon_backend import (
     Publisher,
 )
 
-from tests.helpers.ingress_support import sync_redis
-from tests.helpers.redis_server import start_redis
+from tests.helpers.publishing import STREAM, PublisherTestCase
 from tests.helpers.waiting import wait_until
-
-STREAM = "stream:requests"
-
-
-class PublisherTestCase(TestCase):
-    timeout = 20
-
-    @inlineCallbacks
-    def setUp(self) -> Any:
-        self.server = yield start_redis(self)
-        self.r = sync_redis(self.server.url)
-        self.addCleanup(self.r.close)
-        self.publisher = Publisher(self.r)
-
-    def entries(self, stream: str = STREAM) -> list[tuple[str, dict[str, Any]]]:
-        return [(entry_id, json.loads(fields["payload"]))
-                for entry_id, fields in self.r.xrange(stream)]
-
-    def last(self) -> dict[str, Any]:
-        entries = self.entries()
-        self.assertTrue(entries)
-        return entries[-1][1]
 
 
 class SendTests(PublisherTestCase):

@@ -22,7 +22,6 @@ from typing import Any
 import redis
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
 from unrealon_backend import (
     AsyncMessageStream,
     AsyncPublisher,
@@ -31,10 +30,7 @@ from unrealon_backend import (
     Publisher,
 )
 
-from tests.helpers.ingress_support import sync_redis
-from tests.helpers.redis_server import start_redis
-
-STREAM = "stream:requests"
+from tests.helpers.publishing import STREAM, PublisherTestCase
 
 
 def chunk(seq: int, content: str, done: bool, *, session_id: str = "7",
@@ -59,25 +55,8 @@ class Flaky:
         return self.client.xadd(*args, **kwargs)
 
 
-class StreamTestCase(TestCase):
+class StreamTestCase(PublisherTestCase):
     timeout = 30
-
-    @inlineCallbacks
-    def setUp(self) -> Any:
-        self.server = yield start_redis(self)
-        self.r = sync_redis(self.server.url)
-        self.addCleanup(self.r.close)
-        self.publisher = Publisher(self.r)
-
-    def entries(self) -> list[tuple[str, dict[str, Any]]]:
-        out = []
-        for entry_id, fields in self.r.xrange(STREAM):
-            self.assertEqual(list(fields), ["payload"])
-            out.append((entry_id, json.loads(fields["payload"])))
-        return out
-
-    def payloads(self) -> list[dict[str, Any]]:
-        return [payload for _, payload in self.entries()]
 
     def run_async(self, scenario: Callable[[AsyncPublisher], Awaitable[Any]],
                   **options: Any) -> Deferred[Any]:
