@@ -9,6 +9,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { MessageStreamError, UnrealonClient } from "../dist/index.js";
+import { ScriptedSocket } from "../testlib/scripted-socket.mjs";
 
 const ROOM = "session:s1";
 const CHUNKS = Array.from({ length: 10 }, (_, i) => `c${i} `);
@@ -31,40 +32,23 @@ function chunkEvent(messageId, first, last, cursor, extra = {}) {
 }
 
 /** One connection the test plays the server of; `joins` answers rooms.join by connection number. */
-class ScriptedSocket {
+class JoinScriptedSocket extends ScriptedSocket {
   static all = [];
   static joins = () => null;
   constructor(url) {
-    this.url = url;
-    this.readyState = 0;
-    this.sent = [];
-    this.index = ScriptedSocket.all.length;
-    this.onopen = this.onmessage = this.onclose = this.onerror = null;
-    ScriptedSocket.all.push(this);
-    setTimeout(() => {
-      this.readyState = 1;
-      this.onopen?.({});
-    }, 0);
+    super(url);
+    this.index = JoinScriptedSocket.all.length;
+    JoinScriptedSocket.all.push(this);
   }
-  send(text) {
-    const msg = JSON.parse(text);
-    this.sent.push(msg);
-    if (msg.method === "auth.authenticate") {
-      this.push({ id: msg.id, result: { user_id: "alice", expires_at: Date.now() / 1000 + 3600 } });
-    } else if (msg.method === "rooms.join") {
-      this.push({ id: msg.id, result: ScriptedSocket.joins(this.index, msg.params) });
+  answer(msg) {
+    if (msg.method === "rooms.join") {
+      this.push({ id: msg.id, result: JoinScriptedSocket.joins(this.index, msg.params) });
     }
-  }
-  push(obj) {
-    setTimeout(() => this.onmessage?.({ data: JSON.stringify({ jsonrpc: "2.0", ...obj }) }), 0);
   }
   /** The server drops the connection. */
   drop() {
     this.readyState = 3;
     this.onclose?.({ code: 1006, reason: "" });
-  }
-  close() {
-    this.readyState = 3;
   }
 }
 
@@ -79,11 +63,11 @@ async function until(predicate, what) {
 }
 
 function scriptedClient() {
-  ScriptedSocket.all = [];
+  JoinScriptedSocket.all = [];
   const c = new UnrealonClient({
     url: "ws://scripted/ws",
     token: "t",
-    WebSocket: ScriptedSocket,
+    WebSocket: JoinScriptedSocket,
     trackImplicitRooms: false,
     heartbeatMs: 0,
     backoff: { initialMs: 5, maxMs: 5, jitter: 0 },
@@ -95,7 +79,7 @@ function scriptedClient() {
 
 test("join streaming, live chunks, a recovered rejoin's missed and a failed one's streaming give exactly the text", async () => {
   const joins = [];
-  ScriptedSocket.joins = (index, params) => {
+  JoinScriptedSocket.joins = (index, params) => {
     joins.push({ index, params });
     if (index === 0) {
       // a late join: m1 streams, chunks 0..2 so far
@@ -121,19 +105,19 @@ test("join streaming, live chunks, a recovered rejoin's missed and a failed one'
   assert.deepEqual(raw, [[0, 2, true, "c4"]]); // handlers see the streaming event too, as replayed
   assert.equal(c.joinedRooms().get(ROOM), "c5"); // the streaming event leaves the cursor alone
 
-  ScriptedSocket.all[0].push(chunkEvent("m1", 3, 3, "c6"));
-  ScriptedSocket.all[0].push({ method: "session.message", params: { room: ROOM, cursor: "c7", data: { session_id: "s1", message_id: "m2", role: "assistant", content: "other ", seq: 0, last_seq: 0, done: false } } });
+  JoinScriptedSocket.all[0].push(chunkEvent("m1", 3, 3, "c6"));
+  JoinScriptedSocket.all[0].push({ method: "session.message", params: { room: ROOM, cursor: "c7", data: { session_id: "s1", message_id: "m2", role: "assistant", content: "other ", seq: 0, last_seq: 0, done: false } } });
   await until(() => snapshots.some((m) => m.messageId === "m2"), "m2");
-  ScriptedSocket.all[0].drop();
-  await until(() => c.state === "open" && ScriptedSocket.all.length === 2, "the first reconnect");
+  JoinScriptedSocket.all[0].drop();
+  await until(() => c.state === "open" && JoinScriptedSocket.all.length === 2, "the first reconnect");
   assert.equal(joins[1].params.since, "c7");
   await until(() => snapshots.at(-1).lastSeq === 6, "m1's missed chunks");
   assert.equal(snapshots.at(-1).text, CHUNKS.slice(0, 7).join(""));
 
-  ScriptedSocket.all[1].push(chunkEvent("m1", 7, 7, "c10"));
+  JoinScriptedSocket.all[1].push(chunkEvent("m1", 7, 7, "c10"));
   await until(() => snapshots.at(-1).lastSeq === 7, "chunk 7");
-  ScriptedSocket.all[1].drop();
-  await until(() => c.state === "open" && ScriptedSocket.all.length === 3, "the second reconnect");
+  JoinScriptedSocket.all[1].drop();
+  await until(() => c.state === "open" && JoinScriptedSocket.all.length === 3, "the second reconnect");
   assert.equal(joins[2].params.since, "c10");
   await until(() => recoveries.length === 2, "the second recovery");
   assert.deepEqual(recoveries.map((r) => r.recovered), [true, false]);
@@ -141,7 +125,7 @@ test("join streaming, live chunks, a recovered rejoin's missed and a failed one'
   assert.deepEqual([lost.text, lost.done], ["other ", false]);
   assert.equal(snapshots.filter((m) => m.messageId === "m1").at(-1).lastSeq, 8);
 
-  ScriptedSocket.all[2].push(chunkEvent("m1", 9, 9, "c21"));
+  JoinScriptedSocket.all[2].push(chunkEvent("m1", 9, 9, "c21"));
   await until(() => snapshots.at(-1).done, "the last chunk");
   const m1 = snapshots.filter((m) => m.messageId === "m1");
   assert.equal(m1.at(-1).text, FULL);
@@ -152,12 +136,12 @@ test("join streaming, live chunks, a recovered rejoin's missed and a failed one'
 });
 
 test("the iterator coalesces what a slow reader did not take, and ends when the client closes", async () => {
-  ScriptedSocket.joins = () => ({ room: ROOM, cursor: "c1", recovered: false, missed: [], streaming: [] });
+  JoinScriptedSocket.joins = () => ({ room: ROOM, cursor: "c1", recovered: false, missed: [], streaming: [] });
   const c = scriptedClient();
   await c.connect();
   await c.rooms.join({ room: ROOM });
   const feed = c.messages(ROOM);
-  const ws = ScriptedSocket.all[0];
+  const ws = JoinScriptedSocket.all[0];
   ws.push(chunkEvent("m1", 0, 0, "c2"));
   ws.push(chunkEvent("m1", 1, 4, "c3"));
   ws.push({ method: "session.message", params: { room: ROOM, cursor: "c4", data: { session_id: "s1", message_id: "q", role: "user", content: "whole" } } });
@@ -172,13 +156,13 @@ test("the iterator coalesces what a slow reader did not take, and ends when the 
 });
 
 test("events that break the contract are reported on error, and the text stays a prefix", async () => {
-  ScriptedSocket.joins = () => ({ room: ROOM, cursor: "c1", recovered: false, missed: [], streaming: [] });
+  JoinScriptedSocket.joins = () => ({ room: ROOM, cursor: "c1", recovered: false, missed: [], streaming: [] });
   const c = scriptedClient();
   await c.connect();
   await c.rooms.join({ room: ROOM });
   const snapshots = [];
   c.messages(ROOM, (m) => snapshots.push(m));
-  const ws = ScriptedSocket.all[0];
+  const ws = JoinScriptedSocket.all[0];
   ws.push(chunkEvent("m1", 0, 1, "c2"));
   ws.push(chunkEvent("m1", 1, 1, "c3")); // a repeat: ignored quietly
   ws.push(chunkEvent("m1", 4, 4, "c4")); // 2..3 never came

@@ -7,36 +7,17 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { CallCancelledError, CallTimeoutError, ErrorCodes, RpcError, UnrealonClient } from "../dist/index.js";
+import { ScriptedSocket } from "../testlib/scripted-socket.mjs";
 
-/** A WebSocket the test plays the server of: answers auth, records the rest. */
-class ScriptedSocket {
+/** The scripted server of one call's connection: rpc.progress, and what the client sent. */
+class CallScriptedSocket extends ScriptedSocket {
   static last = null;
   constructor(url) {
-    this.url = url;
-    this.readyState = 0;
-    this.sent = [];
-    this.onopen = this.onmessage = this.onclose = this.onerror = null;
-    ScriptedSocket.last = this;
-    setTimeout(() => {
-      this.readyState = 1;
-      this.onopen?.({});
-    }, 0);
-  }
-  send(text) {
-    const msg = JSON.parse(text);
-    this.sent.push(msg);
-    if (msg.method === "auth.authenticate") {
-      this.reply({ id: msg.id, result: { user_id: "alice", expires_at: Date.now() / 1000 + 3600 } });
-    }
-  }
-  reply(obj) {
-    setTimeout(() => this.onmessage?.({ data: JSON.stringify({ jsonrpc: "2.0", ...obj }) }), 0);
+    super(url);
+    CallScriptedSocket.last = this;
   }
   progress(id, seq, data) {
-    this.reply({ method: "rpc.progress", params: { id, seq, data } });
-  }
-  close() {
-    this.readyState = 3;
+    this.push({ method: "rpc.progress", params: { id, seq, data } });
   }
   /** The first request sent for `method` (waits for it). */
   async request(method) {
@@ -53,7 +34,7 @@ async function connected() {
   const c = new UnrealonClient({
     url: "ws://scripted/ws",
     token: "t",
-    WebSocket: ScriptedSocket,
+    WebSocket: CallScriptedSocket,
     trackImplicitRooms: false,
     heartbeatMs: 0,
     reconnect: false,
@@ -63,7 +44,7 @@ async function connected() {
   c.on("error", (e) => c.errors.push(e));
   c.onAny((name) => c.events.push(name));
   await c.connect();
-  return [c, ScriptedSocket.last];
+  return [c, CallScriptedSocket.last];
 }
 
 const tick = () => new Promise((r) => setTimeout(r, 20));
@@ -90,7 +71,7 @@ test("progress goes to its call in seq order, then the result", async () => {
   ws.progress(req.id, 1, { n: 1 }); // older: dropped
   ws.progress(9999, 1, { n: -1 }); // no such call: ignored
   ws.progress(req.id, 3, { n: 3 });
-  ws.reply({ id: req.id, result: { counted: 3 } });
+  ws.push({ id: req.id, result: { counted: 3 } });
   ws.progress(req.id, 4, { n: 4 }); // after the reply: dropped
   assert.deepEqual(await call, { counted: 3 });
   await tick();
@@ -98,7 +79,7 @@ test("progress goes to its call in seq order, then the result", async () => {
   assert.deepEqual(other, [[1, { n: 100 }]]);
   assert.deepEqual(c.events, []); // rpc.progress is no event
   assert.deepEqual(c.errors, []);
-  ws.reply({ id: req2.id, result: {} });
+  ws.push({ id: req2.id, result: {} });
   await slow;
   c.close();
 });
@@ -108,7 +89,7 @@ test("a throwing onProgress is reported as an error and the call goes on", async
   const call = c.call("demo.count", {}, { onProgress: () => { throw new Error("handler bug"); } });
   const req = await ws.request("demo.count");
   ws.progress(req.id, 1, {});
-  ws.reply({ id: req.id, result: 1 });
+  ws.push({ id: req.id, result: 1 });
   assert.equal(await call, 1);
   assert.deepEqual(c.errors.map((e) => e.message), ["handler bug"]);
   c.close();
@@ -133,8 +114,8 @@ test("abort rejects at once with CallCancelledError and sends rpc.cancel; the la
   const cancel = await ws.request("rpc.cancel");
   assert.deepEqual(cancel.params, { id: req.id });
   ws.progress(req.id, 2, { n: 2 }); // already given up on: dropped
-  ws.reply({ id: req.id, error: { code: -32014, message: "cancelled" } });
-  ws.reply({ id: cancel.id, result: { id: req.id, cancelled: true } });
+  ws.push({ id: req.id, error: { code: -32014, message: "cancelled" } });
+  ws.push({ id: cancel.id, result: { id: req.id, cancelled: true } });
   await tick();
   assert.deepEqual(got, [{ n: 1 }]);
   assert.deepEqual(c.errors, []);
@@ -156,7 +137,7 @@ test("aborting after the reply changes nothing", async () => {
   const controller = new AbortController();
   const call = c.call("demo.count", {}, { signal: controller.signal });
   const req = await ws.request("demo.count");
-  ws.reply({ id: req.id, result: "done" });
+  ws.push({ id: req.id, result: "done" });
   assert.equal(await call, "done");
   controller.abort();
   await tick();
