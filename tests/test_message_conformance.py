@@ -280,3 +280,24 @@ class RedisMessageTests(MessageStreamConformance, TestCase):
     make_engine = engines.RedisEngineTests.make
     advance = engines.RedisEngineTests.advance
     delivered = engines.RedisEngineTests.delivered
+
+    @inlineCallbacks
+    def test_finished_message_keeps_only_its_text_and_state(self) -> Any:
+        """
+        Done: the delivery index is dropped (a finished message is recovered
+        whole), and what stays expires with the history.
+        """
+        from unrealon.engine.rediskeys import message_keys
+
+        yield self.make(history_ttl=600)
+        state, text, index, held = message_keys(ROOM, "m1")
+        yield self.append(chunk(0, "a"), chunk(2, "c"), chunk(1, "b"))
+        redis = self.connections.commands
+        self.assertEqual((yield redis.execute_command("EXISTS", index)), 1)
+        yield self.append(chunk(3, "d", done=True))
+        self.assertEqual((yield redis.execute_command("EXISTS", index)), 0)
+        self.assertEqual((yield redis.execute_command("EXISTS", held)), 0)
+        self.assertEqual((yield redis.execute_command("GET", text)), "abcd")
+        for key in (state, text):
+            ttl = yield redis.execute_command("TTL", key)
+            self.assertTrue(0 < int(ttl) <= 600, (key, ttl))

@@ -97,6 +97,9 @@ class StreamedMessage:
         self.gaps.extend(gaps)
         if done:
             self.done, self.error = True, error
+            # recovered whole from now on: one delivery holds all of it
+            text = "".join(d.content for d in self.deliveries)
+            self.deliveries = [Delivery(position, 0, text)]
 
     def data(self, after: int | None) -> dict[str, Any]:
         """

@@ -123,6 +123,11 @@ local function deliver(first, last, content, done, err, gap)
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[11], '*',
              'e', room .. '\\n' .. cursor .. '\\n' .. message)
   if done then
+    -- a finished message is recovered whole: its delivery index (most of
+    -- its memory) is no longer read, and its text is written once more at
+    -- its exact size (APPEND over-allocates)
+    redis.call('DEL', KEYS[6])
+    redis.call('SET', KEYS[5], redis.call('GET', KEYS[5]) or '')
     redis.call('SREM', KEYS[9], mid)
     redis.call('DEL', KEYS[7])
     settle()
