@@ -22,7 +22,6 @@ and Python, and the example page's "Assistant" panel.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sys
@@ -41,6 +40,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.helpers.node import SECRET, mint_token
+from tests.helpers.pyclient import answer_auth_and_joins, wait_for
 from tests.helpers.redis_server import start_redis
 from tests.helpers.testserver import require_node_modules, run_node, start_test_node
 
@@ -84,14 +84,6 @@ def chunk_data(message_id: str, chunks: list[str], first: int, last: int, *,
     return {"session_id": session, "message_id": message_id, "role": "assistant",
             "content": "".join(chunks[first:last + 1]), "seq": first, "last_seq": last,
             "done": last == len(chunks) - 1, **extra}
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def assert_growing(snapshots: list[MessageSnapshot], full: str) -> None:
@@ -256,7 +248,6 @@ class ScriptedServerTests(TestCase):
         the text (and loses the message that ended meanwhile): exactly the text.
         """
         from websockets.asyncio.server import ServerConnection, serve
-        from websockets.exceptions import ConnectionClosed
 
         room, chunks = "session:s1", chunks_of(10)
 
@@ -279,17 +270,12 @@ class ScriptedServerTests(TestCase):
         async def server(ws: ServerConnection) -> None:
             index = len(connections)
             connections.append(ws)
-            with contextlib.suppress(ConnectionClosed):
-                async for raw in ws:
-                    m = json.loads(raw)
-                    if m["method"] == "auth.authenticate":
-                        result: Any = {"user_id": "alice", "expires_at": time.time() + 300}
-                    elif m["method"] == "rooms.join":
-                        joins.append(m["params"])
-                        result = join_result(index)
-                    else:
-                        continue
-                    await ws.send(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": result}))
+
+            def joined(params: dict[str, Any]) -> dict[str, Any]:
+                joins.append(params)
+                return join_result(index)
+
+            await answer_auth_and_joins(ws, joined)
 
         async def scenario() -> None:
             async with serve(server, "127.0.0.1", 0) as listening:

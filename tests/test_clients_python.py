@@ -29,6 +29,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.helpers.backendnode import BackendNode, start_backend_node
 from tests.helpers.node import SECRET, mint_token
+from tests.helpers.pyclient import answer_auth_and_joins, wait_for
 from tests.helpers.testserver import start_test_node
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients" / "python"))
@@ -62,14 +63,6 @@ async def cancel_task(task: asyncio.Future[Any]) -> None:
     except asyncio.CancelledError:
         return
     raise AssertionError("the call was not cancelled")
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class Harness:
@@ -304,7 +297,6 @@ class PythonClientTests(TestCase):
     def test_hanging_handshake_and_unanswered_pings(self) -> Any:
         """connect_timeout bounds a handshake; the heartbeat replaces a silent connection."""
         from websockets.asyncio.server import ServerConnection, serve
-        from websockets.exceptions import ConnectionClosed
 
         async def scenario(h: Harness) -> None:
             silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
@@ -326,17 +318,8 @@ class PythonClientTests(TestCase):
 
             async def fake(ws: ServerConnection) -> None:  # answers auth and joins, never pings
                 connections.append(ws)
-                with contextlib.suppress(ConnectionClosed):
-                    async for raw in ws:
-                        m = json.loads(raw)
-                        if m["method"] == "auth.authenticate":
-                            result: Any = {"user_id": "alice", "expires_at": time.time() + 300}
-                        elif m["method"] == "rooms.join":
-                            result = {"room": m["params"]["room"], "cursor": "c0", "recovered": False,
-                                      "missed": []}
-                        else:
-                            continue
-                        await ws.send(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": result}))
+                await answer_auth_and_joins(ws, lambda params: {
+                    "room": params["room"], "cursor": "c0", "recovered": False, "missed": []})
 
             async with serve(fake, "127.0.0.1", 0) as server:
                 port = server.sockets[0].getsockname()[1]

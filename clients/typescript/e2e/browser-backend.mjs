@@ -6,19 +6,12 @@
 //
 // Env: UNREALON_TEST_WS_URL / UNREALON_TEST_HTTP_URL (a node with Redis),
 // CHROMIUM (default /usr/bin/chromium), UNREALON_TEST_SCREENSHOT (a PNG path).
-import { chromium } from "playwright-core";
-
-const CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-sync"];
+import { runInBrowser } from "../testlib/browser-driver.mjs";
 
 async function main() {
   const wsUrl = process.env.UNREALON_TEST_WS_URL;
   const httpUrl = process.env.UNREALON_TEST_HTTP_URL;
-  const logs = [];
-  const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || "/usr/bin/chromium", args: CHROMIUM_FLAGS, headless: true });
-  try {
-    const page = await browser.newPage();
-    page.on("console", (m) => logs.push(`${m.type()}: ${m.text()}`));
-    page.on("pageerror", (e) => logs.push(`pageerror: ${e.message}`));
+  await runInBrowser(async (page) => {
     const tokenUrl = `${httpUrl}/token?sub=alice&rooms=workspace:*&methods=demo.*`;
     const fragment = new URLSearchParams({ ws: wsUrl, tokenUrl, workspace: "42", delay: "0.05" });
     await page.goto(`${httpUrl}/examples/browser/index.html#${fragment}`);
@@ -49,15 +42,8 @@ async function main() {
     await page.waitForSelector('#task-status[data-state="done"]', { timeout: 10_000 });
     const done = await status();
     const progressDone = await page.$eval("#task-progress", (el) => [el.value, el.max]);
-    if (process.env.UNREALON_TEST_SCREENSHOT) await page.screenshot({ path: process.env.UNREALON_TEST_SCREENSHOT, fullPage: true });
-    console.log(JSON.stringify({ ok: true, progressBeforeCancel, runningText, cancelled, progressAtCancel, progressAfterCancel, done, progressDone, logs }));
-  } catch (e) {
-    console.log(JSON.stringify({ ok: false, error: String(e && e.stack ? e.stack : e), logs }));
-    process.exitCode = 1;
-  } finally {
-    await browser.close();
-  }
+    return { progressBeforeCancel, runningText, cancelled, progressAtCancel, progressAfterCancel, done, progressDone };
+  });
 }
 
 await main();
-process.exit(process.exitCode ?? 0);

@@ -12,11 +12,8 @@
 // Env: UNREALON_TEST_WS_URL, UNREALON_TEST_HTTP_URL, UNREALON_TEST_API_URL,
 // UNREALON_TEST_API_KEY, CHROMIUM (default /usr/bin/chromium),
 // UNREALON_TEST_SCREENSHOT (a PNG path).
-import { chromium } from "playwright-core";
-
 import { answerChunks, freshSession, publishChunks, textUpTo } from "../testlib/answers.mjs";
-
-const CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-sync"];
+import { runInBrowser } from "../testlib/browser-driver.mjs";
 
 /** Installed before the page's scripts: records every text the answer shows. */
 function recordAnswerTexts() {
@@ -31,12 +28,7 @@ function recordAnswerTexts() {
 async function main() {
   const wsUrl = process.env.UNREALON_TEST_WS_URL;
   const httpUrl = process.env.UNREALON_TEST_HTTP_URL;
-  const logs = [];
-  const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || "/usr/bin/chromium", args: CHROMIUM_FLAGS, headless: true });
-  try {
-    const page = await browser.newPage();
-    page.on("console", (m) => logs.push(`${m.type()}: ${m.text()}`));
-    page.on("pageerror", (e) => logs.push(`pageerror: ${e.message}`));
+  await runInBrowser(async (page) => {
     await page.addInitScript(recordAnswerTexts);
     // every WebSocket of the page goes through here, so the test can close one,
     // and keep the page away (each attempt closed at once) while chunks come
@@ -101,18 +93,11 @@ async function main() {
       })),
       status: document.getElementById("status").dataset.state,
     }));
-    if (process.env.UNREALON_TEST_SCREENSHOT) await page.screenshot({ path: process.env.UNREALON_TEST_SCREENSHOT, fullPage: true });
-    console.log(JSON.stringify({
-      ok: true, full, textBeforeReload: textUpTo(chunks, 9), textsBeforeReload, textAtJoin, stateAtJoin,
-      textWhileAway, socketsBeforeDrop, sockets: sockets.length, refused, ...dom, logs,
-    }));
-  } catch (e) {
-    console.log(JSON.stringify({ ok: false, error: String(e && e.stack ? e.stack : e), logs }));
-    process.exitCode = 1;
-  } finally {
-    await browser.close();
-  }
+    return {
+      full, textBeforeReload: textUpTo(chunks, 9), textsBeforeReload, textAtJoin, stateAtJoin,
+      textWhileAway, socketsBeforeDrop, sockets: sockets.length, refused, ...dom,
+    };
+  });
 }
 
 await main();
-process.exit(process.exitCode ?? 0);

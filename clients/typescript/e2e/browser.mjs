@@ -7,37 +7,19 @@
 // Env: UNREALON_TEST_WS_URL / UNREALON_TEST_HTTP_URL (else a test server is
 // started), CHROMIUM (default /usr/bin/chromium), UNREALON_TEST_SCREENSHOT (a
 // PNG path to save the final page to).
-import { chromium } from "playwright-core";
 import WebSocket from "ws";
 
 import { UnrealonClient } from "../dist/index.js";
+import { runInBrowser } from "../testlib/browser-driver.mjs";
 import { mint, server } from "../testlib/server.mjs";
-
-const CHROMIUM_FLAGS = [
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-quic",
-  "--no-first-run",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-];
 
 async function main() {
   const { wsUrl, httpUrl } = await server();
   const workspace = "42";
   const room = `workspace:${workspace}`;
-  const logs = [];
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: CHROMIUM_FLAGS,
-    headless: true,
-  });
   const others = [];
-  try {
-    const page = await browser.newPage();
-    page.on("console", (m) => logs.push(`${m.type()}: ${m.text()}`));
-    page.on("pageerror", (e) => logs.push(`pageerror: ${e.message}`));
+  const cleanup = async () => others.forEach((c) => c.close());
+  await runInBrowser(async (page) => {
     // the page fetches its tokens from the test server (tokenProvider pattern)
     const tokenUrl = `${httpUrl}/token?sub=alice&rooms=workspace:*`;
     const fragment = new URLSearchParams({ ws: wsUrl, tokenUrl, workspace });
@@ -76,18 +58,8 @@ async function main() {
         text: li.textContent,
       })),
     }));
-    if (process.env.UNREALON_TEST_SCREENSHOT) {
-      await page.screenshot({ path: process.env.UNREALON_TEST_SCREENSHOT, fullPage: true });
-    }
-    console.log(JSON.stringify({ ok: true, presenceWithBob, ...dom, logs }));
-  } catch (e) {
-    console.log(JSON.stringify({ ok: false, error: String(e && e.stack ? e.stack : e), logs }));
-    process.exitCode = 1;
-  } finally {
-    others.forEach((c) => c.close());
-    await browser.close();
-  }
+    return { presenceWithBob, ...dom };
+  }, { cleanup });
 }
 
 await main();
-process.exit(process.exitCode ?? 0);
