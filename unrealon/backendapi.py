@@ -109,10 +109,6 @@ class DisconnectResult:
     user_id: str
 
 
-#: the catalogue event whose chunks (with C{seq}) are streamed messages (PROTOCOL.md 5.1)
-STREAMED_EVENT = "session.message"
-
-
 def _chunk(data: dict[str, Any]) -> MessageChunk:
     """
     A chunk of a streamed message from C{session.message}'s data: repeated
@@ -141,7 +137,7 @@ def _catalogue_handler(event: CatalogueEvent) -> Any:
         if not ROOM_NAME_RE.match(room):
             raise invalid_params([FieldError("room", "the id makes an invalid room name")])
         data = event_data(params, extras)
-        if event.name == STREAMED_EVENT and data.get("seq") is not None:
+        if event.streamed and data.get("seq") is not None:
             cursor = await call.node.broker.append_chunk(room, event.name, _chunk(data))
         else:
             cursor = await call.node.broker.publish(

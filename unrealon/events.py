@@ -108,6 +108,9 @@ class CatalogueEvent:
     #: the data clients receive, when the server adds fields to the params
     #: (a streamed message's last_seq and gaps, PROTOCOL.md 5.1)
     delivered: type | None = None
+    #: its chunks (params with C{message_id} and C{seq}) make streamed
+    #: messages (PROTOCOL.md 5.1): ordered, held, compacted by the engine
+    streamed: bool = False
 
     def missing(self, params: Any) -> list[str]:
         """Params this event's own rules require for these values and that are not given."""
@@ -127,6 +130,7 @@ CATALOGUE: tuple[CatalogueEvent, ...] = tuple(
         spec["name"], _params_class(spec), _room(spec["room"]), spec["summary"],
         {f["name"]: f["required_when"] for f in spec["params"] if "required_when" in f},
         _params_class(spec, ("params", "delivered")) if "delivered" in spec else None,
+        bool(spec.get("streamed")),
     )
     for spec in CATALOGUE_DATA["events"]
 )
