@@ -24,13 +24,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from tests.helpers.cluster import EVENT, FakeSink, Tap, barrier, start_cluster
+from tests.helpers.cluster import EVENT, FakeSink, Tap, barrier, redis_broker, start_cluster
 from tests.helpers.ingress_support import sync_redis
 from tests.helpers.node import WSClient, mint_token, start_node
 from tests.helpers.process import NodeProcess
 from tests.helpers.redis_server import start_redis
 from tests.helpers.waiting import sleep, wait_until
-from unrealon.engine.redisbroker import RedisBroker, parse_cursor
+from unrealon.engine.redisbroker import parse_cursor
 from unrealon.engine.redisclient import StreamClient, connect, parse_redis_url
 
 PRESENCE_TTL = 3.0
@@ -55,8 +55,8 @@ class ClusterTestCase(TestCase):
             self.addCleanup(self._dump_logs)
         self.redis = connect(parse_redis_url(self.server.url))
         self.addCleanup(self.redis.disconnect)
-        self.publisher = RedisBroker(
-            reactor, FakeSink(), self.redis, self.redis,
+        self.publisher = redis_broker(
+            FakeSink(), self.redis, self.redis, self.server.url,
             history_size=int(settings["UNREALON_HISTORY_SIZE"]), history_ttl=86400,
         )
         return self.nodes
@@ -105,6 +105,16 @@ class ClusterTestCase(TestCase):
                     yield sleep(0.05)
             cursors.append(cursor)
         return cursors
+
+    def publish_paced(self, room: str, count: int, interval: float) -> Deferred[Any]:
+        """Publish seq 0..count-1 to C{room}, C{interval} s apart (a steady stream)."""
+
+        async def go() -> None:
+            for seq in range(count):
+                await self.publisher.publish(room, EVENT, {"seq": seq})
+                await sleep(interval)
+
+        return Deferred.fromCoroutine(go())
 
     def wait(self, predicate: Callable[[], bool], timeout: float = 15, what: str = "") -> Any:
         return wait_until(predicate, timeout=timeout, what=what)
@@ -197,14 +207,6 @@ class DeliveryTests(ClusterTestCase):
         for result in rejoins:
             self.assertTrue(result["recovered"])
         self.assertTrue(any(r["missed"] for r in rejoins))
-
-    def publish_paced(self, room: str, count: int, interval: float) -> Deferred[Any]:
-        async def go() -> None:
-            for seq in range(count):
-                await self.publisher.publish(room, EVENT, {"seq": seq})
-                await sleep(interval)
-
-        return Deferred.fromCoroutine(go())
 
     @inlineCallbacks
     def test_cursor_older_than_history(self) -> Any:

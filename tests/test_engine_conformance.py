@@ -19,12 +19,12 @@ import time
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from tests.helpers.cluster import FakeSink
+from tests.helpers.cluster import FakeSink, redis_broker
 from tests.helpers.redis_server import start_redis
 from tests.helpers.waiting import sleep, wait_until
 from unrealon.engine.interfaces import (
@@ -37,6 +37,9 @@ from unrealon.engine.interfaces import (
 from unrealon.engine.memory import MemoryBroker, MemoryPresence
 
 ROOM = "workspace:42"
+#: rooms whose events the engine tests expect in their sink
+HEARD = (ROOM, "workspace:x", "workspace:a", "workspace:b", "room:a", "room:b", "r",
+         "session:7")
 
 
 class EngineConformance:
@@ -427,7 +430,6 @@ class RedisEngineTests(EngineConformance, TestCase):
     def make(self, history_size: int = 5, history_ttl: float = 600,
              gap_wait: float = 2.0, count_chunk: Any = lambda outcome: None) -> Any:
         from unrealon.engine.redis import RedisConnections
-        from unrealon.engine.redisbroker import RedisBroker
         from unrealon.engine.redispresence import RedisPresence
 
         self.server = yield start_redis(self)
@@ -435,14 +437,17 @@ class RedisEngineTests(EngineConformance, TestCase):
         self.addCleanup(self.connections.stop)
         yield self.connections.start()
         self.sink = FakeSink()
-        self.broker = RedisBroker(
-            reactor, self.sink, self.connections.commands, self.connections.feed_reader,
+        self.broker = redis_broker(
+            self.sink, self.connections.commands, self.connections.feed_reader, self.server.url,
             history_size=history_size, history_ttl=history_ttl, gap_wait=gap_wait,
             count_chunk=count_chunk,
         )
         self.presence = RedisPresence(reactor, self.connections.commands, ttl=self.presence_ttl)
         yield self.broker.start()
         self.addCleanup(self.broker.stop)
+        # the rooms these tests watch the sink of: a node hears a room's
+        # events only while it has a member there (interest routing)
+        yield gatherResults([self.broker.watch(room) for room in HEARD])
         yield self.presence.start()
         self.addCleanup(self.presence.stop)
 
@@ -602,19 +607,19 @@ class RedisEngineTests(EngineConformance, TestCase):
     def test_feed_survives_redis_restart_with_data(self) -> Any:
         """A persistent Redis restarts: the feed resumes from its position, nothing lost."""
         from unrealon.engine.redis import RedisConnections
-        from unrealon.engine.redisbroker import RedisBroker
 
         self.server = yield start_redis(self, persistent=True)
         self.connections = RedisConnections.open(self.server.url, reactor)
         self.addCleanup(self.connections.stop)
         yield self.connections.start()
         self.sink = FakeSink()
-        self.broker = RedisBroker(
-            reactor, self.sink, self.connections.commands, self.connections.feed_reader,
+        self.broker = redis_broker(
+            self.sink, self.connections.commands, self.connections.feed_reader, self.server.url,
             history_size=100, history_ttl=600,
         )
         yield self.broker.start()
         self.addCleanup(self.broker.stop)
+        yield self.broker.watch(ROOM)
         yield self.publish_n(5)
         yield self.delivered(5)
         yield self.server.stop()
@@ -627,7 +632,6 @@ class RedisEngineTests(EngineConformance, TestCase):
     @inlineCallbacks
     def test_feed_loss_makes_clients_recover(self) -> Any:
         """Redis comes back empty: the node cannot prove continuity, so it resyncs."""
-        from unrealon.engine.redisbroker import RedisBroker
         from unrealon.engine.redisclient import connect, parse_redis_url
 
         yield self.make()
@@ -640,12 +644,13 @@ class RedisEngineTests(EngineConformance, TestCase):
         # connections are still waiting to reconnect)
         other = connect(parse_redis_url(self.server.url))
         self.addCleanup(other.disconnect)
-        other_broker = RedisBroker(
-            reactor, FakeSink(), other, other, history_size=5, history_ttl=600
-        )
+        other_broker = redis_broker(FakeSink(), other, other, self.server.url,
+                                    history_size=5, history_ttl=600)
         yield other_broker.publish(ROOM, "test.event", {"seq": 3})
-        yield wait_until(lambda: bool(self.sink.resyncs), what="resync")
-        self.assertEqual(self.sink.resyncs, [None])
-        # and the node reads the new feed from there on
+        # the feed (disconnect orders) and the room (its channel's position
+        # is in a history that is gone) both make their clients recover
+        yield wait_until(lambda: None in self.sink.resyncs and [ROOM] in self.sink.resyncs,
+                         what="resync of the feed and of the room")
+        # and the node hears the room again from there on
         yield self.publish_n(1, start=4)
         yield wait_until(lambda: self.sink.notifications()[-1]["params"]["data"]["seq"] == 4)

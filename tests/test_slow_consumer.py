@@ -31,7 +31,7 @@ from tests.helpers.node import mint_token, start_node
 from tests.helpers.redis_server import start_redis
 from tests.helpers.waiting import wait_until
 from unrealon._compat.transport import unsent
-from unrealon.engine.redisbroker import DISPATCH_SLICE
+from unrealon.engine.pubsub import READ_SLICE
 from unrealon.engine.redisclient import StreamClient, connect, parse_redis_url
 
 COUNT = 2000
@@ -106,9 +106,9 @@ class SlowConsumerTests(TestCase):
         # the slow one was closed, and the server never held much more than the budget
         self.assertTrue(session._closing)
         # the budget is judged after each turn's write: at most one turn's
-        # worth of events (a dispatch slice and the event that crossed it)
+        # worth of events (a read of the room's channel and the event that crossed it)
         # past the limit was ever held
-        self.assertLessEqual(peak["buffer"], LIMIT + DISPATCH_SLICE + 2 * SIZE)
+        self.assertLessEqual(peak["buffer"], LIMIT + READ_SLICE + 2 * SIZE)
         # reading again: what the kernel held, then the close (or the dropped connection)
         slow.client.protocol.transport.resumeProducing()  # type: ignore[union-attr]
         code, _ = yield slow.client.closed

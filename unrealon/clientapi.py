@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+from twisted.logger import Logger
 
 from unrealon import closecodes, jsonrpc
 from unrealon.auth import AuthError, may_join
@@ -30,6 +31,8 @@ from unrealon.membership import (
 from unrealon.names import ROOM_NAME
 from unrealon.node import PROTOCOL_VERSION
 from unrealon.rpc import Caller, Registry, openrpc_document, param
+
+log = Logger(namespace="unrealon.clientapi")
 
 #: rooms no client may join (PROTOCOL.md section 4)
 RESERVED_ROOM_PREFIX = "__"
@@ -149,7 +152,7 @@ def _verify(call: ClientCall, token: str) -> Any:
         raise RPCError(jsonrpc.UNAUTHENTICATED, f"Unauthenticated: {e.reason}") from None
 
 
-def auth_authenticate(call: ClientCall, params: TokenParams) -> AuthResult:
+async def auth_authenticate(call: ClientCall, params: TokenParams) -> AuthResult:
     """Authenticate this connection with a token (or refresh it if already authenticated)."""
     session = call.session
     if session.identity is not None:
@@ -165,6 +168,15 @@ def auth_authenticate(call: ClientCall, params: TokenParams) -> AuthResult:
         )
         raise RPCError(jsonrpc.FORBIDDEN, "Forbidden: too many connections for this user")
     session.authenticate(identity)
+    # the connection is in its implicit rooms "from the start" (section 4):
+    # the reply waits until their events reach this node
+    try:
+        await within_deadline(node.hub.ready(implicit_rooms(identity.user_id)), node.reactor)
+    except RPCError:
+        # Redis is away: nothing is published meanwhile, and the rooms are
+        # listened to again as soon as it is back; the token was good
+        log.info("replying to auth.authenticate before {user}'s rooms are listened to "
+                 "(Redis unreachable)", user=identity.user_id)
     return AuthResult(user_id=identity.user_id, expires_at=identity.expires_at)
 
 

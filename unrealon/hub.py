@@ -4,7 +4,8 @@ This node's connections, by user and by room, and delivery to them.
 The hub is where the engine's fan-out ends: an event arrives once per node
 as encoded bytes, is framed once (an Autobahn prepared message) and handed
 to every local member of its room.  It knows nothing about Redis or the
-engine; it sees members only through L{IMember}.
+engine; it sees members only through L{IMember}.  It tells the engine which
+rooms have local members (L{IBroker.watch}), so that only their events come.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
-from unrealon.engine.interfaces import EphemeralEvent, IDeliverySink, RoomEvent
+from unrealon.engine.interfaces import EphemeralEvent, IBroker, IDeliverySink, RoomEvent
+
+log = Logger(namespace="unrealon.hub")
 
 
 class IMember(Interface):
@@ -52,6 +57,9 @@ class Hub:
         """
         self.prepare = prepare
         self.cursor_key = cursor_key
+        #: told when a room gets its first local member and loses its last
+        #: (the broker: interest routing); set once the broker exists
+        self.interest: IBroker | None = None
         self.members: set[Any] = set()
         self._by_user: dict[str, set[Any]] = {}
         self._rooms: dict[str, set[Any]] = {}
@@ -81,7 +89,14 @@ class Hub:
         return len(self._by_user.get(user_id, ()))
 
     def join(self, room: str, member: Any) -> None:
-        self._rooms.setdefault(room, set()).add(member)
+        members = self._rooms.get(room)
+        if members is None:
+            members = self._rooms[room] = set()
+            if self.interest is not None:
+                self.interest.watch(room).addErrback(
+                    lambda f: log.failure("listening to {room} failed", f, room=room)
+                )
+        members.add(member)
 
     def leave(self, room: str, member: Any) -> None:
         members = self._rooms.get(room)
@@ -89,6 +104,15 @@ class Hub:
             members.discard(member)
             if not members:
                 del self._rooms[room]
+                if self.interest is not None:
+                    self.interest.unwatch(room)
+
+    def ready(self, rooms: Iterable[str]) -> Deferred[Any]:
+        """Fires once the live events of C{rooms} reach this node."""
+        if self.interest is None:
+            return succeed(None)
+        return gatherResults([self.interest.watch(room) for room in rooms if room in self._rooms],
+                             consumeErrors=True)
 
     def room_members(self, room: str) -> Sequence[Any]:
         return list(self._rooms.get(room, ()))

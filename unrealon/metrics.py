@@ -186,6 +186,24 @@ class Metrics:
                       registry=self.registry)
         gauge.set_function(lambda: 1.0 if up() else 0.0)
 
+    def watch_room_channels(self, rooms: Callable[[], float], received: Callable[[], float],
+                            repairs: Callable[[], float], resyncs: Callable[[], float]) -> None:
+        """
+        Interest routing (Redis engine): the rooms this node listens to, the
+        messages their channels brought, and the gaps it repaired from a
+        room's history or could not (the room's clients then recover).
+        """
+        r = self.registry
+        Gauge("unrealon_room_channels", "Room channels this node is subscribed to (rooms with "
+              "local members, and rooms in their grace period)", registry=r).set_function(rooms)
+        Gauge("unrealon_room_channel_messages", "Messages received on room channels, "
+              "since start", registry=r).set_function(received)
+        Gauge("unrealon_room_gaps_repaired", "Room channel gaps repaired from history "
+              "(clients saw nothing), since start", registry=r).set_function(repairs)
+        Gauge("unrealon_room_gaps_resynced", "Room channel gaps history no longer covered "
+              "(the room's clients were sent to recover), since start",
+              registry=r).set_function(resyncs)
+
     def watch_backend(self, in_flight: Callable[[], float], dropped: Callable[[], float],
                       methods: Callable[[], float]) -> None:
         """

@@ -363,20 +363,27 @@ def _redis_engine(
     from unrealon.engine.redisreplies import RedisReplyStore
 
     assert config.redis_url is not None
-    connections = RedisConnections.open(config.redis_url, reactor)
+    connections = RedisConnections.open(config.redis_url, reactor, config.node_id)
     link, failed = connections.link, metrics.loop_failure
     metrics.watch_redis(lambda: link.up)
     broker = RedisBroker(
         reactor, hub, connections.commands, connections.feed_reader,
         history_size=config.history_size, history_ttl=config.history_ttl,
-        gap_wait=config.stream_gap_wait, link=link, count_failure=failed,
+        gap_wait=config.stream_gap_wait, subscriber=connections.subscriber,
+        channel_prefix=connections.channel_prefix, link=link, count_failure=failed,
         count_chunk=metrics.chunk_outcome,
+    )
+    hub.interest = broker
+    channels = broker.channels
+    metrics.watch_room_channels(
+        lambda: channels.room_count, lambda: channels.received,
+        lambda: channels.repaired, lambda: channels.resynced,
     )
     presence = RedisPresence(
         reactor, connections.commands, ttl=config.presence_ttl, link=link, count_failure=failed,
         node_id=config.node_id, events_stream=config.events_stream,
         events_maxlen=config.events_maxlen, connection_events=config.connection_events,
-        token=incarnation,
+        token=incarnation, channels=connections.channel_prefix,
     )
     backend = RedisBackendLink(
         reactor, connections.commands, connections.replies_reader, node_id=config.node_id,
@@ -385,7 +392,8 @@ def _redis_engine(
     return _Engine(
         broker=broker, presence=presence,
         stoppables=(backend, presence, broker, connections),
-        loops=(broker.reader, broker.releaser, *presence.loops, *backend.loops),
+        loops=(broker.reader, broker.channels, broker.releaser, *presence.loops,
+               *backend.loops),
         features=("rooms", "history", "presence", "ingress", "cluster"),
         api_replies=RedisReplyStore(connections.commands),
         ingress=connections,

@@ -3,7 +3,9 @@ A cluster of real node processes on one private redis-server, and what the
 tests observe with.
 
 L{start_cluster} starts several L{NodeProcess}es at once (in parallel: a
-node takes about a second to import and start).  L{Tap} records what a real
+node takes about a second to import and start).  L{redis_broker} is a
+broker of the Redis engine in the test process (to publish like a node, or
+to watch what an engine hands to its node).  L{Tap} records what a real
 client receives (events with the replays of its joins in place, presence,
 barrier markers); L{FakeSink} records what an engine hands to its node.
 
@@ -44,6 +46,26 @@ def start_cluster(
     nodes = [NodeProcess(testcase, redis_url, f"n{i + 1}", env) for i in range(count)]
     d = gatherResults([n.start() for n in nodes], consumeErrors=True)
     return d.addCallback(lambda _: nodes)
+
+
+def redis_broker(sink: IDeliverySink, redis: Any, reader: Any, url: str, **settings: Any) -> Any:
+    """
+    A L{RedisBroker} on C{url}: C{redis} for commands, C{reader} for the
+    feed, and a subscriber connection of its own (heard once it is started).
+    """
+    from twisted.internet import reactor
+
+    from unrealon.engine.pubsub import SubscriberConnection
+    from unrealon.engine.redisbroker import RedisBroker
+    from unrealon.engine.rediskeys import room_channel_prefix
+    from unrealon.redisurl import parse_redis_url
+
+    address = parse_redis_url(url)
+    settings.setdefault("channel_prefix", room_channel_prefix(address.db))
+    return RedisBroker(
+        reactor, sink, redis, reader, subscriber=SubscriberConnection(reactor, address),
+        **settings,
+    )
 
 
 @implementer(IDeliverySink)
@@ -143,10 +165,10 @@ def barrier(
 ) -> Deferred[None]:
     """
     Publish a marker to C{room} (with C{publish}, a broker's) and fire once
-    every tap has received it.  The cluster feed is one ordered stream and
-    each connection is delivered in its order, so whatever was published
-    before the marker has reached every tap by then: what a tap has not
-    received was never sent.  This is how the tests prove "no duplicate",
+    every tap has received it.  A room's events reach every node in one
+    order and each connection in that order, so whatever was published to
+    the room before the marker has reached every tap by then: what a tap
+    has not received was never sent.  This is how the tests prove "no duplicate",
     "nothing more", without waiting an arbitrary time.
     """
     token = uuid.uuid4().hex

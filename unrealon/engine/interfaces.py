@@ -153,11 +153,21 @@ class IBroker(Interface):
         cursor.
         """
 
+    def watch(room: str) -> Deferred[None]:
+        """
+        C{room} has a member on this node: deliver its events here from now
+        on.  Fires once they are delivered (before that, L{recover} waits).
+        """
+
+    def unwatch(room: str) -> None:
+        """C{room} has no member on this node any more: its events may stop."""
+
     def recover(room: str, since: str | None) -> Deferred[Recovery]:
         """
         The events after C{since} (None: none, just the current cursor),
         a streamed message as one event; and, unless recovered, the
-        messages still streaming.
+        messages still streaming.  Read once the room's live events reach
+        this node (L{watch}), so none published after the read is missed.
         """
 
     def cursor_key(cursor: str) -> tuple[Any, ...] | None:

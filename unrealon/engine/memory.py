@@ -224,6 +224,12 @@ class MemoryBroker:
         cursor = history.cursor(message.position)
         return event_message(message.event, room, cursor, message.data(after))
 
+    def watch(self, room: str) -> Deferred[None]:
+        return succeed(None)  # one node: every room's events are here
+
+    def unwatch(self, room: str) -> None:
+        pass
+
     def recover(self, room: str, since: str | None) -> Deferred[Recovery]:
         history = self._history(room)
         current = history.cursor()

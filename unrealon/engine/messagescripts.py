@@ -26,19 +26,20 @@ the messages that are due with L{HELD_DUE}.
 from __future__ import annotations
 
 from unrealon.engine.redisclient import LuaScript
-from unrealon.engine.scripts import EPOCH_LIB, MESSAGES_LIB
+from unrealon.engine.scripts import EPOCH_LIB, MESSAGES_LIB, ROOM_CHANNEL_LIB
 
-#: KEYS: history stream, epoch key, feed, message state, text, index, held
+#: KEYS: history stream, epoch key, message state, text, index, held
 #:       chunks, held zset, the room's streaming set
 #: ARGV: room, message id, seq (-1: release the held chunks if they are due),
 #:       content, done ("1"/"0"), error ("" for none, else "e" .. text),
 #:       notification head (up to the cursor), data fields without the
-#:       closing brace, history size, history ttl (s), feed maxlen, gap wait (ms)
+#:       closing brace, history size, history ttl (s), the room's channel, gap wait (ms)
 #: Returns {the room's latest cursor, outcome}: delivered, held, ignored
 #: (repeated, late, after done), released (held chunks let go after the
 #: wait), none (a release with nothing due).
 CHUNK = LuaScript(
     EPOCH_LIB
+    + ROOM_CHANNEL_LIB
     + MESSAGES_LIB
     + """
 -- Redis' clock in ms, read only when a chunk is held or released
@@ -65,15 +66,15 @@ end
 -- chunk, which would be most of a chunk's cost
 local function refresh(first, last, done)
   if done or math.floor(last / 32) ~= math.floor((first - 1) / 32) then
-    for i = 4, 6 do redis.call('EXPIRE', KEYS[i], ttl) end
-    redis.call('EXPIRE', KEYS[9], ttl)
+    for i = 3, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
+    redis.call('EXPIRE', KEYS[8], ttl)
   end
 end
 local function settle()
-  redis.call('HDEL', KEYS[4], 'deadline')
-  redis.call('ZREM', KEYS[8], member)
+  redis.call('HDEL', KEYS[3], 'deadline')
+  redis.call('ZREM', KEYS[7], member)
 end
-local state = redis.call('HMGET', KEYS[4], 'next', 'done', 'deadline', 'marker', 'head',
+local state = redis.call('HMGET', KEYS[3], 'next', 'done', 'deadline', 'marker', 'head',
                          'meta', 'gaps')
 local seq = tonumber(ARGV[3])
 if state[2] == '1' then return {latest(), 'ignored'} end
@@ -82,8 +83,8 @@ if not state[1] then
     settle()
     return {latest(), 'none'}
   end
-  redis.call('HSET', KEYS[4], 'next', 0, 'head', ARGV[7], 'meta', ARGV[8])
-  redis.call('SADD', KEYS[9], mid)
+  redis.call('HSET', KEYS[3], 'next', 0, 'head', ARGV[7], 'meta', ARGV[8])
+  redis.call('SADD', KEYS[8], mid)
   state[5], state[6] = ARGV[7], ARGV[8]
 end
 local nxt = tonumber(state[1] or '0')
@@ -92,12 +93,13 @@ local nxt = tonumber(state[1] or '0')
 local function deliver(first, last, content, done, err, gap)
   local offset
   if content ~= '' then
-    offset = redis.call('APPEND', KEYS[5], content) - string.len(content)
+    offset = redis.call('APPEND', KEYS[4], content) - string.len(content)
   else
-    offset = redis.call('STRLEN', KEYS[5])
+    offset = redis.call('STRLEN', KEYS[4])
   end
+  local previous = last_entry(KEYS[1])
   local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', tonumber(ARGV[9]) + 1, '*', 'm', mid)
-  redis.call('XADD', KEYS[6], id, 's', first, 'o', offset)
+  redis.call('XADD', KEYS[5], id, 's', first, 'o', offset)
   if state[4] then redis.call('XDEL', KEYS[1], state[4]) end
   local fields = {'marker', id, 'next', last + 1}
   if done then
@@ -114,29 +116,28 @@ local function deliver(first, last, content, done, err, gap)
     fields[#fields + 1] = 'gaps'
     fields[#fields + 1] = gaps
   end
-  redis.call('HSET', KEYS[4], unpack(fields))
+  redis.call('HSET', KEYS[3], unpack(fields))
   local cursor = epoch .. ':' .. id
   local message = message_event(state[5], state[6], cursor, content, first, last, done, err,
                                 gaps_json(gaps, first, last))
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('SET', KEYS[2], epoch, 'EX', ttl)
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[11], '*',
-             'e', room .. '\\n' .. cursor .. '\\n' .. message)
+  announce_event(ARGV[11], previous, cursor, message)
   if done then
     -- a finished message is recovered whole: its delivery index (most of
     -- its memory) is no longer read, and its text is written once more at
     -- its exact size (APPEND over-allocates)
+    redis.call('DEL', KEYS[5])
+    redis.call('SET', KEYS[4], redis.call('GET', KEYS[4]) or '')
+    redis.call('SREM', KEYS[8], mid)
     redis.call('DEL', KEYS[6])
-    redis.call('SET', KEYS[5], redis.call('GET', KEYS[5]) or '')
-    redis.call('SREM', KEYS[9], mid)
-    redis.call('DEL', KEYS[7])
     settle()
   end
   refresh(first, last, done)
   return cursor
 end
 local function held(s)
-  local h = redis.call('HGET', KEYS[7], fmt(s))
+  local h = redis.call('HGET', KEYS[6], fmt(s))
   if not h then return nil end
   local c = cjson.decode(h)
   local err = nil
@@ -149,7 +150,7 @@ if seq < 0 then
   local deadline = tonumber(state[3] or '0')
   if deadline == 0 or now_ms() < deadline then return {latest(), 'none'} end
   local seqs = {}
-  for _, k in ipairs(redis.call('HKEYS', KEYS[7])) do seqs[#seqs + 1] = tonumber(k) end
+  for _, k in ipairs(redis.call('HKEYS', KEYS[6])) do seqs[#seqs + 1] = tonumber(k) end
   table.sort(seqs)
   if #seqs == 0 then
     settle()
@@ -164,23 +165,23 @@ if seq < 0 then
       last, cur, done, err = s, s + 1, d, e
     end
   end
-  redis.call('DEL', KEYS[7])
+  redis.call('DEL', KEYS[6])
   settle()
   return {deliver(nxt, last, table.concat(parts), done, err, table.concat(gaps, ',')), 'released'}
 end
 
-if seq < nxt or redis.call('HEXISTS', KEYS[7], fmt(seq)) == 1 then
+if seq < nxt or redis.call('HEXISTS', KEYS[6], fmt(seq)) == 1 then
   return {latest(), 'ignored'}
 end
 if seq > nxt then
-  redis.call('HSET', KEYS[7], fmt(seq), cjson.encode({ARGV[4], ARGV[5], ARGV[6]}))
+  redis.call('HSET', KEYS[6], fmt(seq), cjson.encode({ARGV[4], ARGV[5], ARGV[6]}))
   if not state[3] then
     local due = now_ms() + tonumber(ARGV[12])
-    redis.call('HSET', KEYS[4], 'deadline', due)
-    redis.call('ZADD', KEYS[8], due, member)
+    redis.call('HSET', KEYS[3], 'deadline', due)
+    redis.call('ZADD', KEYS[7], due, member)
   end
-  redis.call('EXPIRE', KEYS[7], ttl)
-  redis.call('EXPIRE', KEYS[4], ttl)
+  redis.call('EXPIRE', KEYS[6], ttl)
+  redis.call('EXPIRE', KEYS[3], ttl)
   return {latest(), 'held'}
 end
 -- the next chunk: deliver it with the held ones that follow it
@@ -189,12 +190,12 @@ if ARGV[6] ~= '' then err = string.sub(ARGV[6], 2) end
 while not done do
   local content, d, e = held(last + 1)
   if content == nil then break end
-  redis.call('HDEL', KEYS[7], fmt(last + 1))
+  redis.call('HDEL', KEYS[6], fmt(last + 1))
   parts[#parts + 1] = content
   last, done, err = last + 1, d, e
 end
 local cursor = deliver(seq, last, table.concat(parts), done, err, '')
-if not done and redis.call('HLEN', KEYS[7]) == 0 then settle() end
+if not done and redis.call('HLEN', KEYS[6]) == 0 then settle() end
 return {cursor, 'delivered'}
 """
 )

@@ -6,7 +6,8 @@ pool at random, which would let two publishes to one room overtake each
 other; on one connection they reach Redis, and so the room's history, in the
 order they were made (Redis pipelines them, so one connection is not a
 bottleneck).  Blocking reads (the cluster feed, the ingress group, the backend replies) each get
-a dedicated connection so nothing queues behind a BLOCK.
+a dedicated connection so nothing queues behind a BLOCK, and the rooms'
+channels are heard on a Pub/Sub connection of their own.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from unrealon.engine import messagescripts, redisbackend, scripts
+from unrealon.engine.pubsub import SubscriberConnection
 from unrealon.engine.redisclient import LuaScript, RedisHandler, connect, parse_redis_url
+from unrealon.engine.rediskeys import room_channel_prefix
 from unrealon.engine.supervision import RedisLink, redis_down
 
 log = Logger(namespace="unrealon.engine.redis")
@@ -39,16 +42,23 @@ class RedisConnections:
     ingress_reader: RedisHandler
     #: backend workers' replies to this node's calls (PROTOCOL.md section 9.3)
     replies_reader: RedisHandler
+    #: the rooms' Pub/Sub channels (interest routing)
+    subscriber: SubscriberConnection
+    #: the channel names' prefix (Pub/Sub ignores database numbers)
+    channel_prefix: str
     link: RedisLink
 
     @classmethod
-    def open(cls, url: str, clock: IReactorTime) -> RedisConnections:
+    def open(cls, url: str, clock: IReactorTime, node_id: str | None = None) -> RedisConnections:
         address = parse_redis_url(url)
+        name = None if node_id is None else f"unrealon-rooms-{node_id}"
         return cls(
             commands=connect(address, scripts=ALL_SCRIPTS),
             feed_reader=connect(address, blocking=True),
             ingress_reader=connect(address, blocking=True),
             replies_reader=connect(address, blocking=True),
+            subscriber=SubscriberConnection(clock, address, name),
+            channel_prefix=room_channel_prefix(address.db),
             link=RedisLink(clock, address.display()),
         )
 

@@ -1,29 +1,20 @@
 """
-The Redis broker: room history, idempotent publishing, and the cluster feed.
+The Redis broker: room history, idempotent publishing, and delivery to nodes.
 
 Publishing is one script (L{scripts.PUBLISH}) that appends the event to the
-room's history stream and to the cluster feed, and records the idempotency
-key, so an event is fully published or not at all.  Every node reads the
-feed (XREAD BLOCK on a connection of its own) from the last id it saw, and
-hands each entry to its hub: events, presence notifications and disconnect
-orders all travel this one ordered stream, so all nodes see one order.
+room's history stream, publishes it on the room's channel with the history
+id it follows, and records the idempotency key, so an event is fully
+published or not at all.  Only nodes with members in the room hear it
+(L{unrealon.engine.roomchannels}: interest routing, with positions and gap
+repair from the history).
 
-A node that loses Redis for a moment resumes from its last id and misses
-nothing.  If it cannot -- the feed was trimmed past its position, went back,
-or Redis came back empty (the feed's epoch key changed: ids alone cannot show
-it once another node has published into the new feed) -- it tells the hub to
-make every client recover (the clients rejoin with their cursors and get the
-replay or C{recovered: false}); it never loses events silently.  Continuity
-is proven after every failed read, before the next one.
-
-Feed entries have a single field (see L{RedisBroker._dispatch}) and are
-handed to the hub at most L{DISPATCH_SLICE} bytes per reactor turn; both are
-measured choices, explained in docs/cluster-design.md.
-
-Why a stream rather than Pub/Sub for the fan-out (ARCHITECTURE.md allows
-either): a stream keeps a position, so a reconnecting node knows exactly what
-it missed and can prove it missed nothing; Pub/Sub would need a separate
-position check to detect loss.
+Disconnect orders (C{connections.disconnect}) are for every node: they go on
+the cluster feed, a stream every node reads (XREAD BLOCK on a connection of
+its own) from the last id it saw.  A node that loses Redis for a moment
+resumes from its last id.  If it cannot -- the feed was trimmed past its
+position, went back, or Redis came back empty (the feed's epoch key
+changed) -- it makes every client recover; it never loses an order
+silently.  Continuity is proven after every failed read, before the next.
 """
 
 from __future__ import annotations
@@ -35,7 +26,6 @@ from typing import Any
 import txredisapi
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -48,8 +38,8 @@ from unrealon.engine.interfaces import (
     IDeliverySink,
     MessageChunk,
     Recovery,
-    RoomEvent,
 )
+from unrealon.engine.pubsub import SubscriberConnection
 from unrealon.engine.redisclient import RedisHandler, StreamClient, StreamEntry, unavailable
 from unrealon.engine.rediskeys import (
     FEED,
@@ -60,8 +50,10 @@ from unrealon.engine.rediskeys import (
     history_key,
     message_keys,
     message_tag,
+    room_channel,
     streaming_key,
 )
+from unrealon.engine.roomchannels import Repair, RoomChannels
 from unrealon.engine.supervision import RedisLink, SupervisedLoop, SupervisedReader
 
 log = Logger(namespace="unrealon.engine.redisbroker")
@@ -69,14 +61,6 @@ log = Logger(namespace="unrealon.engine.redisbroker")
 #: the feed read blocks at most this long, so stopping is prompt
 READ_BLOCK_MS = 1000
 READ_COUNT = 1000
-#: bytes of events handed to the hub per reactor turn.  A batch of the feed
-#: can hold megabytes; delivered in one turn, all of it would sit in every
-#: member's transport buffer at once (the kernel only takes data between
-#: turns, and Twisted hands it at most 128 KiB per connection per turn), and
-#: even readers that keep up would exceed UNREALON_SEND_BUFFER_LIMIT and be
-#: closed with 4008.  Yielding to the reactor every slice lets each turn's
-#: writes reach the kernel first, so only real slow readers accumulate.
-DISPATCH_SLICE = 64 * 1024
 #: how often a node looks for streamed messages whose held chunks are due:
 #: PROTOCOL.md section 5.1 reports a gap within a second after the wait
 RELEASE_INTERVAL = 0.25
@@ -122,14 +106,19 @@ class RedisBroker:
         history_size: int,
         history_ttl: float,
         gap_wait: float = 2.0,
+        subscriber: SubscriberConnection,
+        channel_prefix: str,
         link: RedisLink | None = None,
         count_failure: Callable[[str], None] = lambda loop: None,
         count_chunk: Callable[[str], None] = lambda outcome: None,
+        room_grace: float | None = None,
     ) -> None:
         """
         @param redis: the handler for ordinary commands (one connection, so
             publishes reach Redis in the order they were made).
         @param reader: a dedicated connection for the blocking feed read.
+        @param subscriber: the connection the rooms' channels are heard on.
+        @param channel_prefix: L{rediskeys.room_channel_prefix} of the database.
         @param link: where Redis outages are reported (and logged).
         """
         self.sink = sink
@@ -141,6 +130,12 @@ class RedisBroker:
         self._ttl = max(1, int(history_ttl))
         self._gap_wait_ms = max(1, int(gap_wait * 1000))
         self._count_chunk = count_chunk
+        self._channel_prefix = channel_prefix
+        grace = {} if room_grace is None else {"grace": room_grace}
+        self.channels = RoomChannels(
+            reactor, sink, subscriber, channel_prefix, repair=self._repair_read,
+            position_of=self._position_of, link=link, **grace,
+        )
         #: (room, event, message id) -> (fields, head, meta) of recent streamed messages
         self._prefixes: dict[tuple[str, str, str], tuple[dict[str, Any], str, str]] = {}
         self._last_id = "0-0"
@@ -172,12 +167,14 @@ class RedisBroker:
         Start reading the feed; fires once the feed's position is known
         (which waits for Redis: a node starts serving without it).
         """
+        self.channels.start()
         self.reader.start()
         self.releaser.start()
         return self.reader.prepared()
 
     def stop(self) -> Deferred[None]:
         self.releaser.stop()
+        channels = self.channels.stop()
         stopping = self.reader.stop()
         # End the read in flight now (CLIENT UNBLOCK: it returns as if its
         # BLOCK timed out); else it ends within READ_BLOCK_MS.  Don't cancel
@@ -194,7 +191,7 @@ class RedisBroker:
             lambda f: log.warn("the feed read did not end in time ({error})",
                                error=f.getErrorMessage())
         )
-        return stopping
+        return stopping.addCallback(lambda _: channels)
 
     async def _reader_client_id(self) -> int | None:
         try:
@@ -229,14 +226,10 @@ class RedisBroker:
         batches = await self._reader.xread(
             {FEED: self._last_id}, count=READ_COUNT, block_ms=READ_BLOCK_MS
         )
-        dispatched = 0
         for _, entries in batches:
             for entry in entries:
                 self._last_id = entry.id
-                dispatched += self._dispatch(entry)
-                if dispatched >= DISPATCH_SLICE:
-                    dispatched = 0
-                    await deferLater(self._reactor, 0, lambda: None)
+                self._dispatch(entry)
 
     async def _check_continuity(self) -> None:
         """
@@ -271,49 +264,23 @@ class RedisBroker:
             self._last_id = last
             self.sink.resync(None)
 
-    def _dispatch(self, entry: StreamEntry) -> int:
+    def _dispatch(self, entry: StreamEntry) -> None:
         """
-        Hand one feed entry to the hub; returns the size of its message.
-
-        An entry has one field whose name is its kind and whose value packs
-        the rest, newline-separated (room names, cursors and user ids never
-        hold a newline; the message, last, may):
-
-        - C{e}: room, cursor, notification -- a room event
-        - C{p}: room, excluded user ("" for none), notification -- presence
-        - C{d}: user, reason -- connections.disconnect
-
-        One field rather than one per part because txredisapi parses every
-        bulk string of a reply in a reactor turn of its own: 3 bulk strings
-        per entry (id, name, value) instead of 9 triples the feed's rate.
+        Act on one feed entry.  An entry has one field whose name is its
+        kind and whose value packs the rest, newline-separated: C{d}: user,
+        reason -- C{connections.disconnect}.  (One field rather than one per
+        part because txredisapi parses every bulk string of a reply in a
+        reactor turn of its own.)
         """
-        fields = entry.fields
-        if not fields:
-            return 0
         try:
-            for kind, value in fields.items():
-                if kind == "e":
-                    room, cursor, text = value.split("\n", 2)
-                    message = text.encode()
-                    self.sink.deliver(RoomEvent(room=room, cursor=cursor, message=message))
-                    return len(message)
-                if kind == "p":
-                    room, user, text = value.split("\n", 2)
-                    message = text.encode()
-                    self.sink.deliver_ephemeral(
-                        EphemeralEvent(room=room, message=message, exclude_user=user or None)
-                    )
-                    return len(message)
-                if kind == "d":
-                    user, _, reason = value.partition("\n")
-                    self.sink.disconnect_user(user, reason)
-                    return 0
-            log.warn("unknown cluster feed entry {id}", id=entry.id)
-        except ValueError:
-            log.warn("malformed cluster feed entry {id}", id=entry.id)
+            value = (entry.fields or {}).get("d")
+            if value is None:
+                log.warn("unknown cluster feed entry {id}", id=entry.id)
+                return
+            user, _, reason = value.partition("\n")
+            self.sink.disconnect_user(user, reason)
         except Exception:
-            log.failure("delivering cluster feed entry {id} failed", id=entry.id)
-        return 0
+            log.failure("acting on cluster feed entry {id} failed", id=entry.id)
 
     # -- IBroker -----------------------------------------------------------------
 
@@ -324,11 +291,11 @@ class RedisBroker:
         keys = [
             history_key(room),
             epoch_key(room),
-            FEED,
             rediskeys.idempotency_key(idempotency_key) if idempotency_key else "",
         ]
         args: list[str | bytes | int] = [
-            head, tail, self._size, self._ttl, FEED_MAXLEN, IDEMPOTENCY_TTL, room,
+            head, tail, self._size, self._ttl, room_channel(self._channel_prefix, room),
+            IDEMPOTENCY_TTL,
         ]
         d = scripts.PUBLISH(self._redis, keys, args)
         return d.addCallbacks(str, unavailable)
@@ -365,11 +332,12 @@ class RedisBroker:
     ) -> Deferred[tuple[str, str]]:
         """Run L{messagescripts.CHUNK}; fires with (the room's cursor, the outcome)."""
         keys = [
-            history_key(room), epoch_key(room), FEED, *message_keys(room, message_id),
+            history_key(room), epoch_key(room), *message_keys(room, message_id),
             rediskeys.MESSAGES_HELD, streaming_key(room),
         ]
         d = messagescripts.CHUNK(self._redis, keys, [
-            room, message_id, *args, self._size, self._ttl, FEED_MAXLEN, self._gap_wait_ms,
+            room, message_id, *args, self._size, self._ttl,
+            room_channel(self._channel_prefix, room), self._gap_wait_ms,
         ])
         def counted(reply: list[Any]) -> tuple[str, str]:
             cursor, outcome = str(reply[0]), str(reply[1])
@@ -392,15 +360,19 @@ class RedisBroker:
                          "after the gap wait (the missing ones are reported in gaps)",
                          message_id=message_id, room=room)
 
-    def recover(self, room: str, since: str | None) -> Deferred[Recovery]:
-        if not self._positioned:
-            # A reply's cursor must not predate the feed position live
-            # delivery starts from, or the events between would be lost.
-            d = self.reader.prepared()
-            return d.addCallback(lambda _: self._recover(room, since))
-        return self._recover(room, since)
+    def watch(self, room: str) -> Deferred[None]:
+        return self.channels.watch(room)
 
-    def _recover(self, room: str, since: str | None) -> Deferred[Recovery]:
+    def unwatch(self, room: str) -> None:
+        self.channels.unwatch(room)
+
+    def recover(self, room: str, since: str | None) -> Deferred[Recovery]:
+        # Read the history only once the room's channel is live: what is
+        # published after the read then reaches this node (section 4).
+        d = self.channels.ready(room)
+        return d.addCallback(lambda _: self._recover(room, since))
+
+    def _recover_script(self, room: str, since: str | None) -> Deferred[list[Any]]:
         parsed = parse_cursor(since) if since is not None else None
         if since is None:
             args: list[Any] = ["", "0-0"]
@@ -408,10 +380,30 @@ class RedisBroker:
             args = ["-", "0-0"]  # no epoch matches "-": recovered false
         else:
             args = [parsed[0], f"{parsed[1]}-{parsed[2]}"]
-        d = scripts.RECOVER(
+        return scripts.RECOVER(
             self._redis, [history_key(room), epoch_key(room), streaming_key(room)],
             [*args, self._size, self._ttl, rediskeys.MESSAGE, message_tag(room)],
         )
+
+    def _repair_read(self, room: str, since: str) -> Deferred[Repair]:
+        """What followed C{since} in C{room}'s history, for L{RoomChannels}."""
+        def done(reply: list[Any]) -> Repair:
+            epoch, last, recovered, missed, _ = reply
+            events = []
+            for text in missed or ():
+                cursor = jsoncodec.decode(text)["params"]["cursor"]
+                events.append((str(cursor), str(text).encode()))
+            return Repair(cursor=f"{epoch}:{last}", recovered=bool(int(recovered)),
+                          missed=tuple(events))
+
+        return self._recover_script(room, since).addCallbacks(done, unavailable)
+
+    def _position_of(self, room: str) -> Deferred[str]:
+        d = scripts.POSITION(self._redis, [history_key(room), epoch_key(room)], [self._ttl])
+        return d.addCallbacks(str, unavailable)
+
+    def _recover(self, room: str, since: str | None) -> Deferred[Recovery]:
+        d = self._recover_script(room, since)
 
         def done(reply: list[Any]) -> Recovery:
             epoch, last, recovered, missed, streaming = reply
@@ -428,11 +420,10 @@ class RedisBroker:
         return parse_cursor(cursor)
 
     def publish_ephemeral(self, event: EphemeralEvent) -> Deferred[None]:
-        args: list[str | bytes | int] = [
-            FEED_MAXLEN, "p",
-            f"{event.room}\n{event.exclude_user or ''}\n".encode() + event.message,
-        ]
-        d = scripts.FEED(self._redis, [FEED], args)
+        d: Deferred[Any] = self._redis.execute_command(
+            "PUBLISH", room_channel(self._channel_prefix, event.room),
+            f"p{event.exclude_user or ''}\n".encode() + event.message,
+        )
         return d.addCallbacks(lambda _: None, unavailable)
 
     def disconnect_user(self, user_id: str, reason: str) -> Deferred[None]:

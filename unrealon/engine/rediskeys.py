@@ -8,7 +8,8 @@ hash-tagged for a Redis Cluster) without reading every script's caller.
 from __future__ import annotations
 
 PREFIX = "unrealon:"
-#: the cluster feed: every node reads it from its own last id
+#: the cluster feed of disconnect orders: every node reads it from its own
+#: last id (room events and presence go on the rooms' channels instead)
 FEED = PREFIX + "feed"
 #: changes whenever the feed is lost (Redis came back empty)
 FEED_EPOCH = PREFIX + "feed:epoch"
@@ -19,6 +20,25 @@ FEED_MAXLEN = 100_000
 IDEMPOTENCY_TTL = 86_400
 #: presence keys start with this
 PRESENCE = PREFIX + "p:"
+
+
+def room_channel_prefix(db: int) -> str:
+    """
+    What a room's Pub/Sub channel name starts with.  Channels ignore Redis'
+    database numbers, so the number is in the name: two deployments on one
+    Redis, in two databases, do not hear each other's rooms.
+    """
+    return f"{PREFIX}r:{db}:"
+
+
+def room_channel(prefix: str, room: str) -> str:
+    """
+    A room's channel: its events (with their history positions) and its
+    presence notifications, for the nodes with members in it.  The room is
+    the hash tag, as for its keys, so a cluster's sharded Pub/Sub keeps it
+    in the room's slot.
+    """
+    return f"{prefix}{{{room}}}"
 
 
 def history_key(room: str) -> str:

@@ -17,7 +17,7 @@ TIME), so nodes' clocks need not agree.  The arithmetic, with T the TTL: a
 node dies at most T/3 after its last heartbeat, so its entries expire at
 most 3T/4 after the crash; the sweep lock lives 2T/10 (a dead sweeper's lock
 is gone before then) and sweeps come every T/10, so the users are removed
-and announced within 3T/4 + T/10 = 0.85 T, plus the feed's delivery.
+and announced within 3T/4 + T/10 = 0.85 T, plus the room channel's delivery.
 
 Entries are members C{<user>|<conn>@<node token>}: connection ids repeat
 across nodes, the token makes them cluster-unique.  Two failure modes are
@@ -57,7 +57,7 @@ from zope.interface import implementer
 from unrealon.engine import scripts
 from unrealon.engine.interfaces import IPresence, PresenceCount, PresenceUser
 from unrealon.engine.redisclient import RedisHandler, unavailable
-from unrealon.engine.rediskeys import FEED, FEED_MAXLEN, PRESENCE
+from unrealon.engine.rediskeys import PRESENCE, room_channel_prefix
 from unrealon.engine.supervision import RedisLink, SupervisedLoop
 from unrealon.jsonrpc import encode, notification
 
@@ -127,8 +127,15 @@ class RedisPresence:
         events_maxlen: int = 100_000,
         connection_events: bool = False,
         token: str | None = None,
+        channels: str = room_channel_prefix(0),
     ) -> None:
+        """
+        @param channels: the rooms' channel prefix
+            (L{unrealon.engine.rediskeys.room_channel_prefix}): presence
+            notifications go on the room's channel.
+        """
         self._reactor = reactor
+        self._channels = channels
         self._redis = redis
         self._ttl = ttl
         self._lifetime_ms = int(ttl * 750)
@@ -203,12 +210,12 @@ class RedisPresence:
         ]
         batches = []
         for start in range(0, len(triples), HEARTBEAT_BATCH):
-            args: list[Any] = [P, self._lifetime_ms, FEED_MAXLEN, self._events_maxlen,
+            args: list[Any] = [P, self._lifetime_ms, self._channels, self._events_maxlen,
                                self._node_id, self._connection_events, self._node_key_ttl]
             for triple in triples[start : start + HEARTBEAT_BATCH]:
                 args += triple
             batches.append(scripts.PRESENCE_HEARTBEAT(
-                self._redis, [FEED, self._events, self._node_key], args))
+                self._redis, [self._events, self._node_key], args))
         d: Deferred[Any] = gatherResults(batches, consumeErrors=True)
         d.addCallbacks(self._restored, _first_error)
         return d
@@ -228,7 +235,7 @@ class RedisPresence:
             # validity leave one for a late timer, and a dead holder's lock
             # is gone within 2, so a sweep still runs within 3 intervals and
             # "no sweep for 4 intervals" means Redis (or everyone) was away.
-            [P, self._lifetime_ms, self._token, 2 * interval_ms, FEED, FEED_MAXLEN,
+            [P, self._lifetime_ms, self._token, 2 * interval_ms, self._channels, "",
              4 * interval_ms, self._events_maxlen, self._connection_events],
         )
         d.addCallback(self._swept)
@@ -264,8 +271,8 @@ class RedisPresence:
         members, counts, infos = _keys(room)
         d = scripts.PRESENCE_JOIN(
             self._redis,
-            [members, counts, infos, P + "rooms", FEED, self._events, self._node_key],
-            [room, user_id, member, self._lifetime_ms, info_json, message, FEED_MAXLEN,
+            [members, counts, infos, P + "rooms", self._events, self._node_key],
+            [room, user_id, member, self._lifetime_ms, info_json, message, self._channels,
              self._events_maxlen, self._node_id, self._connection_events,
              f"{conn_id}@{self._token}",
              self._node_key_ttl],
@@ -284,8 +291,8 @@ class RedisPresence:
         members, counts, infos = _keys(room)
         d = scripts.PRESENCE_LEAVE(
             self._redis,
-            [members, counts, infos, FEED, self._events],
-            [room, user_id, member, message, FEED_MAXLEN, self._events_maxlen, self._node_id,
+            [members, counts, infos, self._events],
+            [room, user_id, member, message, self._channels, self._events_maxlen, self._node_id,
              self._connection_events, f"{conn_id}@{self._token}"],
         )
         return self._track(d.addCallbacks(lambda _: None, unavailable))

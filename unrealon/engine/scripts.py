@@ -3,9 +3,9 @@ The Redis engine's server-side scripts.
 
 Everything that must happen together happens in one script, so it happens
 entirely or not at all and no other client sees a half-done state: publishing
-(history + cluster feed + idempotency key), recovering (epoch + retention
+(history + the room's channel + idempotency key), recovering (epoch + retention
 check + replay, one snapshot), and presence changes (membership + counts +
-the joined/left notification on the feed).  Scripts only touch keys they are
+the joined/left notification on the room's channel).  Scripts only touch keys they are
 given; argument layouts are documented above each.
 
 Cursor format: C{<epoch>:<history stream id>}.  The epoch is a fresh random
@@ -28,10 +28,40 @@ local function id_parts(id)
   local dash = string.find(id, '-', 1, true)
   return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
 end
+-- a room's epoch, made (with an empty history) if it has none, so that its
+-- "start" cursor, <epoch>:0-0, is valid from now on
+local function room_epoch(history, epoch_key, ttl)
+  local epoch = redis.call('GET', epoch_key)
+  if not epoch then
+    epoch = new_epoch()
+    redis.call('DEL', history)
+    redis.call('SET', epoch_key, epoch, 'EX', ttl)
+  end
+  return epoch
+end
 local function id_less(a, b)
   local am, as = id_parts(a)
   local bm, bs = id_parts(b)
   return am < bm or (am == bm and as < bs)
+end
+"""
+
+#: Lua helpers for the rooms' channels (see L{unrealon.engine.roomchannels}):
+#: an event goes out with the history id it follows, which is how a node
+#: sees that it missed one
+ROOM_CHANNEL_LIB = """
+-- the history's last entry, before the one being added ('0-0' for none):
+-- markers of streamed messages are deleted only when a newer one is the
+-- last entry, and trimming takes the oldest, so this is the entry the
+-- room's previous event was published with
+local function last_entry(history)
+  local e = redis.call('XREVRANGE', history, '+', '-', 'COUNT', 1)
+  if #e > 0 then return e[1][1] end
+  return '0-0'
+end
+-- channel message "e" = previous history id, cursor, notification (newline-separated)
+local function announce_event(channel, previous, cursor, message)
+  redis.call('PUBLISH', channel, 'e' .. previous .. '\\n' .. cursor .. '\\n' .. message)
 end
 """
 
@@ -92,15 +122,16 @@ local function compacted(prefix, tag, mid, epoch, after)
 end
 """
 
-#: KEYS: history stream, epoch key, feed stream, idempotency key ("" for none)
-#: ARGV: head, tail, history size, history ttl (s), feed maxlen, idempotency ttl (s), room
+#: KEYS: history stream, epoch key, idempotency key ("" for none)
+#: ARGV: head, tail, history size, history ttl (s), the room's channel, idempotency ttl (s)
 #: The notification is head .. cursor .. tail; the server encoded head and tail.
 #: Returns the cursor (the first one when the idempotency key was already used).
 PUBLISH = LuaScript(
     EPOCH_LIB
+    + ROOM_CHANNEL_LIB
     + """
-if KEYS[4] ~= '' then
-  local done = redis.call('GET', KEYS[4])
+if KEYS[3] ~= '' then
+  local done = redis.call('GET', KEYS[3])
   if done then return done end
 end
 local epoch = redis.call('GET', KEYS[2])
@@ -108,6 +139,7 @@ if not epoch then
   epoch = new_epoch()
   redis.call('DEL', KEYS[1])
 end
+local previous = last_entry(KEYS[1])
 -- keep at least size + 1 entries (trimming is approximate, from the head):
 -- the entry at a cursor with at most `size` events after it is then still
 -- there, which is what lets RECOVER prove a replay complete by counting
@@ -117,14 +149,25 @@ local ttl = tonumber(ARGV[4])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('SET', KEYS[2], epoch, 'EX', ttl)
 local cursor = epoch .. ':' .. id
--- feed entry: one field (see redisbroker: one bulk string per value is what
--- txredisapi parses slowly): "e" = room, cursor, notification (newline-separated)
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*',
-           'e', ARGV[7] .. '\\n' .. cursor .. '\\n' .. ARGV[1] .. cursor .. ARGV[2])
-if KEYS[4] ~= '' then
-  redis.call('SET', KEYS[4], cursor, 'EX', tonumber(ARGV[6]))
+announce_event(ARGV[5], previous, cursor, ARGV[1] .. cursor .. ARGV[2])
+if KEYS[3] ~= '' then
+  redis.call('SET', KEYS[3], cursor, 'EX', tonumber(ARGV[6]))
 end
 return cursor
+"""
+)
+
+#: KEYS: history stream, epoch key
+#: ARGV: history ttl (s)
+#: The cursor of the room's latest event (its "start" when it has none; a
+#: room with no history gets an epoch, as in RECOVER).  Its id is what the
+#: room's next event will name as the one it follows.
+POSITION = LuaScript(
+    EPOCH_LIB
+    + ROOM_CHANNEL_LIB
+    + """
+local epoch = room_epoch(KEYS[1], KEYS[2], tonumber(ARGV[1]))
+return epoch .. ':' .. last_entry(KEYS[1])
 """
 )
 
@@ -140,12 +183,7 @@ RECOVER = LuaScript(
     EPOCH_LIB
     + MESSAGES_LIB
     + """
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  epoch = new_epoch()
-  redis.call('DEL', KEYS[1])
-  redis.call('SET', KEYS[2], epoch, 'EX', tonumber(ARGV[4]))
-end
+local epoch = room_epoch(KEYS[1], KEYS[2], tonumber(ARGV[4]))
 local prefix, tag = ARGV[5], ARGV[6]
 local last = '0-0'
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -258,10 +296,11 @@ end
 local function token_of(member)
   return string.match(member, '@([^|@]*)$') or ''
 end
-local function announce(feed, maxlen, room, message, user)
+-- channel message "p" = excluded user, notification (newline-separated),
+-- on the room's channel: the channel prefix and the room make its name
+local function announce(channels, room, message, user)
   if message ~= '' then
-    -- feed entry "p" = room, excluded user, notification (newline-separated)
-    redis.call('XADD', feed, 'MAXLEN', '~', maxlen, '*', 'p', room .. '\\n' .. user .. '\\n' .. message)
+    redis.call('PUBLISH', channels .. '{' .. room .. '}', 'p' .. user .. '\\n' .. message)
   end
 end
 -- lifecycle events (PROTOCOL.md section 9.1), appended by the script that
@@ -277,10 +316,10 @@ local function emit(stream, maxlen, time, fields)
 end
 """
 
-#: KEYS: members zset, user counts hash, info hash, rooms set, feed, events
+#: KEYS: members zset, user counts hash, info hash, rooms set, events
 #:       stream, this node's token key
 #: ARGV: room, user, member (user|conn@token), lifetime (ms), info json,
-#:       joined message ("" for none), feed maxlen, events maxlen, node id,
+#:       joined message ("" for none), channel prefix, events maxlen, node id,
 #:       connection events ("1" or "0"), connection id, token key ttl (s)
 #: Adds a connection; the user's first connection announces presence.joined.
 #: Expiry times come from Redis' clock, so nodes' clocks need not agree.
@@ -298,19 +337,19 @@ if redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[3]) == 1 then
   redis.call('HSET', KEYS[3], user, ARGV[5])
   local first = redis.call('HINCRBY', KEYS[2], user, 1) == 1
   if first then
-    announce(KEYS[5], ARGV[7], room, ARGV[6], user)
+    announce(ARGV[7], room, ARGV[6], user)
   end
   if room == ONLINE then
-    redis.call('SET', KEYS[7], node, 'EX', tonumber(ARGV[12]))
+    redis.call('SET', KEYS[6], node, 'EX', tonumber(ARGV[12]))
     if first then
-      emit(KEYS[6], ARGV[8], time, {type = 'user.online', user_id = user, node_id = node})
+      emit(KEYS[5], ARGV[8], time, {type = 'user.online', user_id = user, node_id = node})
     end
     if ARGV[10] == '1' then
-      emit(KEYS[6], ARGV[8], time, {type = 'connection.opened', user_id = user,
+      emit(KEYS[5], ARGV[8], time, {type = 'connection.opened', user_id = user,
            connection_id = node .. '/' .. ARGV[11], node_id = node})
     end
   elseif first and tracked(room) and redis.call('HLEN', KEYS[2]) == 1 then
-    emit(KEYS[6], ARGV[8], time, {type = 'room.occupied', room = room, user_id = user,
+    emit(KEYS[5], ARGV[8], time, {type = 'room.occupied', room = room, user_id = user,
          node_id = node})
   end
   if first then return 1 end
@@ -319,8 +358,8 @@ return 0
 """
 )
 
-#: KEYS: members zset, user counts hash, info hash, feed, events stream
-#: ARGV: room, user, member, left message ("" for none), feed maxlen,
+#: KEYS: members zset, user counts hash, info hash, events stream
+#: ARGV: room, user, member, left message ("" for none), channel prefix,
 #:       events maxlen, node id, connection events ("1" or "0"), connection id
 #: Removes a connection; the user's last connection announces presence.left.
 #: Lifecycle events (reason "closed"): in __online__, connection.closed (if
@@ -335,21 +374,21 @@ if redis.call('ZREM', KEYS[1], ARGV[3]) == 1 then
   if last then
     redis.call('HDEL', KEYS[2], user)
     redis.call('HDEL', KEYS[3], user)
-    announce(KEYS[4], ARGV[5], room, ARGV[4], user)
+    announce(ARGV[5], room, ARGV[4], user)
   end
   if room == ONLINE then
     local _, time = clock()
     if ARGV[8] == '1' then
-      emit(KEYS[5], ARGV[6], time, {type = 'connection.closed', user_id = user,
+      emit(KEYS[4], ARGV[6], time, {type = 'connection.closed', user_id = user,
            connection_id = node .. '/' .. ARGV[9], node_id = node, reason = 'closed'})
     end
     if last then
-      emit(KEYS[5], ARGV[6], time, {type = 'user.offline', user_id = user, node_id = node,
+      emit(KEYS[4], ARGV[6], time, {type = 'user.offline', user_id = user, node_id = node,
            reason = 'closed'})
     end
   elseif last and tracked(room) and redis.call('HLEN', KEYS[2]) == 0 then
     local _, time = clock()
-    emit(KEYS[5], ARGV[6], time, {type = 'room.vacated', room = room, user_id = user,
+    emit(KEYS[4], ARGV[6], time, {type = 'room.vacated', room = room, user_id = user,
          node_id = node, reason = 'closed'})
   end
   if last then return 1 end
@@ -358,8 +397,8 @@ return 0
 """
 )
 
-#: KEYS: feed, events stream, this node's token key
-#: ARGV: key prefix, lifetime (ms), feed maxlen, events maxlen, node id,
+#: KEYS: events stream, this node's token key
+#: ARGV: key prefix, lifetime (ms), channel prefix, events maxlen, node id,
 #:       connection events ("1" or "0"), token key ttl (s), then
 #:       room/member/info-json triples
 #: Pushes the expiry of this node's live connections.  A connection that is
@@ -376,8 +415,8 @@ PRESENCE_HEARTBEAT = LuaScript(
 local prefix, restored = ARGV[1], 0
 local now, time = clock()
 local expires = now + tonumber(ARGV[2])
-local node, events, events_maxlen = ARGV[5], KEYS[2], ARGV[4]
-redis.call('SET', KEYS[3], node, 'EX', tonumber(ARGV[7]))
+local node, events, events_maxlen = ARGV[5], KEYS[1], ARGV[4]
+redis.call('SET', KEYS[2], node, 'EX', tonumber(ARGV[7]))
 for i = 8, #ARGV, 3 do
   local room, member, info = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local zkey = prefix .. room .. ':m'
@@ -394,7 +433,7 @@ for i = 8, #ARGV, 3 do
     if first and tracked(room) then
       local message = '{"jsonrpc":"2.0","method":"presence.joined","params":{"room":'
         .. cjson.encode(room) .. ',"user_id":' .. cjson.encode(user) .. ',"info":' .. info .. '}}'
-      announce(KEYS[1], ARGV[3], room, message, user)
+      announce(ARGV[3], room, message, user)
     end
     if room == ONLINE then
       if first then
@@ -415,8 +454,8 @@ return restored
 )
 
 #: KEYS: sweeper lock, last sweep time, events stream
-#: ARGV: key prefix, entry lifetime (ms), lock token, lock ttl (ms), feed,
-#:       feed maxlen, stall (ms), events maxlen, connection events ("1"/"0")
+#: ARGV: key prefix, entry lifetime (ms), lock token, lock ttl (ms), channel
+#:       prefix, "" (unused), stall (ms), events maxlen, connection events ("1"/"0")
 #: The cluster's one expiry sweep: only the lock holder sweeps.  Removes
 #: expired connections of every room and announces presence.left for users
 #: with none left.  The left notification is built here (JSON-escaped by
@@ -476,7 +515,7 @@ for _, room in ipairs(rooms) do
       if tracked(room) then
         local message = cjson.encode({jsonrpc = '2.0', method = 'presence.left',
                                       params = {room = room, user_id = user}})
-        announce(ARGV[5], ARGV[6], room, message, user)
+        announce(ARGV[5], room, message, user)
       end
     end
     if room == ONLINE then
