@@ -11,7 +11,7 @@ HTTP_PORT ?= 8766
 LOG_FILE ?= logs/unrealon-ws.json
 
 .PHONY: install install-ipc dev health logs test test-unit run-prod docker-build docker-run constraints \
-        generate-client check-clients lint bench bench-backend bench-ai-memory bench-peers bench-smoke token clean
+        generate-client check-clients lint bench bench-backend bench-ai-memory bench-foreign bench-peers bench-smoke token clean
 
 install:
 	@PYTHON=$(PYTHON) sh scripts/check-prereqs install
@@ -61,6 +61,7 @@ test:
 	$(PY) bench/run.py --smoke
 	$(PY) bench/backend_rpc.py --smoke
 	$(PY) bench/ai_history_memory.py --smoke
+	$(PY) bench/foreign_events.py --smoke
 
 test-unit:
 	$(PY) -m twisted.trial tests
@@ -94,6 +95,10 @@ bench:
 	$(PY) bench/run.py
 	$(PY) bench/backend_rpc.py
 	$(PY) bench/ai_history_memory.py
+	$(PY) bench/foreign_events.py
+
+bench-foreign:
+	$(PY) bench/foreign_events.py
 
 bench-ai-memory:
 	$(PY) bench/ai_history_memory.py
@@ -107,6 +112,7 @@ bench-peers:
 bench-smoke:
 	$(PY) bench/run.py --smoke
 	$(PY) bench/ai_history_memory.py --smoke
+	$(PY) bench/foreign_events.py --smoke
 
 clean:
 	rm -rf _trial_temp* .mypy_cache .ruff_cache build dist *.egg-info
