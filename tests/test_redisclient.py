@@ -97,6 +97,27 @@ class ParseRedisURLTests(unittest.SynchronousTestCase):
         a = parse_redis_url("unix://u:pw@/tmp/r%20s.sock")
         self.assertEqual((a.path, a.db, a.username, a.password), ("/tmp/r s.sock", 0, "u", "pw"))
 
+    def test_sentinel(self) -> None:
+        a = parse_redis_url("redis+sentinel://:s3cret@10.0.0.1,10.0.0.2:26380,[::1]:5/cache/2")
+        self.assertEqual(a.kind, "sentinel")
+        self.assertEqual(a.sentinels, (("10.0.0.1", 26379), ("10.0.0.2", 26380), ("::1", 5)))
+        self.assertEqual((a.service, a.db, a.password, a.username), ("cache", 2, "s3cret", None))
+        self.assertEqual(a.display(),
+                         "redis+sentinel://:***@10.0.0.1:26379,10.0.0.2:26380,[::1]:5/cache/2")
+        self.assertEqual(parse_redis_url("redis+sentinel://h/m").db, 0)
+        for bad, why in (
+            ("redis+sentinel://h", "service name"),
+            ("redis+sentinel://h/m/1/x", "service name"),
+            ("redis+sentinel://h:0/m", "Sentinel port"),
+            ("redis+sentinel://h:x/m", "Sentinel port"),
+            ("redis+sentinel://,h/m", "host is empty"),
+            ("redis+sentinel://h/m?db=1", "no query"),
+            ("redis+sentinel://bob@h/m", "needs a password"),
+        ):
+            with self.assertRaises(ValueError) as e:
+                parse_redis_url(bad)
+            self.assertIn(why, str(e.exception), bad)
+
     def test_password_hidden(self) -> None:
         a = parse_redis_url("redis://u:s3cret@h:1/2")
         self.assertNotIn("s3cret", repr(a))

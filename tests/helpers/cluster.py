@@ -62,10 +62,8 @@ def redis_broker(sink: IDeliverySink, redis: Any, reader: Any, url: str, **setti
 
     address = parse_redis_url(url)
     settings.setdefault("channel_prefix", room_channel_prefix(address.db))
-    return RedisBroker(
-        reactor, sink, redis, reader, subscriber=SubscriberConnection(reactor, address),
-        **settings,
-    )
+    settings.setdefault("subscriber", SubscriberConnection(reactor, address))
+    return RedisBroker(reactor, sink, redis, reader, **settings)
 
 
 @implementer(IDeliverySink)

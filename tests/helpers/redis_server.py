@@ -63,7 +63,8 @@ class RedisServerError(Exception):
 
 
 class _RedisProcessProtocol(ProcessProtocol):
-    def __init__(self) -> None:
+    def __init__(self, marker: bytes = READY_MARKER) -> None:
+        self.marker = marker
         self.ready: Deferred[None] = Deferred()
         self.ended: Deferred[None] = Deferred()
         self.output = bytearray()
@@ -81,7 +82,7 @@ class _RedisProcessProtocol(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         self._keep(data)
-        if not self.ready.called and READY_MARKER in bytes(self.output).lower():
+        if not self.ready.called and self.marker in bytes(self.output).lower():
             self.ready.callback(None)
 
     def errReceived(self, data: bytes) -> None:
@@ -106,6 +107,9 @@ class RedisServer:
     <sockdir>/redis.sock --unixsocketperm 700``), with its data directory in
     ``directory``.  See the module docstring for persistence.
     """
+
+    #: what its output says once it serves (lower case)
+    ready_marker = READY_MARKER
 
     def __init__(
         self,
@@ -172,7 +176,7 @@ class RedisServer:
             raise RedisServerError("redis-server is not installed")
         os.makedirs(self.directory, exist_ok=True)
         os.makedirs(self._socket_dir, mode=0o700, exist_ok=True)
-        protocol = _RedisProcessProtocol()
+        protocol = _RedisProcessProtocol(self.ready_marker)
         self._protocol = protocol
         self._transport = self._reactor.spawnProcess(
             protocol,

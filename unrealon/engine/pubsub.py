@@ -218,19 +218,25 @@ def endpoint_for(reactor: Any, address: RedisAddress) -> IStreamClientEndpoint:
 class SubscriberConnection:
     """Keeps one L{SubscriberProtocol} connected (reconnecting with backoff)."""
 
-    def __init__(self, reactor: Any, address: RedisAddress, name: str | None = None) -> None:
+    def __init__(
+        self, reactor: Any, address: RedisAddress, name: str | None = None,
+        endpoint: IStreamClientEndpoint | None = None,
+    ) -> None:
         """
         @param name: the connection's CLIENT SETNAME (no spaces; others are
             replaced), so it can be told apart in CLIENT LIST.
+        @param endpoint: where to connect (a Sentinel address needs its
+            L{unrealon.engine.sentinel.MasterEndpoint}); else C{address}'s.
         """
         self._reactor = reactor
         self.address = address
+        self._endpoint = endpoint
         self.name = None if name is None else re.sub(r"[^A-Za-z0-9_.:@-]", "_", name)
         self._service: ClientService | None = None
 
     def start(self, listener: ISubscriptionListener) -> None:
         self._service = ClientService(
-            endpoint_for(self._reactor, self.address),
+            self._endpoint or endpoint_for(self._reactor, self.address),
             _Factory(listener, self.address, self.name),
             # little jitter: every moment away is a moment a repair must cover
             retryPolicy=backoffPolicy(initialDelay=0.1, factor=2.0, maxDelay=1.0,

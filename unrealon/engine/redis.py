@@ -24,6 +24,7 @@ from unrealon.engine import messagescripts, redisbackend, scripts
 from unrealon.engine.pubsub import SubscriberConnection
 from unrealon.engine.redisclient import LuaScript, RedisHandler, connect, parse_redis_url
 from unrealon.engine.rediskeys import room_channel_prefix
+from unrealon.engine.sentinel import MasterEndpoint, Sentinels
 from unrealon.engine.supervision import RedisLink, redis_down
 
 log = Logger(namespace="unrealon.engine.redis")
@@ -47,19 +48,26 @@ class RedisConnections:
     #: the channel names' prefix (Pub/Sub ignores database numbers)
     channel_prefix: str
     link: RedisLink
+    #: with a redis+sentinel:// URL: the Sentinels every connection asks first
+    sentinels: Sentinels | None = None
 
     @classmethod
     def open(cls, url: str, clock: IReactorTime, node_id: str | None = None) -> RedisConnections:
         address = parse_redis_url(url)
         name = None if node_id is None else f"unrealon-rooms-{node_id}"
+        sentinels = endpoint = None
+        if address.kind == "sentinel":
+            sentinels = Sentinels(clock, address)
+            endpoint = MasterEndpoint(clock, sentinels)
         return cls(
-            commands=connect(address, scripts=ALL_SCRIPTS),
-            feed_reader=connect(address, blocking=True),
-            ingress_reader=connect(address, blocking=True),
-            replies_reader=connect(address, blocking=True),
-            subscriber=SubscriberConnection(clock, address, name),
+            commands=connect(address, scripts=ALL_SCRIPTS, endpoint=endpoint),
+            feed_reader=connect(address, blocking=True, endpoint=endpoint),
+            ingress_reader=connect(address, blocking=True, endpoint=endpoint),
+            replies_reader=connect(address, blocking=True, endpoint=endpoint),
+            subscriber=SubscriberConnection(clock, address, name, endpoint),
             channel_prefix=room_channel_prefix(address.db),
             link=RedisLink(clock, address.display()),
+            sentinels=sentinels,
         )
 
     def start(self) -> Deferred[None]:
@@ -84,9 +92,12 @@ class RedisConnections:
 
     def stop(self) -> Deferred[Any]:
         self.link.stop()
+        closing = [h.disconnect() for h in (self.commands, self.feed_reader,
+                                            self.ingress_reader, self.replies_reader)]
+        if self.sentinels is not None:
+            closing.append(self.sentinels.disconnect())
         return DeferredList(
-            [h.disconnect() for h in (self.commands, self.feed_reader, self.ingress_reader,
-                                        self.replies_reader)],
+            closing,
             consumeErrors=True,
         )
 

@@ -52,7 +52,7 @@ from typing import Any
 import attrs
 import txredisapi
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 
 from unrealon._compat import redis as compat_redis
@@ -119,6 +119,7 @@ def connect(
     poolsize: int = 1,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     scripts: Sequence[LuaScript] = (),
+    endpoint: IStreamClientEndpoint | None = None,
 ) -> RedisHandler:
     """
     A lazy txredisapi handler (C{poolsize} connections) that reconnects by
@@ -140,6 +141,10 @@ def connect(
     issued before that wait for ever (use a deadline), later ones fail with
     C{txredisapi.ConnectionError("Not connected")}.
 
+    A C{sentinel} address needs C{endpoint}, a
+    L{unrealon.engine.sentinel.MasterEndpoint}: every connection attempt
+    goes to the master the Sentinels name at that time.
+
     Close it with C{yield handler.disconnect()}.
     """
     if poolsize < 1:
@@ -157,7 +162,18 @@ def connect(
         "replyTimeout": None if blocking else DEFAULT_REPLY_TIMEOUT,
         "convertNumbers": False,
     }
-    if address.kind == "unix":
+    if address.kind == "sentinel":
+        if endpoint is None:
+            raise ValueError("a Sentinel address needs its MasterEndpoint")
+        factory = txredisapi.RedisFactory(
+            address.display(), address.db, poolsize, isLazy=True, charset="utf-8",
+            password=address.password, username=address.username,
+            replyTimeout=options["replyTimeout"], convertNumbers=False,
+        )
+        factory.reconnect = True
+        factory.startConnecting(endpoint)
+        handler = factory.handler
+    elif address.kind == "unix":
         handler = txredisapi.lazyUnixConnectionPool(address.path, **options)
     else:
         handler = txredisapi.lazyConnectionPool(address.host, address.port, **options)
