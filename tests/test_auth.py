@@ -206,6 +206,27 @@ class ConnectionTokenTests(Base):
         self.clock.advance(far - NOW + 10)
         self.refused(v, token, "token expired")
 
+    def test_verified_token_remembered_but_times_checked_again(self) -> None:
+        """A token shown again is not verified again; its expiry still is, every time."""
+        v = self.verifier()
+        token = sign(claims(exp=NOW + 100))
+        first = v.verify_connection_token(token)
+        calls = []
+        original = v._decode_with
+
+        def counting(*args: Any) -> Any:
+            calls.append(args)
+            return original(*args)
+
+        v._decode_with = counting  # type: ignore[method-assign]
+        self.assertEqual(v.verify_connection_token(token), first)
+        self.assertEqual(calls, [])  # the signature was not checked again
+        # a different token (one character of the signature) is verified afresh
+        self.refused(v, token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1],
+                     "invalid signature")
+        self.clock.advance(200)
+        self.refused(v, token, "token expired")
+
     def test_expiry_with_leeway(self) -> None:
         v = self.verifier(leeway=5.0)
         exp = NOW + 100

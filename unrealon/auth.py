@@ -75,6 +75,8 @@ _MAX_INFO_BYTES = 1024
 # Bounds the work one hostile token can cause (header parse, claim walk, rooms list);
 # far above any sane token, which is a few hundred bytes to a few KiB.
 _MAX_TOKEN_CHARS = 16 * 1024
+#: verified tokens remembered (the oldest goes first): at most ~16 KiB each
+VERIFIED_CACHE = 4096
 _MAX_KEY_FILE_BYTES = 1024 * 1024
 _MIN_RSA_BITS = 2048
 
@@ -313,6 +315,11 @@ class TokenVerifier:
 
     def __init__(self, settings: JWTSettings, clock: IReactorTime) -> None:
         self._settings = settings
+        #: token -> its verified claims (signature, algorithm, key, aud, iss):
+        #: a reconnecting browser shows the same token again, and a reconnect
+        #: storm would otherwise verify thousands of signatures already
+        #: verified.  Times (exp, nbf) are checked again on every use.
+        self._verified: dict[str, dict[str, Any]] = {}
         # cast: without the mypy-zope plugin mypy cannot see IReactorTime.seconds as a method.
         self._clock = cast(_Clock, clock)
         self._jwt = vetted_hmac_decoder()
@@ -363,6 +370,13 @@ class TokenVerifier:
         """Verify signature and standard claims; return the claims and exp."""
         if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN_CHARS:
             raise AuthError("invalid token")
+        known = self._verified.get(token)
+        if known is not None:
+            try:
+                return known, self._check_times(known)
+            except AuthError:
+                del self._verified[token]  # expired: it can never be good again
+                raise
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -386,7 +400,11 @@ class TokenVerifier:
             raise AuthError("algorithm not allowed")
 
         claims = self._decode_with(token, alg, candidates)
-        return claims, self._check_times(claims)
+        expires_at = self._check_times(claims)
+        if len(self._verified) >= VERIFIED_CACHE:
+            del self._verified[next(iter(self._verified))]  # the oldest
+        self._verified[token] = claims
+        return claims, expires_at
 
     def _decode_with(
         self, token: str, alg: str, candidates: tuple[VerificationKey, ...]
