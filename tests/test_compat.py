@@ -125,6 +125,12 @@ class CheckTests(SynchronousTestCase):
 class WebSocketTests(SynchronousTestCase):
     """The Autobahn protocol adjustments (the session tests cover them in use)."""
 
+    def test_log_highlights_are_plain(self) -> None:
+        from autobahn.util import hl, hltype
+
+        self.assertEqual(hl("text"), "text")
+        self.assertNotIn("\x1b", hltype(WebSocketProtocol))
+
     def test_lazy_options_dump_restores_pformat(self) -> None:
         import pprint
 

@@ -11,6 +11,14 @@ Autobahn's WebSocket protocol: the internals the session adjusts.
     CPU per connection in the connect benchmark.  L{lazy_options_dump} swaps
     the module's C{pformat} for a lazy one for that call.  Upstream: format
     lazily (the log call already takes the value as a field).
+  - Autobahn colours the arguments of its debug lines (C{autobahn.util.hl},
+    C{hltype}) with click whenever click is importable, whether or not the
+    line is logged: ~22 calls per connection, a tenth of the node's CPU per
+    connection in a reconnect storm (bench/, reconnect_storm), in any
+    environment that has click for another reason (import-linter brings it
+    to ours).  L{plain_log_highlights} turns the colouring off; our logs are
+    JSON or plain text and never wanted the escape codes.  Upstream: style
+    lazily, in the observer.
   - Autobahn leaves its closing-handshake timer (C{closeHandshakeTimeoutCall})
     running when the peer drops TCP instead of answering our close; it
     keeps the protocol alive for the handshake timeout.
@@ -41,6 +49,7 @@ from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Any
 
+from autobahn import util as autobahn_util
 from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import WebSocketProtocol
 
@@ -67,10 +76,16 @@ def check() -> None:
     require("autobahn", WebSocketProtocol, ("CLOSE_STATUS_CODES_ALLOWED", "_connectionMade",
                                             "sendData", "_send"))
     require("autobahn", autobahn_protocol, ("pformat",))
+    require("autobahn", autobahn_util, ("_HAS_CLICK", "hl"))
     if not isinstance(WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED, list):
         raise unsupported("autobahn", "CLOSE_STATUS_CODES_ALLOWED is no longer a list")
     if "maxMessagePayloadSize" not in getattr(WebSocketProtocol, "CONFIG_ATTRS_COMMON", ()):
         raise unsupported("autobahn", "maxMessagePayloadSize is no longer a protocol option")
+
+
+def plain_log_highlights() -> None:
+    """Autobahn's debug-line highlights as plain text (no click styling)."""
+    autobahn_util._HAS_CLICK = False
 
 
 def allow_registered_close_codes() -> None:
@@ -153,3 +168,4 @@ def outgoing_size_unlimited(protocol: Any) -> Iterator[None]:
 
 check()
 allow_registered_close_codes()
+plain_log_highlights()
