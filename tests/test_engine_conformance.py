@@ -460,6 +460,73 @@ class RedisEngineTests(EngineConformance, TestCase):
 
     # -- the Redis engine's own duties -----------------------------------------
 
+    @inlineCallbacks
+    def test_recoveries_of_one_turn_are_few_calls(self) -> Any:
+        """
+        The history reads of one turn's joins go as one script call per 50
+        rooms, each room still its own snapshot with its own answer.
+        """
+        from unrealon.engine import scripts
+
+        yield self.make(history_size=10)
+        rooms = [f"storm:{i}" for i in range(120)]
+        starts = yield gatherResults([self.broker.recover(room, None) for room in rooms])
+        for i, room in enumerate(rooms):
+            yield self.publish_n(i % 12, room=room)  # 11 or more: beyond the history
+        original = scripts.RECOVER
+        sent: list[int] = []
+
+        def counting(redis: Any, keys: Any, args: Any) -> Any:
+            sent.append(len(keys) // 3)  # rooms in this call
+            return original(redis, keys, args)
+
+        self.patch(scripts, "RECOVER", counting)
+        recoveries = yield gatherResults([
+            self.broker.recover(room, start.cursor)
+            for room, start in zip(rooms, starts, strict=True)
+        ])
+        self.assertEqual(sent, [50, 50, 20])
+        for i, recovery in enumerate(recoveries):
+            count = i % 12
+            if count > 10:
+                self.assertNotRecovered(recovery)
+            else:
+                self.assertTrue(recovery.recovered)
+                self.assertEqual([m["params"]["data"]["seq"] for m in recovery.missed],
+                                 list(range(count)))
+                self.assertEqual(recovery.missed[-1]["params"]["room"] if count else rooms[i],
+                                 rooms[i])
+
+    @inlineCallbacks
+    def test_presence_changes_of_one_turn_are_one_call(self) -> Any:
+        """
+        A reconnect storm's joins (and leaves) made in one reactor turn reach
+        Redis as one script call, applied in the order they were made.
+        """
+        from unrealon.engine import scripts
+
+        yield self.make()
+        original = scripts.PRESENCE_CHANGES
+        sent: list[int] = []
+
+        def counting(redis: Any, keys: Any, args: Any) -> Any:
+            sent.append((len(args) - 7) // 7)  # changes in this call
+            return original(redis, keys, args)
+
+        self.patch(scripts, "PRESENCE_CHANGES", counting)
+        yield gatherResults([self.presence.join(ROOM, f"u{i}", f"c{i}", {"n": i})
+                             for i in range(300)])
+        self.assertEqual(sent, [300])
+        self.assertEqual((yield self.presence.count(ROOM)).connections, 300)
+        # a join and the leave of the same connection in one turn: the leave wins
+        yield gatherResults([
+            self.presence.join(ROOM, "late", "c-late", {}),
+            self.presence.leave(ROOM, "late", "c-late"),
+            *[self.presence.leave(ROOM, f"u{i}", f"c{i}") for i in range(300)],
+        ])
+        self.assertEqual(sent, [300, 302])
+        self.assertEqual((yield self.presence.count(ROOM)).connections, 0)
+
     def second_presence(self, ttl: float) -> Any:
         """Another node's presence (own connection) on the same Redis."""
         from unrealon.engine.redisclient import connect, parse_redis_url

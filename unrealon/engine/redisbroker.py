@@ -40,6 +40,7 @@ from unrealon.engine.interfaces import (
     Recovery,
 )
 from unrealon.engine.pubsub import SubscriberConnection
+from unrealon.engine.recoveries import RecoveryReads
 from unrealon.engine.redisclient import RedisHandler, StreamClient, StreamEntry, unavailable
 from unrealon.engine.rediskeys import (
     FEED,
@@ -49,7 +50,6 @@ from unrealon.engine.rediskeys import (
     epoch_key,
     history_key,
     message_keys,
-    message_tag,
     room_channel,
     streaming_key,
 )
@@ -131,6 +131,8 @@ class RedisBroker:
         self._gap_wait_ms = max(1, int(gap_wait * 1000))
         self._count_chunk = count_chunk
         self._channel_prefix = channel_prefix
+        self._reads = RecoveryReads(reactor, redis, history_size=history_size,
+                                    history_ttl=self._ttl)
         grace = {} if room_grace is None else {"grace": room_grace}
         self.channels = RoomChannels(
             reactor, sink, subscriber, channel_prefix, repair=self._repair_read,
@@ -375,15 +377,10 @@ class RedisBroker:
     def _recover_script(self, room: str, since: str | None) -> Deferred[list[Any]]:
         parsed = parse_cursor(since) if since is not None else None
         if since is None:
-            args: list[Any] = ["", "0-0"]
-        elif parsed is None:
-            args = ["-", "0-0"]  # no epoch matches "-": recovered false
-        else:
-            args = [parsed[0], f"{parsed[1]}-{parsed[2]}"]
-        return scripts.RECOVER(
-            self._redis, [history_key(room), epoch_key(room), streaming_key(room)],
-            [*args, self._size, self._ttl, rediskeys.MESSAGE, message_tag(room)],
-        )
+            return self._reads.read(room, "", "0-0")
+        if parsed is None:
+            return self._reads.read(room, "-", "0-0")  # no epoch matches "-": not recovered
+        return self._reads.read(room, parsed[0], f"{parsed[1]}-{parsed[2]}")
 
     def _repair_read(self, room: str, since: str) -> Deferred[Repair]:
         """What followed C{since} in C{room}'s history, for L{RoomChannels}."""

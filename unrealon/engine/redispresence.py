@@ -48,6 +48,7 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import txredisapi
 from twisted.internet.defer import Deferred, DeferredList, FirstError, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -55,7 +56,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from unrealon.engine import scripts
-from unrealon.engine.interfaces import IPresence, PresenceCount, PresenceUser
+from unrealon.engine.interfaces import BackendUnavailable, IPresence, PresenceCount, PresenceUser
 from unrealon.engine.redisclient import RedisHandler, unavailable
 from unrealon.engine.rediskeys import PRESENCE, room_channel_prefix
 from unrealon.engine.supervision import RedisLink, SupervisedLoop
@@ -104,6 +105,22 @@ def _first_error(failure: Failure) -> Failure:
 def _user_of(member: str) -> str:
     """C{<user>|<conn>}: user ids may contain "|" (auth0|123), connection ids never."""
     return member.rpartition("|")[0]
+
+
+#: presence changes per script call (a call blocks Redis while it runs)
+CHANGES_PER_CALL = 500
+
+
+def _fire(_: Any, waiting: list[Deferred[None]]) -> None:
+    for done in waiting:
+        done.callback(None)
+
+
+def _fail(failure: Failure, waiting: list[Deferred[None]]) -> None:
+    if failure.check(txredisapi.ConnectionError, ConnectionError):
+        failure = Failure(BackendUnavailable("Redis is unavailable"))
+    for done in waiting:
+        done.errback(failure)
 
 
 def _keys(room: str) -> tuple[str, str, str]:
@@ -161,6 +178,10 @@ class RedisPresence:
         #: joins and leaves on their way to Redis: stop waits for them, so a
         #: node that closes its connections and stops leaves no ghost entry
         self._writes: set[Deferred[None]] = set()
+        #: this turn's joins and leaves, in order (one script call per turn:
+        #: a reconnect storm's thousands of changes in a few calls)
+        self._changes: list[str | bytes | int] = []
+        self._changed: list[Deferred[None]] = []
         self.loops = (
             SupervisedLoop("presence heartbeat", reactor, ttl / 3, self.heartbeat,
                            link=link, count_failure=count_failure),
@@ -178,6 +199,7 @@ class RedisPresence:
         """Stop the loops; fires once the joins and leaves on their way have landed."""
         for loop in self.loops:
             loop.stop()
+        self._send_changes()
         if not self._writes:
             return succeed(None)
         landed = DeferredList(list(self._writes), consumeErrors=True)
@@ -203,6 +225,7 @@ class RedisPresence:
         reaches Redis after the batch that holds its entry, so a heartbeat
         never restores a connection that has left.
         """
+        self._send_changes()  # joins and leaves made before it land before it
         triples = [
             (room, member, info)
             for room, members in self._local.items()
@@ -268,16 +291,7 @@ class RedisPresence:
             return succeed(None)  # it left (or closed) while its join was on its way
         info_json = json.dumps(dict(info), separators=(",", ":"))
         self._local.setdefault(room, {})[member] = info_json
-        members, counts, infos = _keys(room)
-        d = scripts.PRESENCE_JOIN(
-            self._redis,
-            [members, counts, infos, P + "rooms", self._events, self._node_key],
-            [room, user_id, member, self._lifetime_ms, info_json, message, self._channels,
-             self._events_maxlen, self._node_id, self._connection_events,
-             f"{conn_id}@{self._token}",
-             self._node_key_ttl],
-        )
-        return self._track(d.addCallbacks(lambda _: None, unavailable))
+        return self._change("j", room, user_id, member, info_json, message, conn_id)
 
     def _leave(self, room: str, user_id: str, conn_id: str, message: bytes | str) -> Deferred[None]:
         member = self._member(user_id, conn_id)
@@ -288,14 +302,37 @@ class RedisPresence:
             del local[member]
             if not local:
                 del self._local[room]
-        members, counts, infos = _keys(room)
-        d = scripts.PRESENCE_LEAVE(
-            self._redis,
-            [members, counts, infos, self._events],
-            [room, user_id, member, message, self._channels, self._events_maxlen, self._node_id,
-             self._connection_events, f"{conn_id}@{self._token}"],
-        )
-        return self._track(d.addCallbacks(lambda _: None, unavailable))
+        return self._change("l", room, user_id, member, "", message, conn_id)
+
+    def _change(self, kind: str, room: str, user_id: str, member: str, info_json: str,
+                message: bytes | str, conn_id: str) -> Deferred[None]:
+        """Queue one join or leave for this turn's L{scripts.PRESENCE_CHANGES} call."""
+        if not self._changed:
+            self._reactor.callLater(0, self._send_changes)
+        text = message.decode() if isinstance(message, bytes) else message
+        self._changes += (kind, room, user_id, member, info_json, text,
+                          f"{conn_id}@{self._token}")
+        done: Deferred[None] = Deferred()
+        self._changed.append(done)
+        return self._track(done)
+
+    def _send_changes(self) -> None:
+        """This turn's joins and leaves, in the order they were made, in one call per batch."""
+        changes, waiting = self._changes, self._changed
+        if not waiting:
+            return
+        self._changes, self._changed = [], []
+        step = CHANGES_PER_CALL * 7
+        head: list[str | bytes | int] = [
+            P, self._lifetime_ms, self._channels, self._events_maxlen, self._node_id,
+            self._connection_events, self._node_key_ttl,
+        ]
+        for start in range(0, len(changes), step):
+            batch = waiting[start // 7 : (start + step) // 7]
+            d = scripts.PRESENCE_CHANGES(
+                self._redis, [self._events, self._node_key], head + changes[start : start + step]
+            )
+            d.addCallbacks(_fire, _fail, callbackArgs=(batch,), errbackArgs=(batch,))
 
     def join(self, room: str, user_id: str, conn_id: str, info: Mapping[str, Any]) -> Deferred[None]:
         message = encode(

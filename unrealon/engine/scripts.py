@@ -171,10 +171,13 @@ return epoch .. ':' .. last_entry(KEYS[1])
 """
 )
 
-#: KEYS: history stream, epoch key, the room's streaming set
-#: ARGV: since epoch ("" for none), since id, history size, history ttl (s),
-#:       message key prefix, the room's message tag (rediskeys.message_tag)
-#: Returns {epoch, last id, recovered (0/1), {message, ...}, {streaming, ...}}.
+#: KEYS: per room: history stream, epoch key, the room's streaming set
+#: ARGV: history size, history ttl (s), message key prefix, then per room:
+#:       since epoch ("" for none), since id, the room's message tag
+#:       (rediskeys.message_tag)
+#: Returns, per room, {epoch, last id, recovered (0/1), {message, ...},
+#: {streaming, ...}}: the recoveries of one reactor turn's joins (a reconnect
+#: storm's) in one call, each its own snapshot.
 #: A room with no history gets an epoch (so its "start" cursor, <epoch>:0-0,
 #: stays valid).  A streamed message's history entry is a marker ("m" = its
 #: id) replayed as one event covering what came after `since`; the messages
@@ -183,62 +186,70 @@ RECOVER = LuaScript(
     EPOCH_LIB
     + MESSAGES_LIB
     + """
-local epoch = room_epoch(KEYS[1], KEYS[2], tonumber(ARGV[4]))
-local prefix, tag = ARGV[5], ARGV[6]
-local last = '0-0'
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  local info = redis.call('XINFO', 'STREAM', KEYS[1])
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then last = info[i + 1] end
-  end
-end
-local function streaming()
-  local out = {}
-  for _, mid in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-    local event = compacted(prefix, tag, mid, epoch, '')
-    if event then
-      out[#out + 1] = event
-    elseif event == nil then
-      redis.call('SREM', KEYS[3], mid)
+local function recover(history, epoch_key, streaming_key, since_epoch, since, size, ttl,
+                       prefix, tag)
+  local epoch = room_epoch(history, epoch_key, ttl)
+  local last = '0-0'
+  if redis.call('EXISTS', history) == 1 then
+    local info = redis.call('XINFO', 'STREAM', history)
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then last = info[i + 1] end
     end
   end
-  return out
-end
-if ARGV[1] == '' or ARGV[1] ~= epoch then
-  return {epoch, last, 0, {}, streaming()}
-end
-local since = ARGV[2]
-if id_less(last, since) then
-  return {epoch, last, 0, {}, streaming()}
-end
--- Complete or nothing: PUBLISH keeps at least size + 1 entries and trims
--- only from the head, so if any entry after `since` was trimmed, every
--- retained one (size + 1 or more) is after `since` and the count below is
--- over `size`.  (Entries are deleted otherwise only when a streamed message
--- moves its marker to its latest event: nothing a replay needs.)
-local size = tonumber(ARGV[3])
-local entries = redis.call('XRANGE', KEYS[1], '(' .. since, '+', 'COUNT', size + 1)
-if #entries > size then
-  return {epoch, last, 0, {}, streaming()}
-end
-local missed = {}
-for i, entry in ipairs(entries) do
-  local fields = entry[2]
-  if fields[1] == 'm' then
-    local event = compacted(prefix, tag, fields[2], epoch, since)
-    -- the message's text is gone (expired): the replay cannot be complete
-    if not event then return {epoch, last, 0, {}, streaming()} end
-    missed[i] = event
-  else
-    local head, tail = '', ''
-    for j = 1, #fields, 2 do
-      if fields[j] == 'h' then head = fields[j + 1] end
-      if fields[j] == 't' then tail = fields[j + 1] end
+  local function streaming()
+    local out = {}
+    for _, mid in ipairs(redis.call('SMEMBERS', streaming_key)) do
+      local event = compacted(prefix, tag, mid, epoch, '')
+      if event then
+        out[#out + 1] = event
+      elseif event == nil then
+        redis.call('SREM', streaming_key, mid)
+      end
     end
-    missed[i] = head .. epoch .. ':' .. entry[1] .. tail
+    return out
   end
+  if since_epoch == '' or since_epoch ~= epoch then
+    return {epoch, last, 0, {}, streaming()}
+  end
+  if id_less(last, since) then
+    return {epoch, last, 0, {}, streaming()}
+  end
+  -- Complete or nothing: PUBLISH keeps at least size + 1 entries and trims
+  -- only from the head, so if any entry after `since` was trimmed, every
+  -- retained one (size + 1 or more) is after `since` and the count below is
+  -- over `size`.  (Entries are deleted otherwise only when a streamed message
+  -- moves its marker to its latest event: nothing a replay needs.)
+  local entries = redis.call('XRANGE', history, '(' .. since, '+', 'COUNT', size + 1)
+  if #entries > size then
+    return {epoch, last, 0, {}, streaming()}
+  end
+  local missed = {}
+  for i, entry in ipairs(entries) do
+    local fields = entry[2]
+    if fields[1] == 'm' then
+      local event = compacted(prefix, tag, fields[2], epoch, since)
+      -- the message's text is gone (expired): the replay cannot be complete
+      if not event then return {epoch, last, 0, {}, streaming()} end
+      missed[i] = event
+    else
+      local head, tail = '', ''
+      for j = 1, #fields, 2 do
+        if fields[j] == 'h' then head = fields[j + 1] end
+        if fields[j] == 't' then tail = fields[j + 1] end
+      end
+      missed[i] = head .. epoch .. ':' .. entry[1] .. tail
+    end
+  end
+  return {epoch, last, 1, missed, {}}
 end
-return {epoch, last, 1, missed, {}}
+local size, ttl, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local out = {}
+for r = 1, #KEYS / 3 do
+  local k, a = 3 * r - 2, 3 * r + 1
+  out[r] = recover(KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a], ARGV[a + 1], size, ttl,
+                   prefix, ARGV[a + 2])
+end
+return out
 """
 )
 
@@ -316,84 +327,80 @@ local function emit(stream, maxlen, time, fields)
 end
 """
 
-#: KEYS: members zset, user counts hash, info hash, rooms set, events
-#:       stream, this node's token key
-#: ARGV: room, user, member (user|conn@token), lifetime (ms), info json,
-#:       joined message ("" for none), channel prefix, events maxlen, node id,
-#:       connection events ("1" or "0"), connection id, token key ttl (s)
-#: Adds a connection; the user's first connection announces presence.joined.
-#: Expiry times come from Redis' clock, so nodes' clocks need not agree.
-#: Lifecycle events: in __online__, user.online on the user's first
-#: connection (and connection.opened if asked); in a tracked room,
-#: room.occupied when it had no user.  Joining __online__ also records the
-#: node id under the node's token, for the sweep of a node that died.
-PRESENCE_JOIN = LuaScript(
+#: KEYS: events stream, this node's token key
+#: ARGV: key prefix, lifetime (ms), channel prefix, events maxlen, node id,
+#:       connection events ("1" or "0"), token key ttl (s), then per change
+#:       7 values: "j" (join) or "l" (leave), room, user, member
+#:       (user|conn@token), info json (joins), the joined / left message
+#:       ("" for none), connection id as section 9.1 names it (conn@token)
+#: The presence changes of this node's connections in one reactor turn, in
+#: the order they were made (a leave after its join, never before).
+#: A join adds a connection; the user's first announces presence.joined.  A
+#: leave removes one; the user's last announces presence.left.  Expiry
+#: times come from Redis' clock, so nodes' clocks need not agree.
+#: Lifecycle events: in __online__, user.online / user.offline on the
+#: user's first / last connection (and connection.opened / .closed if
+#: asked); in a tracked room, room.occupied when it had no user and
+#: room.vacated when its last user is gone (reason "closed").  Joining
+#: __online__ also records the node id under the node's token, for the
+#: sweep of a node that died.  Returns how many changes took effect.
+PRESENCE_CHANGES = LuaScript(
     _PRESENCE
     + """
+local prefix, channels, events, events_maxlen, node = ARGV[1], ARGV[3], KEYS[1], ARGV[4], ARGV[5]
+local connection_events = ARGV[6] == '1'
 local now, time = clock()
-if redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[3]) == 1 then
-  local room, user, node = ARGV[1], ARGV[2], ARGV[9]
-  redis.call('SADD', KEYS[4], room)
-  redis.call('HSET', KEYS[3], user, ARGV[5])
-  local first = redis.call('HINCRBY', KEYS[2], user, 1) == 1
-  if first then
-    announce(ARGV[7], room, ARGV[6], user)
-  end
-  if room == ONLINE then
-    redis.call('SET', KEYS[6], node, 'EX', tonumber(ARGV[12]))
-    if first then
-      emit(KEYS[5], ARGV[8], time, {type = 'user.online', user_id = user, node_id = node})
+local expires = now + tonumber(ARGV[2])
+local changed = 0
+for i = 8, #ARGV, 7 do
+  local kind, room, user, member = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local message, label = ARGV[i + 5], ARGV[i + 6]
+  local zkey, ukey, ikey = prefix .. room .. ':m', prefix .. room .. ':u', prefix .. room .. ':i'
+  if kind == 'j' then
+    if redis.call('ZADD', zkey, expires, member) == 1 then
+      changed = changed + 1
+      redis.call('SADD', prefix .. 'rooms', room)
+      redis.call('HSET', ikey, user, ARGV[i + 4])
+      local first = redis.call('HINCRBY', ukey, user, 1) == 1
+      if first then announce(channels, room, message, user) end
+      if room == ONLINE then
+        redis.call('SET', KEYS[2], node, 'EX', tonumber(ARGV[7]))
+        if first then
+          emit(events, events_maxlen, time, {type = 'user.online', user_id = user, node_id = node})
+        end
+        if connection_events then
+          emit(events, events_maxlen, time, {type = 'connection.opened', user_id = user,
+               connection_id = node .. '/' .. label, node_id = node})
+        end
+      elseif first and tracked(room) and redis.call('HLEN', ukey) == 1 then
+        emit(events, events_maxlen, time, {type = 'room.occupied', room = room, user_id = user,
+             node_id = node})
+      end
     end
-    if ARGV[10] == '1' then
-      emit(KEYS[5], ARGV[8], time, {type = 'connection.opened', user_id = user,
-           connection_id = node .. '/' .. ARGV[11], node_id = node})
-    end
-  elseif first and tracked(room) and redis.call('HLEN', KEYS[2]) == 1 then
-    emit(KEYS[5], ARGV[8], time, {type = 'room.occupied', room = room, user_id = user,
-         node_id = node})
-  end
-  if first then return 1 end
-end
-return 0
-"""
-)
-
-#: KEYS: members zset, user counts hash, info hash, events stream
-#: ARGV: room, user, member, left message ("" for none), channel prefix,
-#:       events maxlen, node id, connection events ("1" or "0"), connection id
-#: Removes a connection; the user's last connection announces presence.left.
-#: Lifecycle events (reason "closed"): in __online__, connection.closed (if
-#: asked) and user.offline on the user's last connection; in a tracked room,
-#: room.vacated when its last user is gone.
-PRESENCE_LEAVE = LuaScript(
-    _PRESENCE
-    + """
-if redis.call('ZREM', KEYS[1], ARGV[3]) == 1 then
-  local room, user, node = ARGV[1], ARGV[2], ARGV[7]
-  local last = redis.call('HINCRBY', KEYS[2], user, -1) <= 0
-  if last then
-    redis.call('HDEL', KEYS[2], user)
-    redis.call('HDEL', KEYS[3], user)
-    announce(ARGV[5], room, ARGV[4], user)
-  end
-  if room == ONLINE then
-    local _, time = clock()
-    if ARGV[8] == '1' then
-      emit(KEYS[4], ARGV[6], time, {type = 'connection.closed', user_id = user,
-           connection_id = node .. '/' .. ARGV[9], node_id = node, reason = 'closed'})
-    end
+  elseif redis.call('ZREM', zkey, member) == 1 then
+    changed = changed + 1
+    local last = redis.call('HINCRBY', ukey, user, -1) <= 0
     if last then
-      emit(KEYS[4], ARGV[6], time, {type = 'user.offline', user_id = user, node_id = node,
-           reason = 'closed'})
+      redis.call('HDEL', ukey, user)
+      redis.call('HDEL', ikey, user)
+      announce(channels, room, message, user)
     end
-  elseif last and tracked(room) and redis.call('HLEN', KEYS[2]) == 0 then
-    local _, time = clock()
-    emit(KEYS[4], ARGV[6], time, {type = 'room.vacated', room = room, user_id = user,
-         node_id = node, reason = 'closed'})
+    if room == ONLINE then
+      if connection_events then
+        emit(events, events_maxlen, time, {type = 'connection.closed', user_id = user,
+             connection_id = node .. '/' .. label, node_id = node, reason = 'closed'})
+      end
+      if last then
+        emit(events, events_maxlen, time, {type = 'user.offline', user_id = user, node_id = node,
+             reason = 'closed'})
+      end
+    elseif last and tracked(room) and redis.call('HLEN', ukey) == 0 then
+      emit(events, events_maxlen, time, {type = 'room.vacated', room = room, user_id = user,
+           node_id = node, reason = 'closed'})
+    end
   end
-  if last then return 1 end
 end
-return 0
+return changed
 """
 )
 

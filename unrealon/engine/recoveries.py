@@ -1,0 +1,76 @@
+"""
+Reading rooms' histories for joins and repairs, one script call per reactor turn.
+
+A reconnect storm brings thousands of C{rooms.join} with C{since} within a
+second, and every one reads its room's history (L{scripts.RECOVER}: one
+snapshot per room).  One script call per join costs the node a command to
+build, a reply to parse and a Deferred chain each, and Redis a call each;
+the reads asked for in one reactor turn go as one call instead (at most
+L{ROOMS_PER_CALL} rooms, so that no call holds Redis for long: a room's read
+may return up to C{UNREALON_HISTORY_SIZE} events).  Each room is still read
+in one snapshot of its own; waiting for the end of the turn delays no read
+by more than that turn.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from unrealon.engine import rediskeys, scripts
+from unrealon.engine.redisclient import RedisHandler
+
+#: rooms read per script call
+ROOMS_PER_CALL = 50
+
+
+class RecoveryReads:
+    """L{scripts.RECOVER} for the rooms asked in one reactor turn, in few calls."""
+
+    def __init__(
+        self, reactor: IReactorTime, redis: RedisHandler, *, history_size: int, history_ttl: int
+    ) -> None:
+        self._reactor = reactor
+        self._redis = redis
+        self._size = history_size
+        self._ttl = history_ttl
+        #: this turn's reads: (keys, args, who waits)
+        self._reads: list[tuple[list[str], list[Any], Deferred[list[Any]]]] = []
+
+    def read(self, room: str, since_epoch: str, since_id: str) -> Deferred[list[Any]]:
+        """
+        C{room}'s history after C{since_epoch}:C{since_id} ("" epoch: none):
+        fires with {epoch, last id, recovered, missed, streaming}.
+        """
+        if not self._reads:
+            self._reactor.callLater(0, self._send)
+        keys = [rediskeys.history_key(room), rediskeys.epoch_key(room),
+                rediskeys.streaming_key(room)]
+        args = [since_epoch, since_id, rediskeys.message_tag(room)]
+        done: Deferred[list[Any]] = Deferred()
+        self._reads.append((keys, args, done))
+        return done
+
+    def _send(self) -> None:
+        reads, self._reads = self._reads, []
+        for start in range(0, len(reads), ROOMS_PER_CALL):
+            batch = reads[start : start + ROOMS_PER_CALL]
+            keys = [key for read in batch for key in read[0]]
+            args: list[Any] = [self._size, self._ttl, rediskeys.MESSAGE]
+            for read in batch:
+                args += read[1]
+            d = scripts.RECOVER(self._redis, keys, args)
+            d.addCallbacks(_answer, _fail, callbackArgs=(batch,), errbackArgs=(batch,))
+
+
+def _answer(replies: list[Any], batch: list[tuple[Any, Any, Deferred[list[Any]]]]) -> None:
+    for (_, _, done), reply in zip(batch, replies, strict=True):
+        done.callback(reply)
+
+
+def _fail(failure: Failure, batch: list[tuple[Any, Any, Deferred[list[Any]]]]) -> None:
+    for _, _, done in batch:
+        done.errback(failure)
