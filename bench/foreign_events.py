@@ -136,9 +136,12 @@ async def one_run(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
         r = redis.Redis(unix_socket_path=store.sock)
         seconds = args.events / args.rate
         # idle: the same length, the same connections, no events
+        rpid = store.pid or -1
         a0, b0 = cpu_seconds(a.proc.pid), cpu_seconds(b.proc.pid)  # type: ignore[union-attr]
+        r0 = cpu_seconds(rpid)
         await asyncio.sleep(seconds)
         a1, b1 = cpu_seconds(a.proc.pid), cpu_seconds(b.proc.pid)  # type: ignore[union-attr]
+        r1 = cpu_seconds(rpid)
         heard_b0 = metric(b, "unrealon_room_channel_messages")
         elapsed = await asyncio.to_thread(publish_paced, r, busy, args.events, args.rate)
         expected = 2 * args.events
@@ -151,6 +154,7 @@ async def one_run(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
         # what the run cost, over exactly its length (timers and all),
         # minus the idle period's
         a2, b2 = cpu_seconds(a.proc.pid), cpu_seconds(b.proc.pid)  # type: ignore[union-attr]
+        r2 = cpu_seconds(rpid)
         heard_b = metric(b, "unrealon_room_channel_messages") - heard_b0
         heard_a = metric(a, "unrealon_room_channel_messages")
         idle_a, idle_b = a1 - a0, b1 - b0  # type: ignore[operator]
@@ -158,13 +162,15 @@ async def one_run(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
         scale = seconds / max(elapsed, 1e-9)
         d = (run_a - idle_a / scale) / args.events
         f = (run_b - idle_b / scale) / args.events
+        # Redis: the publish script, and its PUBLISH to one subscribed node
+        redis_us = ((r2 - r1) - (r1 - r0) / scale) / args.events * 1e6
         b_received = sum(c.state for c in b_members)
         await close_all(a_members + b_members)
         return {
             "events": args.events, "rate": args.rate, "rooms": args.rooms,
             "publish_s": elapsed, "node_a_run_cpu_s": run_a, "node_a_idle_cpu_s": idle_a,
             "node_b_run_cpu_s": run_b, "node_b_idle_cpu_s": idle_b,
-            "d_us": d * 1e6, "f_us": f * 1e6,
+            "d_us": d * 1e6, "f_us": f * 1e6, "redis_us": redis_us,
             "node_b_channel_messages": heard_b, "node_a_channel_messages": heard_a,
             "node_b_member_events": b_received,
             "redis_version": r.info("server")["redis_version"],
@@ -184,6 +190,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     f = statistics.median(r["f_us"] for r in rows)
     worst = max(r["f_us"] for r in rows)
     return {
+        "redis_us": statistics.median(r["redis_us"] for r in rows),
         "runs": len(rows), "d_us": d, "f_us": f, "f_worst_us": worst,
         "f_over_d": f / d if d else None,
         "efficiency": {str(n): efficiency(d, f, n) for n in NODES},
@@ -207,6 +214,7 @@ def table(s: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"| d: node A, an event it delivers (2 members) | {s['d_us']:.1f} us |",
         f"| f: node B, a foreign event | {s['f_us']:.2f} us (worst run "
         f"{s['f_worst_us']:.2f} us) |",
+        f"| Redis: the publish script, its PUBLISH to node A (CPU) | {s['redis_us']:.1f} us |",
         f"| messages that reached node B's room channels | "
         f"{s['node_b_channel_messages']:.0f} |",
         "",

@@ -462,3 +462,34 @@ class RoomChannelStateTests(SynchronousTestCase):
         self.assertEqual(self.connection.unsubscribed, [[f"p:{{{ROOM}}}".encode()]])
         self.event("0-0", "1-0")
         self.assertEqual(self.sink.events, [])
+
+
+class _Member:
+    user_id = "u"
+
+    def __init__(self) -> None:
+        self.resynced: list[str] = []
+
+    def resync(self, room: str) -> None:
+        self.resynced.append(room)
+
+
+class HubHearingTests(SynchronousTestCase):
+    """Which members a room's unrepairable gap sends to recover."""
+
+    def test_only_members_from_before_the_gap_recover(self) -> None:
+        from unrealon.hub import Hub
+
+        hub = Hub(lambda payload: payload, lambda cursor: None)
+        before, after, gone = _Member(), _Member(), _Member()
+        hub.join(ROOM, before)
+        hub.join(ROOM, gone)
+        hub.unheard(ROOM)
+        hub.leave(ROOM, gone)
+        hub.join(ROOM, after)  # joined since: its join read the history itself
+        hub.heard(ROOM, complete=False)
+        self.assertEqual((before.resynced, after.resynced, gone.resynced), ([ROOM], [], []))
+        # repaired: nobody recovers
+        hub.unheard(ROOM)
+        hub.heard(ROOM, complete=True)
+        self.assertEqual((before.resynced, after.resynced), ([ROOM], []))

@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from tests.helpers.cluster import EVENT, barrier
+from tests.helpers.cluster import EVENT, Tap, barrier
 from tests.helpers.process import NodeProcess
 from tests.test_cluster import ClusterTestCase
 
@@ -73,11 +73,39 @@ class InterestRoutingTests(ClusterTestCase):
 class ChannelRepairTests(ClusterTestCase):
     timeout = 120
 
+    @inlineCallbacks
+    def test_a_new_connection_hears_its_user_room_from_the_start(self) -> Any:
+        """
+        A user's first connection on a node opens (token in the handshake)
+        or authenticates (auth.authenticate) while the node's subscriber
+        connection is down: the open and the reply wait until the user's
+        room is heard, so an event published right after reaches it.
+        """
+        from tests.helpers.node import connect, mint_token
+
+        nodes = yield self.cluster(1)
+        node = nodes[0]
+        for user, how in (("ada", "handshake"), ("bea", "message")):
+            yield self.kill_subscriber(node)
+            if how == "handshake":
+                client = yield node.connect(mint_token(user, rooms=["*"]))
+            else:
+                url = f"ws://127.0.0.1:{node.ws_port}/ws"
+                client = yield connect(url, port=node.ws_port)
+                yield client.call("auth.authenticate",
+                                  {"token": mint_token(user, rooms=["*"])})
+            self.addCleanup(client.drop)
+            tap = Tap(client)
+            yield self.publisher.publish(f"user:{user}", EVENT, {"seq": 1})
+            yield self.wait(lambda tap=tap: tap.seqs() == [1], timeout=10,
+                            what=f"the event of user:{user} ({how})")
+
     def kill_subscriber(self, node: NodeProcess) -> Deferred[Any]:
         """CLIENT KILL the node's room-channel connection, by its client name."""
 
         async def kill() -> Any:
-            listing = await self.redis.execute_command("CLIENT", "LIST", "TYPE", "pubsub")
+            # (with no room subscribed yet it is not of TYPE pubsub)
+            listing = await self.redis.execute_command("CLIENT", "LIST")
             for line in str(listing).splitlines():
                 fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
                 if fields.get("name") == f"unrealon-rooms-{node.node_id}":

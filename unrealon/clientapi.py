@@ -170,8 +170,10 @@ async def auth_authenticate(call: ClientCall, params: TokenParams) -> AuthResult
     session.authenticate(identity)
     # the connection is in its implicit rooms "from the start" (section 4):
     # the reply waits until their events reach this node
+    waiting = node.hub.ready(implicit_rooms(identity.user_id))
     try:
-        await within_deadline(node.hub.ready(implicit_rooms(identity.user_id)), node.reactor)
+        if waiting is not None:
+            await within_deadline(waiting, node.reactor)
     except RPCError:
         # Redis is away: nothing is published meanwhile, and the rooms are
         # listened to again as soon as it is back; the token was good

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
@@ -63,6 +63,8 @@ class Hub:
         self.members: set[Any] = set()
         self._by_user: dict[str, set[Any]] = {}
         self._rooms: dict[str, set[Any]] = {}
+        #: rooms not heard for a while -> their members at that moment
+        self._unheard: dict[str, set[Any]] = {}
         self.delivered = 0
 
     # -- membership ------------------------------------------------------------
@@ -107,12 +109,26 @@ class Hub:
                 if self.interest is not None:
                     self.interest.unwatch(room)
 
-    def ready(self, rooms: Iterable[str]) -> Deferred[Any]:
-        """Fires once the live events of C{rooms} reach this node."""
-        if self.interest is None:
-            return succeed(None)
-        return gatherResults([self.interest.watch(room) for room in rooms if room in self._rooms],
-                             consumeErrors=True)
+    def ready(self, rooms: Iterable[str]) -> Deferred[Any] | None:
+        """
+        Fires once the live events of C{rooms} reach this node; None when
+        they already do (nothing to wait for: the common case, a user's
+        second connection or a room already heard).  A room with no local
+        member yet (a handshake about to open a connection in it) is
+        listened to for the engine's grace period, which its member's
+        arrival turns into for good.
+        """
+        interest = self.interest
+        if interest is None:
+            return None
+        waits = []
+        for room in rooms:
+            d = interest.watch(room)
+            if room not in self._rooms:
+                interest.unwatch(room)
+            if not d.called:
+                waits.append(d)
+        return gatherResults(waits, consumeErrors=True) if waits else None
 
     def room_members(self, room: str) -> Sequence[Any]:
         return list(self._rooms.get(room, ()))
@@ -159,6 +175,18 @@ class Hub:
     def disconnect_user(self, user_id: str, reason: str) -> None:
         for member in list(self._by_user.get(user_id, ())):
             member.close_by_backend(reason)
+
+    def unheard(self, room: str) -> None:
+        if room not in self._unheard:
+            self._unheard[room] = set(self._rooms.get(room, ()))
+
+    def heard(self, room: str, complete: bool) -> None:
+        before = self._unheard.pop(room, None)
+        if complete:
+            return
+        members = self._rooms.get(room, set())
+        for member in list(members if before is None else members & before):
+            member.resync(room)
 
     def resync(self, rooms: Sequence[str] | None) -> None:
         names = list(self._rooms) if rooms is None else rooms

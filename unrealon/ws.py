@@ -48,7 +48,7 @@ from unrealon.handshake import (
 )
 from unrealon.hub import IMember
 from unrealon.limits import RateGuard
-from unrealon.membership import IRoomConnection, RoomMembership, presence_tracked
+from unrealon.membership import IRoomConnection, RoomMembership, implicit_rooms, presence_tracked
 from unrealon.node import Node
 from unrealon.outbox import IConnection, Outbox, WriteCoalescer
 
@@ -103,7 +103,12 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
 
     # -- handshake ------------------------------------------------------------
 
-    def onConnect(self, request: ConnectionRequest) -> None:
+    # Autobahn runs onConnect through txaio.as_future and answers the
+    # handshake when a returned Deferred fires (its stub only names the sync
+    # results, hence the ignore)
+    def onConnect(  # type: ignore[override]
+        self, request: ConnectionRequest
+    ) -> Deferred[None] | None:
         node = self.node
         try:
             self._handshake_identity = check_handshake(
@@ -123,6 +128,16 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
             log.failure("handshake check failed")
             self._refusal = HandshakeRefused(500, "internal server error")
             raise ConnectionDeny(500, "Internal Server Error") from None
+        identity = self._handshake_identity
+        if identity is None:
+            return None
+        # The connection is in its implicit rooms from the start (section
+        # 4): open it once their events reach this node.
+        waiting = node.hub.ready(implicit_rooms(identity.user_id))
+        if waiting is None:
+            return None
+        waiting.addTimeout(OPEN_WAIT, node.reactor)
+        return waiting.addBoth(_opened_anyway)
 
     def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders: Any = None) -> None:
         """Our refusals say why in a short body (PROTOCOL.md section 2)."""
@@ -344,6 +359,20 @@ class RPCSession(DirectFrames, WebSocketServerProtocol):  # type: ignore[misc]
 
 def _quietly(d: Deferred[Any], what: str) -> None:
     d.addErrback(lambda f: log.failure("{what} failed", f, what=what))
+
+
+#: longest an opening handshake waits for its user's rooms to be heard (a
+#: confirmation takes a round trip to Redis; while Redis is away a node
+#: still accepts connections, PROTOCOL.md section 1)
+OPEN_WAIT = 1.0
+
+
+def _opened_anyway(result: Any) -> None:
+    if isinstance(result, Failure):
+        # Redis is away: nothing is published meanwhile, and the rooms are
+        # listened to again as soon as it is back; the token was good
+        log.info("opening a connection before its user's rooms are listened to ({error})",
+                 error=result.getErrorMessage())
 
 
 class RPCServerFactory(WebSocketServerFactory):

@@ -88,6 +88,13 @@ class FakeSink:
     def resync(self, rooms: Sequence[str] | None) -> None:
         self.resyncs.append(rooms)
 
+    def unheard(self, room: str) -> None:
+        pass
+
+    def heard(self, room: str, complete: bool) -> None:
+        if not complete:
+            self.resyncs.append([room])
+
     def notifications(self, room: str | None = None) -> list[Any]:
         return [json.loads(e.message) for e in self.events if room is None or e.room == room]
 

@@ -121,6 +121,20 @@ class IDeliverySink(Interface):
         outage): make the members of C{rooms} (None: all rooms) recover.
         """
 
+    def unheard(room: str) -> None:
+        """
+        C{room}'s live events may have stopped reaching this node (its
+        channel dropped, or a gap showed): its members now may lack some.
+        """
+
+    def heard(room: str, complete: bool) -> None:
+        """
+        C{room} is heard again after L{unheard}: C{complete} if what was
+        missed meanwhile was delivered, else the members it found there make
+        their clients recover (members that arrived since read the history
+        themselves and lack nothing).
+        """
+
 
 class IBroker(Interface):
     """Publish room events, keep their history, fan them out to nodes."""

@@ -27,7 +27,9 @@ Guarantees (PROTOCOL.md sections 4 and 5), and how they are kept:
     into one event) and delivers that, holding live events back meanwhile.
     Clients see nothing.  Only when the history no longer covers the gap
     are the room's clients sent down the contract's recovery path (they
-    rejoin with their cursors: L{IDeliverySink.resync}).
+    rejoin with their cursors: L{IDeliverySink.heard}); only those that
+    were members before the gap: a member that arrived since read the
+    history itself.
   - After the subscriber connection comes back, every room is subscribed
     again and then repaired from its position, which finds what was
     published while the node was away.
@@ -248,6 +250,7 @@ class RoomChannels:
             if state.live:
                 state.live = False
                 state.was_live = True
+                self._sink.unheard(state.name)
 
     def subscribed(self, channel: bytes) -> None:
         state = self._by_channel.get(channel)
@@ -262,6 +265,7 @@ class RoomChannels:
             since = self._cursor(state) or state.baseline
             if since is None:
                 self._resync(state, "no position known when the subscription came back")
+                self._sink.heard(state.name, False)
             else:
                 self._repair(state, since)
         elif state.epoch is None and state.baseline is None:
@@ -313,6 +317,7 @@ class RoomChannels:
                 log.info("events of {room} were lost after {position}; repairing from history",
                          room=state.name, position=self._cursor(state))
                 state.queued.append((previous, cursor, notification))
+                self._sink.unheard(state.name)
                 self._repair(state, f"{state.epoch}:{state.last}")
                 return
         state.epoch, state.last = epoch, last
@@ -337,6 +342,7 @@ class RoomChannels:
                          room=state.name, count=len(repair.missed))
         else:
             self._resync(state, "the history no longer covers the gap")
+        self._sink.heard(state.name, repair.recovered)
         state.epoch, _, state.last = repair.cursor.partition(":")
         state.baseline = None
         state.repairing = False
@@ -364,7 +370,6 @@ class RoomChannels:
     def _resync(self, state: _Room, why: str) -> None:
         log.warn("the clients of {room} must recover: {why}", room=state.name, why=why)
         self.resynced += 1
-        self._sink.resync([state.name])
 
     def _read_baseline(self, state: _Room) -> None:
         def known(cursor: str) -> None:
