@@ -228,11 +228,11 @@ class ReaderFailureTests(TestCase):
 
     def test_feed_reader(self) -> Any:
         def break_it(service: Any) -> None:
-            reader = service.node.broker._reader
+            reader = service.node.broker.feed._reader
             reader.original, reader.xread = reader.xread, _injected
 
         def repair(service: Any) -> None:
-            reader = service.node.broker._reader
+            reader = service.node.broker.feed._reader
             reader.xread = reader.original
 
         return self.check_reader("cluster feed reader", break_it, repair)

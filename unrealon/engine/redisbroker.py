@@ -9,21 +9,16 @@ published or not at all.  Only nodes with members in the room hear it
 repair from the history).
 
 Disconnect orders (C{connections.disconnect}) are for every node: they go on
-the cluster feed, a stream every node reads (XREAD BLOCK on a connection of
-its own) from the last id it saw.  A node that loses Redis for a moment
-resumes from its last id.  If it cannot -- the feed was trimmed past its
-position, went back, or Redis came back empty (the feed's epoch key
-changed) -- it makes every client recover; it never loses an order
-silently.  Continuity is proven after every failed read, before the next.
+the cluster feed (L{unrealon.engine.clusterfeed}).  Streamed messages' chunks
+are ordered by L{messagescripts.CHUNK}; history reads for joins are batched
+per reactor turn (L{unrealon.engine.recoveries}).
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import txredisapi
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -31,6 +26,7 @@ from zope.interface import implementer
 
 from unrealon import jsoncodec
 from unrealon.engine import messagescripts, rediskeys, scripts
+from unrealon.engine.clusterfeed import ClusterFeed
 from unrealon.engine.interfaces import (
     CHUNK_FIELDS,
     EphemeralEvent,
@@ -41,11 +37,8 @@ from unrealon.engine.interfaces import (
 )
 from unrealon.engine.pubsub import SubscriberConnection
 from unrealon.engine.recoveries import RecoveryReads
-from unrealon.engine.redisclient import RedisHandler, StreamClient, StreamEntry, unavailable
+from unrealon.engine.redisclient import RedisHandler, StreamClient, unavailable
 from unrealon.engine.rediskeys import (
-    FEED,
-    FEED_EPOCH,
-    FEED_MAXLEN,
     IDEMPOTENCY_TTL,
     epoch_key,
     history_key,
@@ -54,13 +47,10 @@ from unrealon.engine.rediskeys import (
     streaming_key,
 )
 from unrealon.engine.roomchannels import Repair, RoomChannels
-from unrealon.engine.supervision import RedisLink, SupervisedLoop, SupervisedReader
+from unrealon.engine.supervision import RedisLink, SupervisedLoop
 
 log = Logger(namespace="unrealon.engine.redisbroker")
 
-#: the feed read blocks at most this long, so stopping is prompt
-READ_BLOCK_MS = 1000
-READ_COUNT = 1000
 #: how often a node looks for streamed messages whose held chunks are due:
 #: PROTOCOL.md section 5.1 reports a gap within a second after the wait
 RELEASE_INTERVAL = 0.25
@@ -140,17 +130,10 @@ class RedisBroker:
         )
         #: (room, event, message id) -> (fields, head, meta) of recent streamed messages
         self._prefixes: dict[tuple[str, str, str], tuple[dict[str, Any], str, str]] = {}
-        self._last_id = "0-0"
-        #: the feed's epoch when this node last proved continuity
-        self._feed_epoch = ""
-        #: False until the first read's position is known (the feed's end)
-        self._positioned = False
-        #: the reader connection's CLIENT ID, so stop() can end its BLOCK
-        self._reader_id: int | None = None
-        self.reader = SupervisedReader(
-            "cluster feed reader", reactor, self._read_once, self._prepare,
-            link=link, count_failure=count_failure,
-        )
+        #: disconnect orders, for every node
+        self.feed = ClusterFeed(reactor, sink, redis, reader, link=link,
+                                count_failure=count_failure)
+        self.reader = self.feed.reader
         #: releases held chunks of streamed messages once their wait is over
         self.releaser = SupervisedLoop(
             "streamed message release", reactor, RELEASE_INTERVAL, self.release_due,
@@ -160,7 +143,7 @@ class RedisBroker:
     @property
     def feed_ok(self) -> bool:
         """Whether the feed is being read (for /health)."""
-        return self.reader.working()
+        return self.feed.reader.working()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -170,119 +153,13 @@ class RedisBroker:
         (which waits for Redis: a node starts serving without it).
         """
         self.channels.start()
-        self.reader.start()
         self.releaser.start()
-        return self.reader.prepared()
+        return self.feed.start()
 
     def stop(self) -> Deferred[None]:
         self.releaser.stop()
         channels = self.channels.stop()
-        stopping = self.reader.stop()
-        # End the read in flight now (CLIENT UNBLOCK: it returns as if its
-        # BLOCK timed out); else it ends within READ_BLOCK_MS.  Don't cancel
-        # it: a cancelled XREAD could drop entries already sent to us.
-        if self._reader_id is not None and not stopping.called:
-            unblock = self._redis.execute_command("CLIENT", "UNBLOCK", self._reader_id)
-            unblock.addTimeout(1.0, self._reactor)
-            unblock.addErrback(
-                lambda f: log.info("CLIENT UNBLOCK failed ({error}); waiting for the read",
-                                   error=f.getErrorMessage())
-            )
-        stopping.addTimeout(READ_BLOCK_MS / 1000 + 2, self._reactor)
-        stopping.addErrback(
-            lambda f: log.warn("the feed read did not end in time ({error})",
-                               error=f.getErrorMessage())
-        )
-        return stopping.addCallback(lambda _: channels)
-
-    async def _reader_client_id(self) -> int | None:
-        try:
-            return int(await self._reader.redis.execute_command("CLIENT", "ID"))
-        except txredisapi.ResponseError:
-            log.info("CLIENT ID refused (ACLs?): stopping waits for the feed read's BLOCK")
-            return None
-
-    async def _feed_position(self) -> str:
-        last = await self._streams.xrevrange(FEED, count=1)
-        return last[0].id if last else "0-0"
-
-    async def _current_feed_epoch(self) -> str:
-        epoch = await scripts.FEED_EPOCH(self._redis, [FEED_EPOCH], [secrets.token_hex(8)])
-        return str(epoch)
-
-    async def _prepare(self) -> None:
-        """
-        Before the first read: start at the feed's end.  Before reading
-        again after an error: prove nothing was lost in between (or make
-        the clients recover).
-        """
-        if not self._positioned:
-            self._feed_epoch = await self._current_feed_epoch()
-            self._last_id = await self._feed_position()
-            self._positioned = True
-        else:
-            await self._check_continuity()
-        self._reader_id = await self._reader_client_id()
-
-    async def _read_once(self) -> None:
-        batches = await self._reader.xread(
-            {FEED: self._last_id}, count=READ_COUNT, block_ms=READ_BLOCK_MS
-        )
-        for _, entries in batches:
-            for entry in entries:
-                self._last_id = entry.id
-                self._dispatch(entry)
-
-    async def _check_continuity(self) -> None:
-        """
-        After a failed read: is our position still in the feed?  If Redis
-        lost its data (the feed's epoch changed), the feed went back, or
-        entries after our position were removed, clients must recover.
-        Raises while Redis cannot answer (the supervisor retries the check).
-        """
-        epoch = await self._current_feed_epoch()
-        try:
-            info = await self._streams.redis.execute_command("XINFO", "STREAM", FEED)
-        except txredisapi.ResponseError:
-            info = None  # no feed (yet): nothing was published since Redis lost it
-        fields = dict(zip(info[::2], info[1::2], strict=False)) if info else {}
-        last = str(fields.get("last-generated-id", "0-0"))
-        first = str(fields.get("recorded-first-entry-id", "0-0"))
-        deleted = str(fields.get("max-deleted-entry-id", "0-0"))
-        position = _id_key(self._last_id)
-        lost = (
-            epoch != self._feed_epoch
-            or _id_key(last) < position
-            or _id_key(deleted) > position
-            # trimmed past our position (trimming does not move max-deleted)
-            or (info is not None and _id_key(first) > position and _id_key(first) != (0, 0))
-        )
-        if lost:
-            log.warn(
-                "cluster feed lost entries after {position}; making clients recover",
-                position=self._last_id,
-            )
-            self._feed_epoch = epoch
-            self._last_id = last
-            self.sink.resync(None)
-
-    def _dispatch(self, entry: StreamEntry) -> None:
-        """
-        Act on one feed entry.  An entry has one field whose name is its
-        kind and whose value packs the rest, newline-separated: C{d}: user,
-        reason -- C{connections.disconnect}.  (One field rather than one per
-        part because txredisapi parses every bulk string of a reply in a
-        reactor turn of its own.)
-        """
-        try:
-            value = (entry.fields or {}).get("d")
-            if value is None:
-                log.warn("unknown cluster feed entry {id}", id=entry.id)
-                return
-            user, _, reason = value.partition("\n")
-            self.sink.disconnect_user(user, reason)
-        except Exception:
-            log.failure("acting on cluster feed entry {id} failed", id=entry.id)
+        return self.feed.stop().addCallback(lambda _: channels)
 
     # -- IBroker -----------------------------------------------------------------
 
@@ -424,8 +301,7 @@ class RedisBroker:
         return d.addCallbacks(lambda _: None, unavailable)
 
     def disconnect_user(self, user_id: str, reason: str) -> Deferred[None]:
-        d = scripts.FEED(self._redis, [FEED], [FEED_MAXLEN, "d", f"{user_id}\n{reason}"])
-        return d.addCallbacks(lambda _: None, unavailable)
+        return self.feed.disconnect_user(user_id, reason)
 
     def healthy(self) -> Deferred[Mapping[str, Any] | None]:
         d = self._streams.ping(1.0, self._reactor)
@@ -434,11 +310,3 @@ class RedisBroker:
             return {"ok": self.feed_ok, "latency_ms": round(latency, 3)}
 
         return d.addCallbacks(up, lambda _: {"ok": False, "latency_ms": None})
-
-
-def _id_key(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    try:
-        return int(ms), int(seq or 0)
-    except ValueError:
-        return 0, 0
