@@ -264,6 +264,17 @@ class RegistryTests(SynchronousTestCase):
             {"a": [{"name": "x"}, "red"], "b": [None, 1.5]},
         )
 
+    def test_json_values_are_taken_as_they_are(self) -> None:
+        """A JSONValues list becomes a plain list, its items not walked again."""
+        from unrealon import jsoncodec
+        from unrealon.rpc import JSONValues
+
+        events = [{"params": {"data": {"seq": i, "tags": ["a", None]}}} for i in range(3)]
+        out = to_json({"missed": JSONValues(events)})
+        self.assertIs(type(out["missed"]), list)
+        self.assertIs(out["missed"][0], events[0])  # the very same dicts
+        self.assertEqual(jsoncodec.decode(jsoncodec.encode(out)), {"missed": events})
+
 
 class DocumentTests(SynchronousTestCase):
     """The OpenRPC document clients are generated from."""

@@ -30,7 +30,7 @@ from unrealon.membership import (
 )
 from unrealon.names import ROOM_NAME
 from unrealon.node import PROTOCOL_VERSION
-from unrealon.rpc import Caller, Registry, openrpc_document, param
+from unrealon.rpc import Caller, JSONValues, Registry, openrpc_document, param
 
 log = Logger(namespace="unrealon.clientapi")
 
@@ -293,8 +293,9 @@ async def rooms_join(call: ClientCall, params: JoinParams) -> JoinResult:
         room=params.room,
         cursor=recovery.cursor,
         recovered=recovery.recovered if params.since is not None else False,
-        missed=list(recovery.missed) if params.since is not None else [],
-        streaming=list(recovery.streaming),
+        # the engines decode them from JSON text: JSON values already
+        missed=JSONValues(recovery.missed) if params.since is not None else [],
+        streaming=JSONValues(recovery.streaming),
     )
 
 

@@ -55,6 +55,8 @@ class Recovery:
     C{cursor} is the position of the latest event covered (the last of
     C{missed}, else the room's current position).  C{missed} holds the
     decoded notifications, in order; it is empty unless C{recovered}.
+    C{missed} and C{streaming} hold JSON values only (decoded from JSON
+    text): a reply sends them as they are.
     """
 
     cursor: str
