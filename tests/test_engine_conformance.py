@@ -463,10 +463,12 @@ class RedisEngineTests(EngineConformance, TestCase):
     @inlineCallbacks
     def test_recoveries_of_one_turn_are_few_calls(self) -> Any:
         """
-        The history reads of one turn's joins go as one script call per 50
-        rooms, each room still its own snapshot with its own answer.
+        The history reads of one turn's joins go as one script call per
+        ROOMS_PER_CALL rooms, each room still its own snapshot with its own
+        answer.
         """
         from unrealon.engine import scripts
+        from unrealon.engine.recoveries import ROOMS_PER_CALL
 
         yield self.make(history_size=10)
         rooms = [f"storm:{i}" for i in range(120)]
@@ -485,7 +487,8 @@ class RedisEngineTests(EngineConformance, TestCase):
             self.broker.recover(room, start.cursor)
             for room, start in zip(rooms, starts, strict=True)
         ])
-        self.assertEqual(sent, [50, 50, 20])
+        full, rest = divmod(len(rooms), ROOMS_PER_CALL)
+        self.assertEqual(sent, [ROOMS_PER_CALL] * full + ([rest] if rest else []))
         for i, recovery in enumerate(recoveries):
             count = i % 12
             if count > 10:
