@@ -503,6 +503,19 @@ class StreamCommandTests(RedisTestCase):
         self.assertLess(latency, 1000)
 
     @inlineCallbacks
+    def test_client_id_ends_a_blocking_read(self) -> Gen:
+        """The reader's CLIENT ID is what CLIENT UNBLOCK ends its BLOCK with."""
+        reader = StreamClient(self.connect(blocking=True))
+        client_id = yield reader.client_id()
+        self.assertIsInstance(client_id, int)
+        started = time.monotonic()
+        reading = reader.xread({"s:unblock": "$"}, count=1, block_ms=10_000)
+        yield sleep(0.1)
+        yield self.client.redis.execute_command("CLIENT", "UNBLOCK", client_id)
+        self.assertEqual((yield reading), [])
+        self.assertLess(time.monotonic() - started, 5)
+
+    @inlineCallbacks
     def test_pool(self) -> Gen:
         c = StreamClient(self.connect(poolsize=3))
         results = yield defer.gatherResults([c.xadd("s", {"n": str(i)}) for i in range(20)])

@@ -400,11 +400,10 @@ class IngressConsumer:
 
     async def _reader_client_id(self) -> int | None:
         """The reader connection's CLIENT ID, so L{stop} can end its BLOCK early."""
-        try:
-            return int(await self._reader.redis.execute_command("CLIENT", "ID"))
-        except txredisapi.ResponseError:
+        client_id = await self._reader.client_id()
+        if client_id is None:
             log.info("CLIENT ID refused (ACLs?): stopping waits for the read's BLOCK to end")
-            return None
+        return client_id
 
     async def _unblock_reader(self) -> None:
         """

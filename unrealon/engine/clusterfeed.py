@@ -100,11 +100,10 @@ class ClusterFeed:
         return d.addCallbacks(lambda _: None, unavailable)
 
     async def _reader_client_id(self) -> int | None:
-        try:
-            return int(await self._reader.redis.execute_command("CLIENT", "ID"))
-        except txredisapi.ResponseError:
+        client_id = await self._reader.client_id()
+        if client_id is None:
             log.info("CLIENT ID refused (ACLs?): stopping waits for the feed read's BLOCK")
-            return None
+        return client_id
 
     async def _feed_position(self) -> str:
         last = await self._streams.xrevrange(FEED, count=1)

@@ -545,6 +545,18 @@ class StreamClient:
     def xinfo_groups(self, stream: str) -> Deferred[list[GroupInfo]]:
         return self._execute("XINFO", "GROUPS", stream).addCallback(_group_infos)
 
+    def client_id(self) -> Deferred[int | None]:
+        """
+        This connection's CLIENT ID, so a blocking read on it can be ended
+        with CLIENT UNBLOCK; None where the server refuses CLIENT (ACLs).
+        """
+
+        def refused(failure: Failure) -> None:
+            failure.trap(txredisapi.ResponseError)
+            return None
+
+        return self._execute("CLIENT", "ID").addCallbacks(int, refused)
+
     def ping(self, timeout: float, clock: IReactorTime) -> Deferred[float]:
         """
         PING with a deadline of its own: fires with the round trip in
