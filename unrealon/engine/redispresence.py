@@ -309,8 +309,7 @@ class RedisPresence:
         """Queue one join or leave for this turn's L{scripts.PRESENCE_CHANGES} call."""
         if not self._changed:
             self._reactor.callLater(0, self._send_changes)
-        text = message.decode() if isinstance(message, bytes) else message
-        self._changes += (kind, room, user_id, member, info_json, text,
+        self._changes += (kind, room, user_id, member, info_json, message,
                           f"{conn_id}@{self._token}")
         done: Deferred[None] = Deferred()
         self._changed.append(done)

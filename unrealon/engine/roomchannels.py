@@ -42,7 +42,7 @@ resynced, which is rare and always safe.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -106,7 +106,7 @@ class _Room:
         #: the subscription came back while a repair was reading: read again after it
         self.recheck = False
         #: events received during a repair: (previous id, cursor, notification)
-        self.queued: list[tuple[str, str, str]] = []
+        self.queued: list[tuple[str, str, bytes]] = []
         self.waiters: list[Deferred[None]] = []
         self.drop: IDelayedCall | None = None
 
@@ -185,9 +185,6 @@ class RoomChannels:
         waiter: Deferred[None] = Deferred(lambda d: state.waiters.remove(d))
         state.waiters.append(waiter)
         return waiter
-
-    def rooms(self) -> Iterable[str]:
-        return list(self._rooms)
 
     @property
     def room_count(self) -> int:
@@ -278,18 +275,21 @@ class RoomChannels:
         state = self._by_channel.get(channel)
         if state is None or not state.live:
             return  # published before our subscription: the join's replay has it
+        # the notification stays the bytes Redis sent (it is framed as is);
+        # only the short position fields are decoded
         try:
-            kind, text = payload[:1], payload[1:].decode()
+            kind = payload[:1]
             if kind == b"e":
-                previous, cursor, notification = text.split("\n", 2)
+                raw_previous, raw_cursor, notification = payload[1:].split(b"\n", 2)
+                previous, cursor = raw_previous.decode(), raw_cursor.decode()
                 if state.repairing:
                     state.queued.append((previous, cursor, notification))
                 else:
                     self._accept(state, previous, cursor, notification)
             elif kind == b"p":
-                user, _, notification = text.partition("\n")
+                user, _, notification = payload[1:].partition(b"\n")
                 self._sink.deliver_ephemeral(EphemeralEvent(
-                    room=state.name, message=notification.encode(), exclude_user=user or None,
+                    room=state.name, message=notification, exclude_user=user.decode() or None,
                 ))
             else:
                 log.warn("unknown message on {room}'s channel", room=state.name)
@@ -302,7 +302,7 @@ class RoomChannels:
     def _cursor(state: _Room) -> str | None:
         return None if state.epoch is None else f"{state.epoch}:{state.last}"
 
-    def _accept(self, state: _Room, previous: str, cursor: str, notification: str) -> None:
+    def _accept(self, state: _Room, previous: str, cursor: str, notification: bytes) -> None:
         """An event off the channel: deliver it, drop it (seen), or repair a gap first."""
         epoch, _, last = cursor.partition(":")
         if state.epoch is not None:
@@ -321,8 +321,7 @@ class RoomChannels:
                 self._repair(state, f"{state.epoch}:{state.last}")
                 return
         state.epoch, state.last = epoch, last
-        self._sink.deliver(RoomEvent(room=state.name, cursor=cursor,
-                                     message=notification.encode()))
+        self._sink.deliver(RoomEvent(room=state.name, cursor=cursor, message=notification))
 
     def _repair(self, state: _Room, since: str) -> None:
         state.repairing = True
