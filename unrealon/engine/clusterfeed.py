@@ -25,7 +25,13 @@ from twisted.logger import Logger
 
 from unrealon.engine import scripts
 from unrealon.engine.interfaces import IDeliverySink
-from unrealon.engine.redisclient import RedisHandler, StreamClient, StreamEntry, unavailable
+from unrealon.engine.redisclient import (
+    RedisHandler,
+    StreamClient,
+    StreamEntry,
+    stream_id_key,
+    unavailable,
+)
 from unrealon.engine.rediskeys import FEED, FEED_EPOCH, FEED_MAXLEN
 from unrealon.engine.supervision import RedisLink, SupervisedReader
 
@@ -152,13 +158,13 @@ class ClusterFeed:
         last = str(fields.get("last-generated-id", "0-0"))
         first = str(fields.get("recorded-first-entry-id", "0-0"))
         deleted = str(fields.get("max-deleted-entry-id", "0-0"))
-        position = _id_key(self._last_id)
+        position = stream_id_key(self._last_id)
         lost = (
             epoch != self._feed_epoch
-            or _id_key(last) < position
-            or _id_key(deleted) > position
+            or stream_id_key(last) < position
+            or stream_id_key(deleted) > position
             # trimmed past our position (trimming does not move max-deleted)
-            or (info is not None and _id_key(first) > position and _id_key(first) != (0, 0))
+            or (info is not None and stream_id_key(first) > position and stream_id_key(first) != (0, 0))
         )
         if lost:
             log.warn(
@@ -186,11 +192,3 @@ class ClusterFeed:
             self.sink.disconnect_user(user, reason)
         except Exception:
             log.failure("acting on cluster feed entry {id} failed", id=entry.id)
-
-
-def _id_key(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    try:
-        return int(ms), int(seq or 0)
-    except ValueError:
-        return 0, 0

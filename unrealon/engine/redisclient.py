@@ -77,6 +77,7 @@ __all__ = [
     "parse_redis_url",
     "push_reply",
     "redis_error_code",
+    "stream_id_key",
     "unavailable",
 ]
 
@@ -217,6 +218,12 @@ class StreamEntry:
     def ms(self) -> int:
         """The millisecond timestamp part of the id."""
         return int(self.id.partition("-")[0])
+
+
+def stream_id_key(stream_id: str) -> tuple[int, int]:
+    """A stream id (C{"<ms>-<seq>"}) as a tuple that orders like the ids; ValueError if it is not one."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 @attrs.frozen

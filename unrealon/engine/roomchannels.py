@@ -53,6 +53,7 @@ from zope.interface import implementer
 
 from unrealon.engine.interfaces import EphemeralEvent, IDeliverySink, RoomEvent
 from unrealon.engine.pubsub import ISubscriptionListener, SubscriberConnection, SubscriberProtocol
+from unrealon.engine.redisclient import stream_id_key
 from unrealon.engine.rediskeys import room_channel
 from unrealon.engine.supervision import ISupervised, RedisLink, redis_down
 
@@ -74,11 +75,6 @@ class Repair:
     recovered: bool
     #: (cursor, notification) of each event after the position, in order
     missed: tuple[tuple[str, bytes], ...] = ()
-
-
-def _id_key(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 class _Room:
@@ -307,7 +303,7 @@ class RoomChannels:
         epoch, _, last = cursor.partition(":")
         if state.epoch is not None:
             if epoch == state.epoch:
-                if _id_key(last) <= _id_key(state.last):
+                if stream_id_key(last) <= stream_id_key(state.last):
                     return  # already delivered by a repair
                 follows = previous == state.last
             else:
