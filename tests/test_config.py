@@ -336,6 +336,20 @@ class BadSettingTests(SynchronousTestCase):
         ):
             self.assert_refused("redis_url", value, secret="hunter2pw")
 
+    def test_sentinel_urls(self) -> None:
+        """
+        PROTOCOL.md section 7's Sentinel form starts a node: one or more
+        Sentinels and the master's name; a bad one is refused without its
+        password.
+        """
+        for value in ("redis+sentinel://localhost/mymaster",
+                      "redis+sentinel://:pw@s1:26379,s2,s3:26380/mymaster/2"):
+            config = load({"redis_url": value}, {"JWT_SECRET": KEY})
+            self.assertEqual(config.redis_url, value)
+        for value in ("redis+sentinel://:hunter2pw@s1:26379",
+                      "redis+sentinel://:hunter2pw@s1:port/mymaster"):
+            self.assert_refused("redis_url", value, secret="hunter2pw")
+
     def test_flags_and_levels(self) -> None:
         """A flag that is not yes/no, an unknown log level."""
         self.assert_refused("insecure_dev", "maybe")

@@ -150,8 +150,10 @@ def _redis_url(text: str) -> str | None:
     if not text:
         return None
     # rediss:// is refused: txredisapi's TLS does not verify certificates.
-    if not re.match(r"^(redis|unix)://", text):
-        raise ValueError("must start with redis:// or unix:// (put TLS in a local proxy)")
+    if not re.match(r"^(redis|redis\+sentinel|unix)://", text):
+        raise ValueError(
+            "must start with redis://, redis+sentinel:// or unix:// (put TLS in a local proxy)"
+        )
     if text.startswith("unix://") and len(text.split("?")[0]) <= len("unix://"):
         raise ValueError("unix:// needs a socket path")
     # The full check (port, database, query, credentials) is the parser the
