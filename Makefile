@@ -62,6 +62,7 @@ test:
 	$(PY) bench/backend_rpc.py --smoke
 	$(PY) bench/ai_history_memory.py --smoke
 	$(PY) bench/foreign_events.py --smoke
+	$(PY) bench/shard_costs.py --smoke
 	$(PY) bench/redis_costs.py --smoke
 
 test-unit:
@@ -98,6 +99,7 @@ bench:
 	$(PY) bench/ai_history_memory.py
 	$(PY) bench/foreign_events.py
 	$(PY) bench/redis_costs.py
+	$(PY) bench/shard_costs.py
 
 bench-foreign:
 	$(PY) bench/foreign_events.py

@@ -17,7 +17,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import reactor
@@ -118,6 +118,35 @@ class ClusterTestCase(TestCase):
 
     def wait(self, predicate: Callable[[], bool], timeout: float = 15, what: str = "") -> Any:
         return wait_until(predicate, timeout=timeout, what=what)
+
+    @inlineCallbacks
+    def stream_through_kills(self, nodes: Sequence[NodeProcess], room: str, count: int,
+                             kill: Callable[[], Deferred[Any]]) -> Any:
+        """
+        A client of C{room} on each node; C{kill} three times (each after
+        the second node's client got a few more events) while C{count}
+        events stream in: every client gets every event once, all in one
+        order, and none is closed or sent to recover.
+        """
+        taps = []
+        for i, node in enumerate(nodes):
+            tap = yield self.client(node, f"user{i}")
+            yield tap.join(room)
+            taps.append(tap)
+        publishing = self.publish_paced(room, count, interval=0.002)
+        for _ in range(3):
+            seen = len(taps[1].events)
+            yield self.wait(lambda seen=seen: len(taps[1].events) >= seen + count // 9,
+                            what="more events on the second node")
+            yield kill()
+        yield publishing
+        yield self.wait(lambda: all(len(t.events) >= count for t in taps), what="every event")
+        yield barrier(self.publisher.publish, room, taps)
+        reference = [e["cursor"] for e in taps[0].events]
+        for tap in taps:
+            self.assertEqual(tap.seqs(), list(range(count)))
+            self.assertEqual([e["cursor"] for e in tap.events], reference)
+            self.assertFalse(tap.client.closed.called)  # never sent to recover
 
     @inlineCallbacks
     def settled(self, room: str, taps: list[Tap]) -> Any:

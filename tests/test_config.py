@@ -34,6 +34,7 @@ CONTRACT: dict[str, tuple[str, Any]] = {
     "UNREALON_WS": ("ws", "tcp:8765:interface=127.0.0.1"),
     "UNREALON_HTTP": ("http", "tcp:8766:interface=127.0.0.1"),
     "REDIS_URL": ("redis-url", None),
+    "UNREALON_REDIS_SHARDS": ("redis-shards", ()),
     "JWT_SECRET": ("jwt-secret", None),
     "JWT_PUBLIC_KEY_FILE": ("jwt-public-key-file", ()),
     "JWT_ALGORITHMS": ("jwt-algorithms", ("HS256",)),
@@ -349,6 +350,26 @@ class BadSettingTests(SynchronousTestCase):
         for value in ("redis+sentinel://:hunter2pw@s1:26379",
                       "redis+sentinel://:hunter2pw@s1:port/mymaster"):
             self.assert_refused("redis_url", value, secret="hunter2pw")
+
+    def test_redis_shards(self) -> None:
+        """
+        Shards are REDIS_URL-like URLs, space-separated, in order; each is
+        checked like REDIS_URL (its password never shown), none twice, and
+        they need REDIS_URL, the first shard, which they must not repeat.
+        """
+        config = load({"redis_url": "redis://a:6379/0",
+                       "redis_shards": "redis://b:6379/0  unix:///run/r.sock?db=1"},
+                      {"JWT_SECRET": KEY})
+        self.assertEqual(config.redis_shards, ("redis://b:6379/0", "unix:///run/r.sock?db=1"))
+        self.assertEqual(load({}, {"JWT_SECRET": KEY}).redis_shards, ())
+        self.assert_refused("redis_shards", "redis://b/0 rediss://:hunter2pw@c/0",
+                            secret="hunter2pw")
+        self.assert_refused("redis_shards", "redis://b/0 redis://b/0")
+        for cli in ({"redis_shards": "redis://b/0"},
+                    {"redis_url": "redis://a/0", "redis_shards": "redis://b/0 redis://a/0"}):
+            with self.assertRaises(ConfigError) as caught:
+                load(cli, {"JWT_SECRET": KEY})
+            self.assertIn("UNREALON_REDIS_SHARDS (--redis-shards)", str(caught.exception))
 
     def test_flags_and_levels(self) -> None:
         """A flag that is not yes/no, an unknown log level."""

@@ -17,6 +17,7 @@ from unrealon import __version__, http
 
 HEALTH_FIELDS = {
     "status", "node_id", "version", "uptime_s", "connections", "users", "rooms", "redis", "ingress",
+    "stopped",
 }
 
 
@@ -115,6 +116,19 @@ class HTTPTests(TestCase):
         health = json.loads(body)
         self.assertEqual(health["status"], "degraded")
         self.assertIs(health["redis"]["ok"], False)
+
+    @inlineCallbacks
+    def test_health_names_stopped_loops(self) -> Any:
+        """A background loop that is not working is named in /health's C{stopped} (503)."""
+        response, body = yield self.get("/health")
+        self.assertEqual(json.loads(body)["stopped"], [])
+        loop = self.running.service.loops[-1]
+        loop.stop()
+        self.addCleanup(loop.start)
+        response, body = yield self.get("/health")
+        self.assertEqual(response.code, 503)
+        health = json.loads(body)
+        self.assertEqual((health["status"], health["stopped"]), ("degraded", [loop.name]))
 
     @inlineCallbacks
     def test_metrics(self) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from tests.helpers.cluster import EVENT, Tap, barrier
+from tests.helpers.cluster import EVENT, Tap, kill_client
 from tests.helpers.process import NodeProcess
 from tests.test_cluster import ClusterTestCase
 
@@ -102,18 +102,7 @@ class ChannelRepairTests(ClusterTestCase):
 
     def kill_subscriber(self, node: NodeProcess) -> Deferred[Any]:
         """CLIENT KILL the node's room-channel connection, by its client name."""
-
-        async def kill() -> Any:
-            # (with no room subscribed yet it is not of TYPE pubsub)
-            listing = await self.redis.execute_command("CLIENT", "LIST")
-            for line in str(listing).splitlines():
-                fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-                if fields.get("name") == f"unrealon-rooms-{node.node_id}":
-                    return await self.redis.execute_command("CLIENT", "KILL", "ID",
-                                                            fields["id"])
-            raise AssertionError(f"no subscriber connection of {node.node_id}")
-
-        return Deferred.fromCoroutine(kill())
+        return kill_client(self.redis, f"unrealon-rooms-{node.node_id}")
 
     @inlineCallbacks
     def test_subscriber_killed_mid_stream_clients_see_no_gap(self) -> Any:
@@ -123,27 +112,8 @@ class ChannelRepairTests(ClusterTestCase):
         event once, all in one order, and none is closed or sent to recover.
         """
         nodes = yield self.cluster(3)
-        room = "session:repair"
-        taps = []
-        for i, node in enumerate(nodes):
-            tap = yield self.client(node, f"user{i}")
-            yield tap.join(room)
-            taps.append(tap)
-        count = 900
-        publishing = self.publish_paced(room, count, interval=0.002)
-        for _ in range(3):
-            seen = len(taps[1].events)
-            yield self.wait(lambda seen=seen: len(taps[1].events) >= seen + 100,
-                            what="more events on n2")
-            yield self.kill_subscriber(nodes[1])
-        yield publishing
-        yield self.wait(lambda: all(len(t.events) >= count for t in taps), what="every event")
-        yield barrier(self.publisher.publish, room, taps)
-        reference = [e["cursor"] for e in taps[0].events]
-        for tap in taps:
-            self.assertEqual(tap.seqs(), list(range(count)))
-            self.assertEqual([e["cursor"] for e in tap.events], reference)
-            self.assertFalse(tap.client.closed.called)  # never sent to recover
+        yield self.stream_through_kills(nodes, "session:repair", 900,
+                                        lambda: self.kill_subscriber(nodes[1]))
         repaired = yield nodes[1].http_get("/metrics")
         self.assertIn("unrealon_room_gaps_repaired ", repaired[1].decode())
         self.assertNotIn("unrealon_room_gaps_repaired 0.0", repaired[1].decode())

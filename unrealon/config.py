@@ -162,6 +162,19 @@ def _redis_url(text: str) -> str | None:
     return text
 
 
+def _redis_urls(text: str) -> tuple[str, ...]:
+    urls = []
+    for number, part in enumerate(text.split(), start=1):
+        try:
+            url = _redis_url(part)
+        except ValueError as e:
+            raise ValueError(f"URL {number}: {e}") from None
+        if url in urls:
+            raise ValueError(f"URL {number} is listed twice")
+        urls.append(url)
+    return tuple(u for u in urls if u is not None)
+
+
 def _algorithms(text: str) -> tuple[str, ...]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
@@ -247,6 +260,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "optional_text": _optional_text,
     "endpoint": _endpoint,
     "redis_url": _redis_url,
+    "redis_urls": _redis_urls,
     "algorithms": _algorithms,
     "key_files": _key_files,
     "origins": _origins,
@@ -290,6 +304,8 @@ class Config:
     ws_endpoint: str
     http_endpoint: str
     redis_url: str | None = attrs.field(repr=False)
+    #: further Redis instances rooms are sharded over (L{unrealon.engine.roomshards})
+    redis_shards: tuple[str, ...] = attrs.field(repr=False)
     jwt_secret: str | None = attrs.field(repr=False)
     jwt_public_key_files: tuple[str, ...]
     jwt_algorithms: tuple[str, ...]
@@ -430,6 +446,7 @@ def load_config(
             ) from None
     if values["node_id"] is None:
         values["node_id"] = _default_node_id(values["ws_endpoint"])
+    _check_shards(values["redis_url"], values["redis_shards"])
     try:
         values["jwt_keys"] = load_keys(values["jwt_secret"], values["jwt_public_key_files"])
     except KeyConfigError as e:
@@ -453,6 +470,19 @@ def load_config(
         )
     _check_key_algorithms(values["jwt_keys"], values["jwt_algorithms"])
     return Config(**values)
+
+
+def _check_shards(redis_url: str | None, shards: Sequence[str]) -> None:
+    """Shards extend REDIS_URL (shard 0): they need it, and must not repeat it."""
+    if not shards:
+        return
+    env, first = SETTINGS_BY_NAME["redis_shards"], SETTINGS_BY_NAME["redis_url"]
+    if redis_url is None:
+        raise ConfigError(f"bad setting {env.env} ({env.cli}): needs {first.env} "
+                          f"({first.cli}), the first shard")
+    if redis_url in shards:
+        raise ConfigError(f"bad setting {env.env} ({env.cli}): lists {first.env} "
+                          "again (it is the first shard already)")
 
 
 _FAMILY = {"HS": "HMAC", "RS": "RSA", "PS": "RSA", "ES": "EC"}

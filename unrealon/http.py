@@ -96,6 +96,7 @@ class HealthResource(Resource):
             "rooms": node.hub.room_count,
             "redis": redis,
             "ingress": ingress,
+            "stopped": stopped,
         }
 
     def render_GET(self, request: Request) -> int:

@@ -178,7 +178,8 @@ class Metrics:
 
     def watch_redis(self, up: Callable[[], bool]) -> None:
         """
-        C{unrealon_redis_up}: 1 while Redis answers, 0 during an outage.  Only
+        C{unrealon_redis_up}: 1 while Redis (with sharded rooms: every shard)
+        answers, 0 during an outage.  Only
         the Redis engine has it (on the memory engine there is no Redis to
         report, so the gauge is absent rather than a misleading 0).
         """

@@ -363,21 +363,23 @@ def _redis_engine(
     from unrealon.engine.redisreplies import RedisReplyStore
 
     assert config.redis_url is not None
-    connections = RedisConnections.open(config.redis_url, reactor, config.node_id)
+    connections = RedisConnections.open(config.redis_url, reactor, config.node_id,
+                                        config.redis_shards)
     link, failed = connections.link, metrics.loop_failure
-    metrics.watch_redis(lambda: link.up)
+    shard_links = [shard.link for shard in connections.room_shards if shard.link is not None]
+    metrics.watch_redis(lambda: link.up and all(shard.up for shard in shard_links))
     broker = RedisBroker(
         reactor, hub, connections.commands, connections.feed_reader,
         history_size=config.history_size, history_ttl=config.history_ttl,
         gap_wait=config.stream_gap_wait, subscriber=connections.subscriber,
         channel_prefix=connections.channel_prefix, link=link, count_failure=failed,
-        count_chunk=metrics.chunk_outcome,
+        count_chunk=metrics.chunk_outcome, shards=connections.room_shards,
     )
     hub.interest = broker
-    channels = broker.channels
+    channels = broker.rooms.channels
     metrics.watch_room_channels(
-        lambda: channels.room_count, lambda: channels.received,
-        lambda: channels.repaired, lambda: channels.resynced,
+        lambda: sum(c.room_count for c in channels), lambda: sum(c.received for c in channels),
+        lambda: sum(c.repaired for c in channels), lambda: sum(c.resynced for c in channels),
     )
     presence = RedisPresence(
         reactor, connections.commands, ttl=config.presence_ttl, link=link, count_failure=failed,
@@ -392,8 +394,7 @@ def _redis_engine(
     return _Engine(
         broker=broker, presence=presence,
         stoppables=(backend, presence, broker, connections),
-        loops=(broker.reader, broker.channels, broker.releaser, *presence.loops,
-               *backend.loops),
+        loops=(*broker.loops, *presence.loops, *backend.loops),
         features=("rooms", "history", "presence", "ingress", "cluster"),
         api_replies=RedisReplyStore(connections.commands),
         ingress=connections,

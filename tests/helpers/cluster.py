@@ -48,22 +48,31 @@ def start_cluster(
     return d.addCallback(lambda _: nodes)
 
 
-def redis_broker(sink: IDeliverySink, redis: Any, reader: Any, url: str, **settings: Any) -> Any:
+def redis_broker(sink: IDeliverySink, redis: Any, reader: Any, url: str,
+                 shards: Sequence[tuple[Any, str]] = (), **settings: Any) -> Any:
     """
     A L{RedisBroker} on C{url}: C{redis} for commands, C{reader} for the
     feed, and a subscriber connection of its own (heard once it is started).
+    With C{shards} (a commands handler and the URL of each), rooms are
+    sharded over those too, like a node's C{UNREALON_REDIS_SHARDS}.
     """
     from twisted.internet import reactor
 
     from unrealon.engine.pubsub import SubscriberConnection
     from unrealon.engine.redisbroker import RedisBroker
     from unrealon.engine.rediskeys import room_channel_prefix
+    from unrealon.engine.roomshards import ShardConnections
     from unrealon.redisurl import parse_redis_url
 
     address = parse_redis_url(url)
     settings.setdefault("channel_prefix", room_channel_prefix(address.db))
     settings.setdefault("subscriber", SubscriberConnection(reactor, address))
-    return RedisBroker(reactor, sink, redis, reader, **settings)
+    more = []
+    for handler, shard_url in shards:
+        shard_address = parse_redis_url(shard_url)
+        more.append(ShardConnections(handler, SubscriberConnection(reactor, shard_address),
+                                     room_channel_prefix(shard_address.db)))
+    return RedisBroker(reactor, sink, redis, reader, shards=more, **settings)
 
 
 @implementer(IDeliverySink)
@@ -163,6 +172,21 @@ class Tap:
             if event["room"] == room:
                 return str(event["cursor"])
         return None
+
+
+def kill_client(redis: Any, name: str) -> Deferred[Any]:
+    """CLIENT KILL the connection named C{name} (CLIENT SETNAME) on C{redis}'s server."""
+
+    async def kill() -> Any:
+        # (a subscriber with no channel yet is not of TYPE pubsub: search them all)
+        listing = await redis.execute_command("CLIENT", "LIST")
+        for line in str(listing).splitlines():
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            if fields.get("name") == name:
+                return await redis.execute_command("CLIENT", "KILL", "ID", fields["id"])
+        raise AssertionError(f"no connection named {name}")
+
+    return Deferred.fromCoroutine(kill())
 
 
 def barrier(

@@ -8,6 +8,10 @@ order they were made (Redis pipelines them, so one connection is not a
 bottleneck).  Blocking reads (the cluster feed, the ingress group, the backend replies) each get
 a dedicated connection so nothing queues behind a BLOCK, and the rooms'
 channels are heard on a Pub/Sub connection of their own.
+
+With rooms sharded (C{UNREALON_REDIS_SHARDS}, L{unrealon.engine.roomshards})
+each further instance gets a commands connection and a subscriber, and a
+L{RedisLink} of its own for its outages.
 """
 
 from __future__ import annotations
@@ -22,8 +26,15 @@ from twisted.python.failure import Failure
 
 from unrealon.engine import messagescripts, redisbackend, scripts
 from unrealon.engine.pubsub import SubscriberConnection
-from unrealon.engine.redisclient import LuaScript, RedisHandler, connect, parse_redis_url
+from unrealon.engine.redisclient import (
+    LuaScript,
+    RedisAddress,
+    RedisHandler,
+    connect,
+    parse_redis_url,
+)
 from unrealon.engine.rediskeys import room_channel_prefix
+from unrealon.engine.roomshards import ShardConnections
 from unrealon.engine.sentinel import MasterEndpoint, Sentinels
 from unrealon.engine.supervision import RedisLink, redis_down
 
@@ -50,15 +61,31 @@ class RedisConnections:
     link: RedisLink
     #: with a redis+sentinel:// URL: the Sentinels every connection asks first
     sentinels: Sentinels | None = None
+    #: the further instances rooms are sharded over (C{UNREALON_REDIS_SHARDS})
+    room_shards: tuple[ShardConnections, ...] = ()
+    #: their Sentinels, if they are monitored
+    shard_sentinels: tuple[Sentinels, ...] = ()
 
     @classmethod
-    def open(cls, url: str, clock: IReactorTime, node_id: str | None = None) -> RedisConnections:
+    def open(cls, url: str, clock: IReactorTime, node_id: str | None = None,
+             shard_urls: tuple[str, ...] = ()) -> RedisConnections:
         address = parse_redis_url(url)
         name = None if node_id is None else f"unrealon-rooms-{node_id}"
-        sentinels = endpoint = None
-        if address.kind == "sentinel":
-            sentinels = Sentinels(clock, address)
-            endpoint = MasterEndpoint(clock, sentinels)
+        sentinels, endpoint = _sentinels(clock, address)
+        shards, shard_sentinels = [], []
+        for index, shard_url in enumerate(shard_urls, start=1):
+            shard_address = parse_redis_url(shard_url)
+            shard_sentinel, shard_endpoint = _sentinels(clock, shard_address)
+            if shard_sentinel is not None:
+                shard_sentinels.append(shard_sentinel)
+            shards.append(ShardConnections(
+                commands=connect(shard_address, scripts=ALL_SCRIPTS, endpoint=shard_endpoint),
+                subscriber=SubscriberConnection(
+                    clock, shard_address, None if name is None else f"{name}-shard{index}",
+                    shard_endpoint),
+                channel_prefix=room_channel_prefix(shard_address.db),
+                link=RedisLink(clock, shard_address.display()),
+            ))
         return cls(
             commands=connect(address, scripts=ALL_SCRIPTS, endpoint=endpoint),
             feed_reader=connect(address, blocking=True, endpoint=endpoint),
@@ -68,6 +95,8 @@ class RedisConnections:
             channel_prefix=room_channel_prefix(address.db),
             link=RedisLink(clock, address.display()),
             sentinels=sentinels,
+            room_shards=tuple(shards),
+            shard_sentinels=tuple(shard_sentinels),
         )
 
     def start(self) -> Deferred[None]:
@@ -81,8 +110,9 @@ class RedisConnections:
         return succeed(None)
 
     async def _load_scripts(self) -> None:
-        for script in ALL_SCRIPTS:
-            await script.load(self.commands)
+        for handler in (self.commands, *(shard.commands for shard in self.room_shards)):
+            for script in ALL_SCRIPTS:
+                await script.load(handler)
 
     def _not_loaded(self, failure: Failure) -> None:
         if failure.value is not None and redis_down(failure.value):
@@ -92,12 +122,27 @@ class RedisConnections:
 
     def stop(self) -> Deferred[Any]:
         self.link.stop()
-        closing = [h.disconnect() for h in (self.commands, self.feed_reader,
-                                            self.ingress_reader, self.replies_reader)]
-        if self.sentinels is not None:
-            closing.append(self.sentinels.disconnect())
+        handlers = [self.commands, self.feed_reader, self.ingress_reader, self.replies_reader]
+        for shard in self.room_shards:
+            if shard.link is not None:
+                shard.link.stop()
+            handlers.append(shard.commands)
+        closing = [h.disconnect() for h in handlers]
+        for sentinels in (self.sentinels, *self.shard_sentinels):
+            if sentinels is not None:
+                closing.append(sentinels.disconnect())
         return DeferredList(
             closing,
             consumeErrors=True,
         )
 
+
+
+def _sentinels(
+    clock: IReactorTime, address: RedisAddress
+) -> tuple[Sentinels | None, MasterEndpoint | None]:
+    """With a redis+sentinel:// address: its Sentinels and the endpoint that asks them."""
+    if address.kind != "sentinel":
+        return None, None
+    sentinels = Sentinels(clock, address)
+    return sentinels, MasterEndpoint(clock, sentinels)

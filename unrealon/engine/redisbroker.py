@@ -12,11 +12,15 @@ Disconnect orders (C{connections.disconnect}) are for every node: they go on
 the cluster feed (L{unrealon.engine.clusterfeed}).  Streamed messages' chunks
 are ordered by L{messagescripts.CHUNK}; history reads for joins are batched
 per reactor turn (L{unrealon.engine.recoveries}).
+
+With rooms sharded over several Redis instances (L{unrealon.engine.roomshards})
+each shard has its own history reads, room channels and release loop, and
+every per-room command goes to the room's shard; the feed stays on the first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -36,7 +40,6 @@ from unrealon.engine.interfaces import (
     Recovery,
 )
 from unrealon.engine.pubsub import SubscriberConnection
-from unrealon.engine.recoveries import RecoveryReads
 from unrealon.engine.redisclient import RedisHandler, StreamClient, unavailable
 from unrealon.engine.rediskeys import (
     IDEMPOTENCY_TTL,
@@ -46,8 +49,9 @@ from unrealon.engine.rediskeys import (
     room_channel,
     streaming_key,
 )
-from unrealon.engine.roomchannels import Repair, RoomChannels
-from unrealon.engine.supervision import RedisLink, SupervisedLoop
+from unrealon.engine.roomchannels import Repair
+from unrealon.engine.roomshards import RoomShard, ShardConnections, ShardedRooms
+from unrealon.engine.supervision import ISupervised, RedisLink
 
 log = Logger(namespace="unrealon.engine.redisbroker")
 
@@ -102,6 +106,7 @@ class RedisBroker:
         count_failure: Callable[[str], None] = lambda loop: None,
         count_chunk: Callable[[str], None] = lambda outcome: None,
         room_grace: float | None = None,
+        shards: Sequence[ShardConnections] = (),
     ) -> None:
         """
         @param redis: the handler for ordinary commands (one connection, so
@@ -110,35 +115,37 @@ class RedisBroker:
         @param subscriber: the connection the rooms' channels are heard on.
         @param channel_prefix: L{rediskeys.room_channel_prefix} of the database.
         @param link: where Redis outages are reported (and logged).
+        @param shards: further Redis instances the rooms are sharded over
+            (C{redis} is the first, L{unrealon.engine.roomshards}).
         """
         self.sink = sink
         self._reactor = reactor
-        self._redis = redis
         self._streams = StreamClient(redis)
         self._reader = StreamClient(reader)
         self._size = history_size
         self._ttl = max(1, int(history_ttl))
         self._gap_wait_ms = max(1, int(gap_wait * 1000))
         self._count_chunk = count_chunk
-        self._channel_prefix = channel_prefix
-        self._reads = RecoveryReads(reactor, redis, history_size=history_size,
-                                    history_ttl=self._ttl)
-        grace = {} if room_grace is None else {"grace": room_grace}
-        self.channels = RoomChannels(
-            reactor, sink, subscriber, channel_prefix, repair=self._repair_read,
-            position_of=self._position_of, link=link, **grace,
+        self.rooms = ShardedRooms(
+            reactor, sink, [ShardConnections(redis, subscriber, channel_prefix, link), *shards],
+            history_size=history_size, history_ttl=self._ttl, repair=self._repair_read,
+            position_of=self._position_of, release=self._release_due,
+            release_interval=RELEASE_INTERVAL, count_failure=count_failure,
+            room_grace=room_grace,
         )
+        #: the first Redis' room channels (with shards, also every room's presence)
+        self.channels = self.rooms.first.channels
         #: (room, event, message id) -> (fields, head, meta) of recent streamed messages
         self._prefixes: dict[tuple[str, str, str], tuple[dict[str, Any], str, str]] = {}
         #: disconnect orders, for every node
         self.feed = ClusterFeed(reactor, sink, redis, reader, link=link,
                                 count_failure=count_failure)
         self.reader = self.feed.reader
-        #: releases held chunks of streamed messages once their wait is over
-        self.releaser = SupervisedLoop(
-            "streamed message release", reactor, RELEASE_INTERVAL, self.release_due,
-            link=link, count_failure=count_failure,
-        )
+
+    @property
+    def loops(self) -> tuple[ISupervised, ...]:
+        """What /health watches: the feed, and each shard's channels and release loop."""
+        return (self.reader, *self.rooms.loops)
 
     @property
     def feed_ok(self) -> bool:
@@ -152,14 +159,12 @@ class RedisBroker:
         Start reading the feed; fires once the feed's position is known
         (which waits for Redis: a node starts serving without it).
         """
-        self.channels.start()
-        self.releaser.start()
+        self.rooms.start()
         return self.feed.start()
 
     def stop(self) -> Deferred[None]:
-        self.releaser.stop()
-        channels = self.channels.stop()
-        return self.feed.stop().addCallback(lambda _: channels)
+        rooms = self.rooms.stop()
+        return self.feed.stop().addCallback(lambda _: rooms)
 
     # -- IBroker -----------------------------------------------------------------
 
@@ -173,10 +178,10 @@ class RedisBroker:
             rediskeys.idempotency_key(idempotency_key) if idempotency_key else "",
         ]
         args: list[str | bytes | int] = [
-            head, tail, self._size, self._ttl, room_channel(self._channel_prefix, room),
+            head, tail, self._size, self._ttl, room_channel(self.rooms.of(room).prefix, room),
             IDEMPOTENCY_TTL,
         ]
-        d = scripts.PUBLISH(self._redis, keys, args)
+        d = scripts.PUBLISH(self.rooms.of(room).commands, keys, args)
         return d.addCallbacks(str, unavailable)
 
     def append_chunk(self, room: str, event: str, chunk: MessageChunk) -> Deferred[str]:
@@ -214,9 +219,10 @@ class RedisBroker:
             history_key(room), epoch_key(room), *message_keys(room, message_id),
             rediskeys.MESSAGES_HELD, streaming_key(room),
         ]
-        d = messagescripts.CHUNK(self._redis, keys, [
+        shard = self.rooms.of(room)
+        d = messagescripts.CHUNK(shard.commands, keys, [
             room, message_id, *args, self._size, self._ttl,
-            room_channel(self._channel_prefix, room), self._gap_wait_ms,
+            room_channel(shard.prefix, room), self._gap_wait_ms,
         ])
         def counted(reply: list[Any]) -> tuple[str, str]:
             cursor, outcome = str(reply[0]), str(reply[1])
@@ -228,8 +234,12 @@ class RedisBroker:
 
     async def release_due(self) -> None:
         """Deliver the held chunks of messages whose gap wait is over (section 5.1)."""
+        for shard in self.rooms.shards:
+            await self._release_due(shard)
+
+    async def _release_due(self, shard: RoomShard) -> None:
         due = await messagescripts.HELD_DUE(
-            self._redis, [rediskeys.MESSAGES_HELD], [RELEASE_BATCH]
+            shard.commands, [rediskeys.MESSAGES_HELD], [RELEASE_BATCH]
         )
         for member in due or ():
             room, _, message_id = str(member).partition("\n")
@@ -240,24 +250,25 @@ class RedisBroker:
                          message_id=message_id, room=room)
 
     def watch(self, room: str) -> Deferred[None]:
-        return self.channels.watch(room)
+        return self.rooms.watch(room)
 
     def unwatch(self, room: str) -> None:
-        self.channels.unwatch(room)
+        self.rooms.unwatch(room)
 
     def recover(self, room: str, since: str | None) -> Deferred[Recovery]:
         # Read the history only once the room's channel is live: what is
         # published after the read then reaches this node (section 4).
-        d = self.channels.ready(room)
+        d = self.rooms.ready(room)
         return d.addCallback(lambda _: self._recover(room, since))
 
     def _recover_script(self, room: str, since: str | None) -> Deferred[list[Any]]:
         parsed = parse_cursor(since) if since is not None else None
+        reads = self.rooms.of(room).reads
         if since is None:
-            return self._reads.read(room, "", "0-0")
+            return reads.read(room, "", "0-0")
         if parsed is None:
-            return self._reads.read(room, "-", "0-0")  # no epoch matches "-": not recovered
-        return self._reads.read(room, parsed[0], f"{parsed[1]}-{parsed[2]}")
+            return reads.read(room, "-", "0-0")  # no epoch matches "-": not recovered
+        return reads.read(room, parsed[0], f"{parsed[1]}-{parsed[2]}")
 
     def _repair_read(self, room: str, since: str) -> Deferred[Repair]:
         """What followed C{since} in C{room}'s history, for L{RoomChannels}."""
@@ -273,7 +284,8 @@ class RedisBroker:
         return self._recover_script(room, since).addCallbacks(done, unavailable)
 
     def _position_of(self, room: str) -> Deferred[str]:
-        d = scripts.POSITION(self._redis, [history_key(room), epoch_key(room)], [self._ttl])
+        d = scripts.POSITION(self.rooms.of(room).commands, [history_key(room), epoch_key(room)],
+                             [self._ttl])
         return d.addCallbacks(str, unavailable)
 
     def _recover(self, room: str, since: str | None) -> Deferred[Recovery]:
@@ -294,8 +306,9 @@ class RedisBroker:
         return parse_cursor(cursor)
 
     def publish_ephemeral(self, event: EphemeralEvent) -> Deferred[None]:
-        d: Deferred[Any] = self._redis.execute_command(
-            "PUBLISH", room_channel(self._channel_prefix, event.room),
+        shard = self.rooms.of(event.room)
+        d: Deferred[Any] = shard.commands.execute_command(
+            "PUBLISH", room_channel(shard.prefix, event.room),
             f"p{event.exclude_user or ''}\n".encode() + event.message,
         )
         return d.addCallbacks(lambda _: None, unavailable)
@@ -307,6 +320,10 @@ class RedisBroker:
         d = self._streams.ping(1.0, self._reactor)
 
         def up(latency: float) -> Mapping[str, Any]:
-            return {"ok": self.feed_ok, "latency_ms": round(latency, 3)}
+            health: dict[str, Any] = {"ok": self.feed_ok and not self.rooms.layout_problems,
+                                      "latency_ms": round(latency, 3)}
+            if self.rooms.layout_problems:
+                health["shard_layout"] = self.rooms.layout_problems
+            return health
 
         return d.addCallbacks(up, lambda _: {"ok": False, "latency_ms": None})

@@ -20,6 +20,8 @@ FEED_MAXLEN = 100_000
 IDEMPOTENCY_TTL = 86_400
 #: presence keys start with this
 PRESENCE = PREFIX + "p:"
+#: on each shard of sharded rooms: its place in the node's list ("1 of 3")
+SHARD_PLACE = PREFIX + "shard"
 
 
 def room_channel_prefix(db: int) -> str:

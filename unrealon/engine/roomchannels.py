@@ -34,6 +34,12 @@ Guarantees (PROTOCOL.md sections 4 and 5), and how they are kept:
     again and then repaired from its position, which finds what was
     published while the node was away.
 
+With rooms sharded over several Redis instances (L{unrealon.engine.roomshards})
+there is one L{RoomChannels} per shard; the first one also listens to the
+rooms of the other shards for their presence notifications only, which the
+presence scripts publish there (C{watch(room, events=False)}): no position,
+no repair.
+
 The position of a room whose channel delivered nothing yet is the history's
 last id when the subscription became live (read once, L{position_of}); a
 room with neither (the connection dropped before that read returned) is
@@ -80,12 +86,15 @@ class Repair:
 class _Room:
     """One room this node listens to."""
 
-    __slots__ = ("baseline", "channel", "drop", "epoch", "last", "live", "name", "queued",
-                 "recheck", "repairing", "waiters", "wanted", "was_live")
+    __slots__ = ("baseline", "channel", "drop", "epoch", "events", "last", "live", "name",
+                 "queued", "recheck", "repairing", "waiters", "wanted", "was_live")
 
-    def __init__(self, name: str, channel: bytes) -> None:
+    def __init__(self, name: str, channel: bytes, events: bool) -> None:
         self.name = name
         self.channel = channel
+        #: the room's events come here (else only its presence notifications:
+        #: the room is on another shard)
+        self.events = events
         #: a local member is in the room (else it is in its grace period)
         self.wanted = True
         #: subscribed on the current connection
@@ -111,8 +120,6 @@ class _Room:
 class RoomChannels:
     """The room channels this node is subscribed to, and their positions."""
 
-    name = "room channels"
-
     def __init__(
         self,
         reactor: IReactorTime,
@@ -124,12 +131,15 @@ class RoomChannels:
         position_of: Callable[[str], Deferred[str]],
         link: RedisLink | None = None,
         grace: float = GRACE,
+        name: str = "room channels",
     ) -> None:
         """
         @param repair: reads what followed a cursor in a room's history.
         @param position_of: the cursor of a room's latest event.
         @param prefix: L{unrealon.engine.rediskeys.room_channel_prefix}.
+        @param name: for logs and /health (which shard, when rooms are sharded).
         """
+        self.name = name
         self._reactor = reactor
         self._sink = sink
         self._connection = connection
@@ -151,12 +161,16 @@ class RoomChannels:
 
     # -- the hub's interest --------------------------------------------------------
 
-    def watch(self, room: str) -> Deferred[None]:
-        """A room has a local member: listen to it; fires once its channel is live."""
+    def watch(self, room: str, events: bool = True) -> Deferred[None]:
+        """
+        A room has a local member: listen to it; fires once its channel is
+        live.  C{events=False}: the room's events are on another shard, only
+        its presence notifications come here.
+        """
         state = self._rooms.get(room)
         if state is None:
             channel = room_channel(self._prefix, room).encode()
-            state = self._rooms[room] = self._by_channel[channel] = _Room(room, channel)
+            state = self._rooms[room] = self._by_channel[channel] = _Room(room, channel, events)
             self._subscribe(state)
         else:
             state.wanted = True
@@ -242,8 +256,9 @@ class RoomChannels:
         for state in self._rooms.values():
             if state.live:
                 state.live = False
-                state.was_live = True
-                self._sink.unheard(state.name)
+                if state.events:
+                    state.was_live = True
+                    self._sink.unheard(state.name)
 
     def subscribed(self, channel: bytes) -> None:
         state = self._by_channel.get(channel)
@@ -251,7 +266,9 @@ class RoomChannels:
             return
         state.live = True
         waiters, state.waiters = state.waiters, []
-        if state.repairing:
+        if not state.events:
+            pass  # presence only: nothing to repair
+        elif state.repairing:
             state.recheck = True
         elif state.was_live:
             # anything published while we were away is in the history
@@ -275,7 +292,10 @@ class RoomChannels:
         # only the short position fields are decoded
         try:
             kind = payload[:1]
-            if kind == b"e":
+            if kind == b"e" and not state.events:
+                log.warn("an event of {room} came on a shard that does not hold the room: "
+                         "do all nodes have the same UNREALON_REDIS_SHARDS?", room=state.name)
+            elif kind == b"e":
                 raw_previous, raw_cursor, notification = payload[1:].split(b"\n", 2)
                 previous, cursor = raw_previous.decode(), raw_cursor.decode()
                 if state.repairing:
