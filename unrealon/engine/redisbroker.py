@@ -177,11 +177,11 @@ class RedisBroker:
             epoch_key(room),
             rediskeys.idempotency_key(idempotency_key) if idempotency_key else "",
         ]
+        shard = self.rooms.of(room)
         args: list[str | bytes | int] = [
-            head, tail, self._size, self._ttl, room_channel(self.rooms.of(room).prefix, room),
-            IDEMPOTENCY_TTL,
+            head, tail, self._size, self._ttl, room_channel(shard.prefix, room), IDEMPOTENCY_TTL,
         ]
-        d = scripts.PUBLISH(self.rooms.of(room).commands, keys, args)
+        d = scripts.PUBLISH(shard.commands, keys, args)
         return d.addCallbacks(str, unavailable)
 
     def append_chunk(self, room: str, event: str, chunk: MessageChunk) -> Deferred[str]:
