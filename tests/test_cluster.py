@@ -392,11 +392,16 @@ class JoinRaceTests(TestCase):
             self.assertEqual([u["user_id"] for u in listed["users"]], ["watcher"])
 
     def heartbeat(self, redis: Any, room: str, member: str) -> Deferred[Any]:
-        """Fires once C{member}'s presence entry in C{room} has been renewed by a heartbeat."""
+        """
+        Fires once C{member}'s presence entry in C{room} has been renewed by a
+        heartbeat: liveness is per node, so once the liveness record of the
+        node holding the entry has been pushed back.
+        """
+        token = next(name.rpartition("@")[2] for name in redis.zrange(f"unrealon:p:{room}:m", 0, -1)
+                     if name.startswith(member))
 
         def expiry() -> float:
-            scores = redis.zrange(f"unrealon:p:{room}:m", 0, -1, withscores=True)
-            return max(score for name, score in scores if name.startswith(member))
+            return float(redis.zscore("unrealon:p:alive", token))
 
         first = expiry()
         return wait_until(lambda: expiry() > first, what="a presence heartbeat")

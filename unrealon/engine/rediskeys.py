@@ -18,10 +18,37 @@ FEED_EPOCH = PREFIX + "feed:epoch"
 FEED_MAXLEN = 100_000
 #: how long an ingress entry's publication is remembered (crash before ack)
 IDEMPOTENCY_TTL = 86_400
-#: presence keys start with this
+#: presence keys start with this (a room's are C{<PRESENCE><room>:m|u|i})
 PRESENCE = PREFIX + "p:"
 #: on each shard of sharded rooms: its place in the node's list ("1 of 3")
 SHARD_PLACE = PREFIX + "shard"
+#: node token -> when its liveness expires (ms, Redis' clock): refreshed by
+#: the node's heartbeat and its presence writes, read by presence.list and
+#: the sweep (L{unrealon.engine.redispresence})
+PRESENCE_ALIVE = PRESENCE + "alive"
+#: tokens of nodes the sweep found dead and has not finished sweeping
+PRESENCE_DEAD = PRESENCE + "dead"
+#: the presence sweep's lock and the time of the last sweep
+PRESENCE_SWEEP_LOCK = PRESENCE + "sweeper"
+PRESENCE_SWEPT = PRESENCE + "swept"
+
+
+def presence_index_key(token: str) -> str:
+    """
+    A node's index of its presence entries (C{<room>\\n<member>}), what the
+    sweep removes when the node dies.  The sweep script builds the same name
+    from L{PRESENCE} and the token (it learns dead tokens inside Redis).
+    """
+    return f"{PRESENCE}idx:{token}"
+
+
+def presence_node_key(token: str) -> str:
+    """
+    The node id a node records under its token (its joins of C{__online__}
+    and its heartbeats), for the sweep to name a dead node in its lifecycle
+    events.  The sweep script builds the same name.
+    """
+    return f"{PRESENCE}node:{token}"
 
 
 def room_channel_prefix(db: int) -> str:

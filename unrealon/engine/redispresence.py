@@ -1,44 +1,56 @@
 """
 Presence across the cluster, in Redis.
 
-Per room: a sorted set of connections (C{user|conn}) scored by expiry time,
-a hash of per-user connection counts (so "first in" and "last out" are known
-atomically, wherever the connections live) and a hash of user info.  Every
-node refreshes the expiry of its own connections by a heartbeat every third
-of C{UNREALON_PRESENCE_TTL}; connections of a node that died stop being
-refreshed, and the cluster's single sweeper (whoever holds a short lock)
-removes them and announces C{presence.left}.
+Per room: a sorted set of connections (C{user|conn@token}, all scored 0), a
+hash of per-user connection counts (so "first in" and "last out" are known
+atomically, wherever the connections live) and a hash of user info.
 
-Entries are written to expire 3/4 of the TTL after each heartbeat and the
+Liveness is per node, not per entry: every node has one record in
+C{unrealon:p:alive} (its token, scored by when it expires, Redis' clock) and
+an index of its entries (C{unrealon:p:idx:<token>}), both kept by the script
+that makes its joins and leaves.  Its heartbeat, every third of
+C{UNREALON_PRESENCE_TTL}, pushes back that one record: the heartbeat costs
+the same with ten entries or a hundred thousand.  A node that died stops
+refreshing it; the cluster's single sweeper (whoever holds a short lock,
+L{unrealon.engine.presencesweep}) claims the node and removes exactly what
+its index lists, announcing C{presence.left}, in bounded batches.  Until then
+C{presence.list}, C{count} and C{online} already leave out the entries of a
+node whose record expired.
+
+Records are written to expire 3/4 of the TTL after each heartbeat and the
 sweep runs every tenth of it, so a crashed node's users leave within the TTL
-while a live node's entries always keep a margin of about 40% of the TTL
-against a late heartbeat.  Expiry times use Redis' clock (scripts call
-TIME), so nodes' clocks need not agree.  The arithmetic, with T the TTL: a
-node dies at most T/3 after its last heartbeat, so its entries expire at
-most 3T/4 after the crash; the sweep lock lives 2T/10 (a dead sweeper's lock
-is gone before then) and sweeps come every T/10, so the users are removed
-and announced within 3T/4 + T/10 = 0.85 T, plus the room channel's delivery.
+while a live node always keeps a margin of about 40% of the TTL against a
+late heartbeat.  The arithmetic, with T the TTL: a node dies at most T/3
+after its last heartbeat, so its record expires at most 3T/4 after the
+crash; the sweep lock lives 2T/10 (a dead sweeper's lock is gone before
+then) and sweeps come every T/10, so the users are removed and announced
+within 3T/4 + T/10 = 0.85 T, plus the batches (500 entries a call, a few ms
+each) and the room channel's delivery.
 
 Entries are members C{<user>|<conn>@<node token>}: connection ids repeat
-across nodes, the token makes them cluster-unique.  Two failure modes are
-handled on purpose: a connection that leaves before its join reached the
-engine (the join is dropped, see L{IPresence.leave}), and a node whose
-entries were swept while it could not heartbeat -- a Redis outage, a long
-pause -- which puts them back at its next heartbeat (announcing the user
-again) rather than staying invisible.  And when no sweep at all ran for 4T/10
-(Redis hung or restarted, or every node was away), expired entries get one
-more lifetime instead of a presence.left storm followed by a joined storm.
+across nodes, the token makes them cluster-unique.  Failure modes handled on
+purpose: a connection that leaves before its join reached the engine (the
+join is dropped, see L{IPresence.leave}); a live node whose entries were
+swept while it could not heartbeat -- a Redis outage, a long pause -- or
+that Redis lost (a restart without persistence): its next heartbeat (or
+presence write) finds its record missing, and the node puts back every
+entry it has (L{RedisPresence.restore}), announcing the users again, rather
+than staying invisible; and when no sweep at all ran for 4T/10 (Redis hung
+or restarted, or every node was away), expired records get one more
+lifetime instead of a presence.left storm followed by a joined storm.
 
 The same structures under the reserved room C{__online__} answer
-C{presence.online} (is a user connected anywhere) without announcements.
+C{presence.online} (is a user connected on a live node) without
+announcements.
 
 Lifecycle events for the backend (PROTOCOL.md section 9.1: C{user.online} /
 C{user.offline} from C{__online__}, C{room.occupied} / C{room.vacated} from
 the other rooms, optionally C{connection.opened} / C{connection.closed}) are
 appended to the events stream by the very script that makes the transition
-(join, leave, heartbeat restore, sweep), so each comes exactly once wherever
-the connections live, with no extra round trip.  The sweep reports a dead
-node's id from the key that node wrote under its token (L{node_key}).
+(join, leave, restore, sweep), so each comes exactly once wherever the
+connections live, with no extra round trip.  The sweep reports a dead node's
+id from the key that node wrote under its token
+(L{unrealon.engine.rediskeys.presence_node_key}).
 """
 
 from __future__ import annotations
@@ -57,8 +69,15 @@ from zope.interface import implementer
 
 from unrealon.engine import scripts
 from unrealon.engine.interfaces import BackendUnavailable, IPresence, PresenceCount, PresenceUser
+from unrealon.engine.presencesweep import PresenceSweeper
 from unrealon.engine.redisclient import RedisHandler, unavailable
-from unrealon.engine.rediskeys import PRESENCE, room_channel_prefix
+from unrealon.engine.rediskeys import (
+    PRESENCE,
+    PRESENCE_ALIVE,
+    presence_index_key,
+    presence_node_key,
+    room_channel_prefix,
+)
 from unrealon.engine.supervision import RedisLink, SupervisedLoop
 from unrealon.jsonrpc import encode, notification
 
@@ -66,19 +85,9 @@ log = Logger(namespace="unrealon.engine.redispresence")
 
 P = PRESENCE
 ONLINE = "__online__"
-SWEEP_LOCK = P + "sweeper"
-SWEPT = P + "swept"
 #: the connection events flag as the scripts take it
 _FLAG = {True: "1", False: "0"}
-
-
-def node_key(token: str) -> str:
-    """
-    The node id a presence engine records under its token (written by its
-    joins of C{__online__} and its heartbeats), for the sweep to name a dead
-    node in its lifecycle events.
-    """
-    return f"{P}node:{token}"
+#: entries per restore call (a call blocks Redis while it runs)
 HEARTBEAT_BATCH = 500
 
 
@@ -165,13 +174,23 @@ class RedisPresence:
         self._events = events_stream
         self._events_maxlen = events_maxlen
         self._connection_events = _FLAG[connection_events]
-        self._node_key = node_key(self._token)
+        self._node_key = presence_node_key(self._token)
+        self._index = presence_index_key(self._token)
         # outlives this node's last heartbeat by far more than its entries,
         # so the sweep that removes them still finds it
         self._node_key_ttl = max(86_400, int(ttl * 100))
-        #: this node's live entries, refreshed (and restored if swept) by the
-        #: heartbeat: room -> member -> info json
+        #: this node's live entries, restored from here if they were swept:
+        #: room -> member -> info json
         self._local: dict[str, dict[str, str]] = {}
+        #: Redis said this node's liveness record was missing (swept, or
+        #: Redis lost its data) and no restore has succeeded since: the next
+        #: heartbeat restores (a restore that failed is not forgotten)
+        self._restore_due = False
+        self._sweeper = PresenceSweeper(
+            redis, token=self._token, lifetime_ms=self._lifetime_ms,
+            interval=self._sweep_interval, channels=channels, events_stream=events_stream,
+            events_maxlen=events_maxlen, connection_events=self._connection_events,
+        )
         #: connections that left a room before their join came: that join is
         #: dropped (see IPresence.leave)
         self._cancelled: dict[tuple[str, str], bool] = {}
@@ -185,7 +204,7 @@ class RedisPresence:
         self.loops = (
             SupervisedLoop("presence heartbeat", reactor, ttl / 3, self.heartbeat,
                            link=link, count_failure=count_failure),
-            SupervisedLoop("presence sweep", reactor, self._sweep_interval, self.sweep,
+            SupervisedLoop("presence sweep", reactor, self._sweep_interval, self._sweeper.sweep,
                            link=link, count_failure=count_failure),
         )
 
@@ -218,14 +237,37 @@ class RedisPresence:
 
     def heartbeat(self) -> Deferred[None]:
         """
-        Push back the expiry of every local entry, restoring any that was
-        swept.
-
-        Every batch is sent now, in one go: a leave made after this call
-        reaches Redis after the batch that holds its entry, so a heartbeat
-        never restores a connection that has left.
+        Push back this node's liveness record: one key, however many entries
+        it has.  When Redis answers that the record was missing (the sweep
+        took the node for dead, or Redis lost its data), put back every
+        local entry that is missing (L{restore}).
         """
         self._send_changes()  # joins and leaves made before it land before it
+        d: Deferred[Any] = scripts.PRESENCE_HEARTBEAT(
+            self._redis, [PRESENCE_ALIVE, self._node_key],
+            [self._token, self._lifetime_ms, self._node_id, self._node_key_ttl],
+        )
+        d.addCallback(self._heartbeat_answered)
+        return d
+
+    def _heartbeat_answered(self, lost: Any) -> Deferred[None] | None:
+        if int(lost):
+            self._restore_due = True
+        return self.restore() if self._restore_due else None
+
+    def restore(self) -> Deferred[None]:
+        """
+        Put back every local entry that is missing in Redis, announcing its
+        user again (presence.joined and the lifecycle events); entries still
+        there are left alone.
+
+        Every batch is sent now, in one go, after this turn's joins and
+        leaves: a leave made after this call reaches Redis after the batch
+        that holds its entry, so a restore never brings back a connection
+        that has left.
+        """
+        self._restore_due = True
+        self._send_changes()
         triples = [
             (room, member, info)
             for room, members in self._local.items()
@@ -233,45 +275,35 @@ class RedisPresence:
         ]
         batches = []
         for start in range(0, len(triples), HEARTBEAT_BATCH):
-            args: list[Any] = [P, self._lifetime_ms, self._channels, self._events_maxlen,
-                               self._node_id, self._connection_events, self._node_key_ttl]
+            args: list[Any] = [P, self._channels, self._events_maxlen, self._node_id,
+                               self._connection_events]
             for triple in triples[start : start + HEARTBEAT_BATCH]:
                 args += triple
-            batches.append(scripts.PRESENCE_HEARTBEAT(
-                self._redis, [self._events, self._node_key], args))
+            batches.append(scripts.PRESENCE_RESTORE(self._redis, [self._events, self._index], args))
         d: Deferred[Any] = gatherResults(batches, consumeErrors=True)
         d.addCallbacks(self._restored, _first_error)
         return d
 
     def _restored(self, counts: list[Any]) -> None:
+        self._restore_due = False
         restored = sum(int(n) for n in counts)
         if restored:
-            log.warn("presence heartbeat restored {count} swept entries", count=restored)
+            log.warn("presence restored {count} entries of this node that Redis had lost "
+                     "(swept, or Redis lost its data)", count=restored)
+
+    def _restore_after_write(self, reply: Any) -> None:
+        """A presence write found this node's record missing: restore now, not at the heartbeat."""
+        if int(reply[1]):
+            self.restore().addErrback(self._restore_failed)
+
+    def _restore_failed(self, failure: Failure) -> None:
+        # _restore_due stays set: the next heartbeat tries again
+        log.failure("presence restore after a write failed; the next heartbeat retries",
+                    failure)
 
     def sweep(self) -> Deferred[None]:
-        """Remove expired entries cluster-wide, if this node holds the sweep lock."""
-        interval_ms = int(self._sweep_interval * 1000)
-        d = scripts.PRESENCE_SWEEP(
-            self._redis,
-            [SWEEP_LOCK, SWEPT, self._events],
-            # The holder renews the lock every interval; 2 intervals of
-            # validity leave one for a late timer, and a dead holder's lock
-            # is gone within 2, so a sweep still runs within 3 intervals and
-            # "no sweep for 4 intervals" means Redis (or everyone) was away.
-            [P, self._lifetime_ms, self._token, 2 * interval_ms, self._channels, "",
-             4 * interval_ms, self._events_maxlen, self._connection_events],
-        )
-        d.addCallback(self._swept)
-        return d
-
-    def _swept(self, reply: Any) -> None:
-        _removed, extended = (int(n) for n in reply)
-        if extended:
-            log.warn(
-                "presence sweep found no sweep for a while (Redis away?): gave {count} "
-                "expired entries one more lifetime instead of removing them",
-                count=extended,
-            )
+        """Remove dead nodes' entries cluster-wide, if this node holds the sweep lock."""
+        return self._sweeper.sweep()
 
     # -- membership ------------------------------------------------------------
 
@@ -291,7 +323,7 @@ class RedisPresence:
             return succeed(None)  # it left (or closed) while its join was on its way
         info_json = json.dumps(dict(info), separators=(",", ":"))
         self._local.setdefault(room, {})[member] = info_json
-        return self._change("j", room, user_id, member, info_json, message, conn_id)
+        return self._change("j", room, user_id, member, info_json, message)
 
     def _leave(self, room: str, user_id: str, conn_id: str, message: bytes | str) -> Deferred[None]:
         member = self._member(user_id, conn_id)
@@ -302,15 +334,14 @@ class RedisPresence:
             del local[member]
             if not local:
                 del self._local[room]
-        return self._change("l", room, user_id, member, "", message, conn_id)
+        return self._change("l", room, user_id, member, "", message)
 
     def _change(self, kind: str, room: str, user_id: str, member: str, info_json: str,
-                message: bytes | str, conn_id: str) -> Deferred[None]:
+                message: bytes | str) -> Deferred[None]:
         """Queue one join or leave for this turn's L{scripts.PRESENCE_CHANGES} call."""
         if not self._changed:
             self._reactor.callLater(0, self._send_changes)
-        self._changes += (kind, room, user_id, member, info_json, message,
-                          f"{conn_id}@{self._token}")
+        self._changes += (kind, room, user_id, member, info_json, message)
         done: Deferred[None] = Deferred()
         self._changed.append(done)
         return self._track(done)
@@ -321,16 +352,16 @@ class RedisPresence:
         if not waiting:
             return
         self._changes, self._changed = [], []
-        step = CHANGES_PER_CALL * 7
+        step = CHANGES_PER_CALL * 6
         head: list[str | bytes | int] = [
             P, self._lifetime_ms, self._channels, self._events_maxlen, self._node_id,
-            self._connection_events, self._node_key_ttl,
+            self._connection_events, self._node_key_ttl, self._token,
         ]
+        keys = [self._events, self._node_key, PRESENCE_ALIVE, self._index]
         for start in range(0, len(changes), step):
-            batch = waiting[start // 7 : (start + step) // 7]
-            d = scripts.PRESENCE_CHANGES(
-                self._redis, [self._events, self._node_key], head + changes[start : start + step]
-            )
+            batch = waiting[start // 6 : (start + step) // 6]
+            d = scripts.PRESENCE_CHANGES(self._redis, keys, head + changes[start : start + step])
+            d.addCallback(self._restore_after_write)
             d.addCallbacks(_fire, _fail, callbackArgs=(batch,), errbackArgs=(batch,))
 
     def join(self, room: str, user_id: str, conn_id: str, info: Mapping[str, Any]) -> Deferred[None]:
@@ -353,7 +384,7 @@ class RedisPresence:
 
     def _live(self, room: str) -> Deferred[list[tuple[str, str]]]:
         members, _, infos = _keys(room)
-        d = scripts.PRESENCE_LIST(self._redis, [members, infos], [])
+        d = scripts.PRESENCE_LIST(self._redis, [members, infos, PRESENCE_ALIVE], [])
 
         def pairs(reply: list[Any]) -> list[tuple[str, str]]:
             return [(str(reply[i]), str(reply[i + 1])) for i in range(0, len(reply), 2)]
@@ -384,14 +415,14 @@ class RedisPresence:
         return self._live(room).addCallback(tally)
 
     def online(self, user_ids: Sequence[str]) -> Deferred[Sequence[str]]:
-        # Per-user counts, not a scan of every connection: O(len(user_ids)).
-        # A crashed node's users count until the sweep (within the TTL).
+        # Per user, not a scan of every connection: O(the users' connections).
+        # A crashed node's users stop counting when its liveness expires.
         if not user_ids:
             return succeed([])
-        _, counts, _ = _keys(ONLINE)
-        d: Deferred[Any] = self._redis.execute_command("HMGET", counts, *user_ids)
+        members, counts, _ = _keys(ONLINE)
+        d = scripts.PRESENCE_ONLINE(self._redis, [counts, members, PRESENCE_ALIVE], list(user_ids))
 
-        def pick(reply: list[Any]) -> Sequence[str]:
-            return [u for u, n in zip(user_ids, reply, strict=True) if n and int(n) > 0]
+        def pick(reply: list[Any] | None) -> Sequence[str]:
+            return [str(u) for u in reply or []]
 
         return d.addCallbacks(pick, unavailable)

@@ -307,6 +307,30 @@ end
 local function token_of(member)
   return string.match(member, '@([^|@]*)$') or ''
 end
+-- a node's index entry for one of its entries: room names never hold a
+-- newline (names.ROOM_NAME), so the room is everything before the first
+local function index_entry(room, member)
+  return room .. '\\n' .. member
+end
+-- every member of a room's set has score 0: liveness is per node (the
+-- alive set), and equal scores let presence.online find a user's members
+-- by lexical range
+local SCORE = 0
+-- whether the nodes of these tokens are live (their record in the alive set
+-- has not expired), asked once per token: a room's members come from a few
+-- nodes
+local function liveness(alive, now)
+  local known = {}
+  return function(token)
+    local live = known[token]
+    if live == nil then
+      local expires = redis.call('ZSCORE', alive, token)
+      live = expires and tonumber(expires) > now or false
+      known[token] = live
+    end
+    return live
+  end
+end
 -- channel message "p" = excluded user, notification (newline-separated),
 -- on the room's channel: the channel prefix and the room make its name
 local function announce(channels, room, message, user)
@@ -325,243 +349,286 @@ local function emit(stream, maxlen, time, fields)
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'payload',
              '{"time":' .. time .. ',' .. string.sub(body, 2))
 end
+-- a node's liveness record: pushed to now + lifetime; true when it had none
+-- (the node's first write, or the sweep claimed it as dead, or Redis lost
+-- its data): whatever the node had may be gone, and it must put it back
+local function refresh(alive, token, expires)
+  local lost = not redis.call('ZSCORE', alive, token)
+  redis.call('ZADD', alive, expires, token)
+  return lost
+end
+-- puts back one entry of a live node (a join, or a restore of one that is
+-- missing): the member, the node's index, the user's count and info; the
+-- user's first entry is announced (message, "" for none) and the lifecycle
+-- events of the transition appended.  False when it was there already.
+local function add_entry(prefix, room, user, member, info, message, c)
+  local zkey, ukey = prefix .. room .. ':m', prefix .. room .. ':u'
+  if redis.call('ZADD', zkey, SCORE, member) == 0 then return false end
+  redis.call('SADD', c.index, index_entry(room, member))
+  redis.call('HSET', prefix .. room .. ':i', user, info)
+  local first = redis.call('HINCRBY', ukey, user, 1) == 1
+  if first then announce(c.channels, room, message, user) end
+  if room == ONLINE then
+    if first then
+      emit(c.events, c.maxlen, c.time, {type = 'user.online', user_id = user, node_id = c.node})
+    end
+    if c.connection_events then
+      emit(c.events, c.maxlen, c.time, {type = 'connection.opened', user_id = user,
+           connection_id = c.node .. '/' .. conn_of(member), node_id = c.node})
+    end
+  elseif first and tracked(room) and redis.call('HLEN', ukey) == 1 then
+    emit(c.events, c.maxlen, c.time, {type = 'room.occupied', room = room, user_id = user,
+         node_id = c.node})
+  end
+  return true
+end
+-- removes one entry (a leave, reason "closed", or the sweep of a dead node,
+-- "node_lost"): the user's last is announced left (message, "" for none)
+-- and the lifecycle events of the transition appended; a room with no
+-- member left loses its keys.  False when it was not there.
+local function remove_entry(prefix, room, member, message, reason, c)
+  local zkey, ukey, ikey = prefix .. room .. ':m', prefix .. room .. ':u', prefix .. room .. ':i'
+  if redis.call('ZREM', zkey, member) == 0 then return false end
+  redis.call('SREM', c.index, index_entry(room, member))
+  local user = user_of(member)
+  local last = redis.call('HINCRBY', ukey, user, -1) <= 0
+  if last then
+    redis.call('HDEL', ukey, user)
+    redis.call('HDEL', ikey, user)
+    announce(c.channels, room, message, user)
+    -- the hashes empty themselves with consistent counts; this is for ones
+    -- that are not (data written by hand, a partial restore from disk)
+    if redis.call('EXISTS', zkey) == 0 then redis.call('DEL', ukey, ikey) end
+  end
+  if room == ONLINE then
+    if c.connection_events then
+      emit(c.events, c.maxlen, c.time, {type = 'connection.closed', user_id = user,
+           connection_id = c.node .. '/' .. conn_of(member), node_id = c.node, reason = reason})
+    end
+    if last then
+      emit(c.events, c.maxlen, c.time, {type = 'user.offline', user_id = user,
+           node_id = c.node, reason = reason})
+    end
+  elseif last and tracked(room) and redis.call('HLEN', ukey) == 0 then
+    emit(c.events, c.maxlen, c.time, {type = 'room.vacated', room = room, user_id = user,
+         node_id = c.node, reason = reason})
+  end
+  return true
+end
 """
 
-#: KEYS: events stream, this node's token key
+#: KEYS: events stream, this node's token key, alive set, this node's index
 #: ARGV: key prefix, lifetime (ms), channel prefix, events maxlen, node id,
-#:       connection events ("1" or "0"), token key ttl (s), then per change
-#:       7 values: "j" (join) or "l" (leave), room, user, member
+#:       connection events ("1" or "0"), token key ttl (s), node token, then
+#:       per change 6 values: "j" (join) or "l" (leave), room, user, member
 #:       (user|conn@token), info json (joins), the joined / left message
-#:       ("" for none), connection id as section 9.1 names it (conn@token)
+#:       ("" for none)
 #: The presence changes of this node's connections in one reactor turn, in
 #: the order they were made (a leave after its join, never before).
-#: A join adds a connection; the user's first announces presence.joined.  A
-#: leave removes one; the user's last announces presence.left.  Expiry
-#: times come from Redis' clock, so nodes' clocks need not agree.
+#: A join adds a connection (and its line in the node's index, for the
+#: sweep); the user's first announces presence.joined.  A leave removes one;
+#: the user's last announces presence.left.
 #: Lifecycle events: in __online__, user.online / user.offline on the
 #: user's first / last connection (and connection.opened / .closed if
 #: asked); in a tracked room, room.occupied when it had no user and
 #: room.vacated when its last user is gone (reason "closed").  Joining
 #: __online__ also records the node id under the node's token, for the
-#: sweep of a node that died.  Returns how many changes took effect.
+#: sweep of a node that died.
+#: A node that writes is alive: its liveness record is refreshed (Redis'
+#: clock).  Returns {changes that took effect, lost}: lost is 1 when the
+#: node had no liveness record (its first write, or it was swept, or Redis
+#: lost its data), so the node puts back what it has (PRESENCE_RESTORE).
 PRESENCE_CHANGES = LuaScript(
     _PRESENCE
     + """
-local prefix, channels, events, events_maxlen, node = ARGV[1], ARGV[3], KEYS[1], ARGV[4], ARGV[5]
-local connection_events = ARGV[6] == '1'
+local prefix = ARGV[1]
 local now, time = clock()
-local expires = now + tonumber(ARGV[2])
+local lost = refresh(KEYS[3], ARGV[8], now + tonumber(ARGV[2]))
+local c = {events = KEYS[1], index = KEYS[4], channels = ARGV[3], maxlen = ARGV[4],
+           node = ARGV[5], connection_events = ARGV[6] == '1', time = time}
 local changed = 0
-for i = 8, #ARGV, 7 do
+for i = 9, #ARGV, 6 do
   local kind, room, user, member = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local message, label = ARGV[i + 5], ARGV[i + 6]
-  local zkey, ukey, ikey = prefix .. room .. ':m', prefix .. room .. ':u', prefix .. room .. ':i'
   if kind == 'j' then
-    if redis.call('ZADD', zkey, expires, member) == 1 then
+    if add_entry(prefix, room, user, member, ARGV[i + 4], ARGV[i + 5], c) then
       changed = changed + 1
-      redis.call('SADD', prefix .. 'rooms', room)
-      redis.call('HSET', ikey, user, ARGV[i + 4])
-      local first = redis.call('HINCRBY', ukey, user, 1) == 1
-      if first then announce(channels, room, message, user) end
       if room == ONLINE then
-        redis.call('SET', KEYS[2], node, 'EX', tonumber(ARGV[7]))
-        if first then
-          emit(events, events_maxlen, time, {type = 'user.online', user_id = user, node_id = node})
-        end
-        if connection_events then
-          emit(events, events_maxlen, time, {type = 'connection.opened', user_id = user,
-               connection_id = node .. '/' .. label, node_id = node})
-        end
-      elseif first and tracked(room) and redis.call('HLEN', ukey) == 1 then
-        emit(events, events_maxlen, time, {type = 'room.occupied', room = room, user_id = user,
-             node_id = node})
+        redis.call('SET', KEYS[2], c.node, 'EX', tonumber(ARGV[7]))
       end
     end
-  elseif redis.call('ZREM', zkey, member) == 1 then
+  elseif remove_entry(prefix, room, member, ARGV[i + 5], 'closed', c) then
     changed = changed + 1
-    local last = redis.call('HINCRBY', ukey, user, -1) <= 0
-    if last then
-      redis.call('HDEL', ukey, user)
-      redis.call('HDEL', ikey, user)
-      announce(channels, room, message, user)
-    end
-    if room == ONLINE then
-      if connection_events then
-        emit(events, events_maxlen, time, {type = 'connection.closed', user_id = user,
-             connection_id = node .. '/' .. label, node_id = node, reason = 'closed'})
-      end
-      if last then
-        emit(events, events_maxlen, time, {type = 'user.offline', user_id = user, node_id = node,
-             reason = 'closed'})
-      end
-    elseif last and tracked(room) and redis.call('HLEN', ukey) == 0 then
-      emit(events, events_maxlen, time, {type = 'room.vacated', room = room, user_id = user,
-           node_id = node, reason = 'closed'})
-    end
   end
 end
-return changed
+return {changed, lost and 1 or 0}
 """
 )
 
-#: KEYS: events stream, this node's token key
-#: ARGV: key prefix, lifetime (ms), channel prefix, events maxlen, node id,
-#:       connection events ("1" or "0"), token key ttl (s), then
-#:       room/member/info-json triples
-#: Pushes the expiry of this node's live connections.  A connection that is
-#: missing (swept while this node could not heartbeat -- a Redis outage, a
-#: long pause -- or lost by a Redis restart) is put back, with its user's
-#: count and info, and a user who so comes back is announced again
-#: (presence.joined), so a live connection never stays invisible.  Its
-#: lifecycle events come again too (user.online, connection.opened,
-#: room.occupied): the sweep that removed it sent the offline ones.  Returns
-#: how many connections were put back.
+#: KEYS: alive set, this node's token key
+#: ARGV: node token, lifetime (ms), node id, token key ttl (s)
+#: A node's heartbeat: its liveness record (and the node id under its token)
+#: pushed back, whatever number of entries it has.  Returns 1 when the
+#: record was missing (the sweep claimed the node while it could not
+#: heartbeat -- a Redis outage, a long pause -- or Redis lost its data): the
+#: node then puts its entries back with PRESENCE_RESTORE.
 PRESENCE_HEARTBEAT = LuaScript(
     _PRESENCE
     + """
+local lost = refresh(KEYS[1], ARGV[1], now_ms() + tonumber(ARGV[2]))
+redis.call('SET', KEYS[2], ARGV[3], 'EX', tonumber(ARGV[4]))
+return lost and 1 or 0
+"""
+)
+
+#: KEYS: events stream, this node's index
+#: ARGV: key prefix, channel prefix, events maxlen, node id, connection
+#:       events ("1" or "0"), then room/member/info-json triples
+#: Puts back the node's connections that are missing (swept while the node
+#: could not heartbeat, or lost by a Redis restart), with their users'
+#: counts and info, and announces a user who so comes back
+#: (presence.joined), so a live connection never stays invisible.  Its
+#: lifecycle events come again too (user.online, connection.opened,
+#: room.occupied): the sweep that removed it sent the offline ones.  Entries
+#: still there are left alone.  Returns how many were put back.
+PRESENCE_RESTORE = LuaScript(
+    _PRESENCE
+    + """
 local prefix, restored = ARGV[1], 0
-local now, time = clock()
-local expires = now + tonumber(ARGV[2])
-local node, events, events_maxlen = ARGV[5], KEYS[1], ARGV[4]
-redis.call('SET', KEYS[2], node, 'EX', tonumber(ARGV[7]))
-for i = 8, #ARGV, 3 do
+local _, time = clock()
+local c = {events = KEYS[1], index = KEYS[2], channels = ARGV[2], maxlen = ARGV[3],
+           node = ARGV[4], connection_events = ARGV[5] == '1', time = time}
+for i = 6, #ARGV, 3 do
   local room, member, info = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local zkey = prefix .. room .. ':m'
-  if redis.call('ZSCORE', zkey, member) then
-    redis.call('ZADD', zkey, 'XX', expires, member)
-  else
-    restored = restored + 1
-    local user = user_of(member)
-    local ukey = prefix .. room .. ':u'
-    redis.call('ZADD', zkey, expires, member)
-    redis.call('SADD', prefix .. 'rooms', room)
-    redis.call('HSET', prefix .. room .. ':i', user, info)
-    local first = redis.call('HINCRBY', ukey, user, 1) == 1
-    if first and tracked(room) then
-      local message = '{"jsonrpc":"2.0","method":"presence.joined","params":{"room":'
-        .. cjson.encode(room) .. ',"user_id":' .. cjson.encode(user) .. ',"info":' .. info .. '}}'
-      announce(ARGV[3], room, message, user)
-    end
-    if room == ONLINE then
-      if first then
-        emit(events, events_maxlen, time, {type = 'user.online', user_id = user, node_id = node})
-      end
-      if ARGV[6] == '1' then
-        emit(events, events_maxlen, time, {type = 'connection.opened', user_id = user,
-             connection_id = node .. '/' .. conn_of(member), node_id = node})
-      end
-    elseif first and tracked(room) and redis.call('HLEN', ukey) == 1 then
-      emit(events, events_maxlen, time, {type = 'room.occupied', room = room, user_id = user,
-           node_id = node})
-    end
+  local user = user_of(member)
+  local message = ''
+  if tracked(room) then
+    message = '{"jsonrpc":"2.0","method":"presence.joined","params":{"room":'
+      .. cjson.encode(room) .. ',"user_id":' .. cjson.encode(user) .. ',"info":' .. info .. '}}'
   end
+  if add_entry(prefix, room, user, member, info, message, c) then restored = restored + 1 end
 end
 return restored
 """
 )
 
-#: KEYS: sweeper lock, last sweep time, events stream
-#: ARGV: key prefix, entry lifetime (ms), lock token, lock ttl (ms), channel
-#:       prefix, "" (unused), stall (ms), events maxlen, connection events ("1"/"0")
-#: The cluster's one expiry sweep: only the lock holder sweeps.  Removes
-#: expired connections of every room and announces presence.left for users
-#: with none left.  The left notification is built here (JSON-escaped by
-#: cjson) because the node that wrote the entry is gone; so are the
-#: lifecycle events (reason "node_lost": connection.closed if asked,
-#: user.offline, room.vacated), with the node id that node recorded under
-#: its token (the token itself if that record is gone).
+#: KEYS: sweeper lock, last sweep time, events stream, alive set, dead set
+#: ARGV: key prefix, liveness lifetime (ms), lock token, lock ttl (ms),
+#:       channel prefix, entries per call, stall (ms), events maxlen,
+#:       connection events ("1"/"0")
+#: The cluster's one sweep: only the lock holder sweeps.  Nodes whose
+#: liveness record expired are claimed as dead (moved from the alive set to
+#: the dead set); then the entries of dead nodes are removed from their
+#: indexes, at most `entries per call` of them, so one call never holds
+#: Redis for long; the caller calls again while the reply says more.  Live
+#: nodes' rooms are never read.  A claimed node that writes again (its
+#: heartbeat, a join) is back in the alive set: its sweep stops there, and
+#: the node puts back what was removed.  The left notification is built
+#: here (JSON-escaped by cjson) because the node that wrote the entry is
+#: gone; so are the lifecycle events (reason "node_lost": connection.closed
+#: if asked, user.offline, room.vacated), with the node id that node
+#: recorded under its token (the token itself if that record is gone).
 #: When no sweep ran for longer than `stall` (Redis was away or hung, or the
-#: whole cluster was), entries expired because no node could heartbeat, not
-#: because their nodes died: instead of announcing everyone left (and joined
-#: again at the next heartbeat) it gives the expired entries one more lifetime.
-#: Returns {removed, extended}.
+#: whole cluster was), liveness expired because no node could heartbeat, not
+#: because nodes died: instead of announcing everyone left (and joined again
+#: at the next heartbeat) it gives the expired records one more lifetime.
+#: Returns {removed, extended, more} ({-1, 0, 0}: another node holds the lock).
 PRESENCE_SWEEP = LuaScript(
     _PRESENCE
     + """
-local prefix = ARGV[1]
+local prefix, alive, dead = ARGV[1], KEYS[4], KEYS[5]
 local now, time = clock()
 local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[3] then return {-1, 0} end
+if holder and holder ~= ARGV[3] then return {-1, 0, 0} end
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
 local last = tonumber(redis.call('GET', KEYS[2]) or '0')
 redis.call('SET', KEYS[2], now)
-local grace = last > 0 and now - last > tonumber(ARGV[7])
-local rooms = redis.call('SMEMBERS', prefix .. 'rooms')
-local removed, extended = 0, 0
-local events, events_maxlen, connection_events = KEYS[3], ARGV[8], ARGV[9] == '1'
-local nodes = {}
-local function node_of(member)
-  local token = token_of(member)
-  local node = nodes[token]
-  if not node then
-    node = redis.call('GET', prefix .. 'node:' .. token) or token
-    nodes[token] = node
+-- nodes are few (tens): their records are read whole
+local expired = redis.call('ZRANGEBYSCORE', alive, '-inf', now)
+if last > 0 and now - last > tonumber(ARGV[7]) then
+  for _, token in ipairs(expired) do
+    redis.call('ZADD', alive, now + tonumber(ARGV[2]), token)
   end
-  return node
+  return {0, #expired, 0}
 end
-for _, room in ipairs(rooms) do
-  local zkey = prefix .. room .. ':m'
-  local ukey = prefix .. room .. ':u'
-  local ikey = prefix .. room .. ':i'
-  local expired = redis.call('ZRANGEBYSCORE', zkey, '-inf', now)
-  if grace then
-    for _, member in ipairs(expired) do
-      redis.call('ZADD', zkey, 'XX', now + tonumber(ARGV[2]), member)
-      extended = extended + 1
-    end
-    expired = {}
-  end
-  for _, member in ipairs(expired) do
-    redis.call('ZREM', zkey, member)
-    removed = removed + 1
-    local user = user_of(member)
-    local gone = redis.call('HINCRBY', ukey, user, -1) <= 0
-    if gone then
-      redis.call('HDEL', ukey, user)
-      redis.call('HDEL', ikey, user)
-      if tracked(room) then
-        local message = cjson.encode({jsonrpc = '2.0', method = 'presence.left',
-                                      params = {room = room, user_id = user}})
-        announce(ARGV[5], room, message, user)
+for _, token in ipairs(expired) do
+  redis.call('ZREM', alive, token)
+  redis.call('SADD', dead, token)
+end
+local budget, removed = tonumber(ARGV[6]), 0
+for _, token in ipairs(redis.call('SMEMBERS', dead)) do
+  if budget <= 0 then break end
+  local index = prefix .. 'idx:' .. token
+  if redis.call('ZSCORE', alive, token) then
+    -- back (it wrote after it was claimed): what is left of its entries is
+    -- its own again, and it restores the rest itself
+    redis.call('SREM', dead, token)
+  else
+    local c = {events = KEYS[3], index = index, channels = ARGV[5], maxlen = ARGV[8],
+               node = redis.call('GET', prefix .. 'node:' .. token) or token,
+               connection_events = ARGV[9] == '1', time = time}
+    local lines = redis.call('SRANDMEMBER', index, budget)
+    budget = budget - #lines
+    for _, line in ipairs(lines) do
+      local room, member = string.match(line, '^([^\\n]*)\\n(.*)$')
+      local message = cjson.encode({jsonrpc = '2.0', method = 'presence.left',
+                                    params = {room = room, user_id = user_of(member)}})
+      if not tracked(room) then message = '' end
+      if remove_entry(prefix, room, member, message, 'node_lost', c) then
+        removed = removed + 1
+      else
+        redis.call('SREM', index, line)  -- a line whose entry is gone already
       end
     end
-    if room == ONLINE then
-      if connection_events then
-        local node = node_of(member)
-        emit(events, events_maxlen, time, {type = 'connection.closed', user_id = user,
-             connection_id = node .. '/' .. conn_of(member), node_id = node,
-             reason = 'node_lost'})
-      end
-      if gone then
-        emit(events, events_maxlen, time, {type = 'user.offline', user_id = user,
-             node_id = node_of(member), reason = 'node_lost'})
-      end
-    elseif gone and tracked(room) and redis.call('HLEN', ukey) == 0 then
-      emit(events, events_maxlen, time, {type = 'room.vacated', room = room, user_id = user,
-           node_id = node_of(member), reason = 'node_lost'})
-    end
-  end
-  if redis.call('ZCARD', zkey) == 0 then
-    redis.call('DEL', zkey, ukey, ikey)
-    redis.call('SREM', prefix .. 'rooms', room)
+    if redis.call('EXISTS', index) == 0 then redis.call('SREM', dead, token) end
   end
 end
-return {removed, extended}
+return {removed, 0, redis.call('SCARD', dead) > 0 and 1 or 0}
 """
 )
 
-#: KEYS: members zset, info hash
+#: KEYS: members set, info hash, alive set
 #: ARGV: none
-#: Live connections of a room: {member, info-json-or-false, ...} (Redis' clock).
+#: Live connections of a room: {member, info-json-or-false, ...}: those of
+#: nodes whose liveness has not expired (Redis' clock); a dead node's
+#: entries stop being listed before the sweep removes them.
 PRESENCE_LIST = LuaScript(
     _PRESENCE
     + """
-local members = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now_ms(), '+inf')
+local live = liveness(KEYS[3], now_ms())
 local out = {}
-for _, member in ipairs(members) do
-  local user = user_of(member)
-  out[#out + 1] = member
-  out[#out + 1] = redis.call('HGET', KEYS[2], user) or ''
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if live(token_of(member)) then
+    out[#out + 1] = member
+    out[#out + 1] = redis.call('HGET', KEYS[2], user_of(member)) or ''
+  end
+end
+return out
+"""
+)
+
+#: KEYS: __online__'s counts hash, its members set, alive set
+#: ARGV: user ids
+#: The given users with a connection on a live node: {user, ...}.  The
+#: counts answer "none" at once; a user with some has their members read by
+#: lexical range (every score is 0): "<user>|" up to "<user>}" ("}" follows
+#: "|"), which holds every member of the user and those of users whose id
+#: starts with "<user>|", told apart by user_of.  O(the users' connections).
+PRESENCE_ONLINE = LuaScript(
+    _PRESENCE
+    + """
+local live = liveness(KEYS[3], now_ms())
+local out = {}
+for _, user in ipairs(ARGV) do
+  local n = redis.call('HGET', KEYS[1], user)
+  if n and tonumber(n) > 0 then
+    for _, member in ipairs(redis.call('ZRANGEBYLEX', KEYS[2], '[' .. user .. '|',
+                                       '(' .. user .. '}')) do
+      if user_of(member) == user and live(token_of(member)) then
+        out[#out + 1] = user
+        break
+      end
+    end
+  end
 end
 return out
 """
