@@ -14,7 +14,7 @@ announcements.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -35,6 +35,17 @@ log = Logger(namespace="unrealon.engine.presencesweep")
 #: microseconds of Redis with its announcements, so a call stays in
 #: milliseconds and other clients are served between calls
 ENTRIES_PER_CALL = 500
+
+
+class SweepCall(NamedTuple):
+    """What one call of the sweep script did."""
+
+    #: entries removed (-1: another node holds the lock, nothing was done)
+    removed: int
+    #: expired liveness records given one more lifetime (the stall grace)
+    extended: int
+    #: 1 when dead nodes' entries are left for another call
+    more: int
 
 
 class PresenceSweeper:
@@ -79,16 +90,20 @@ class PresenceSweeper:
         """
         return Deferred.fromCoroutine(self._sweep())
 
+    def sweep_once(self) -> Deferred[SweepCall]:
+        """One script call of the sweep: at most C{entries_per_call} entries removed."""
+        d: Deferred[Any] = scripts.PRESENCE_SWEEP(self._redis, self._keys, self._args)
+        return d.addCallback(lambda reply: SweepCall(*(int(n) for n in reply)))
+
     async def _sweep(self) -> None:
         removed = extended = 0
         while True:
-            reply: Any = await scripts.PRESENCE_SWEEP(self._redis, self._keys, self._args)
-            gone, more_time, more = (int(n) for n in reply)
-            if gone < 0:
+            call = await self.sweep_once()
+            if call.removed < 0:
                 return  # another node holds the lock
-            removed += gone
-            extended += more_time
-            if not more:
+            removed += call.removed
+            extended += call.extended
+            if not call.more:
                 break
         if removed:
             log.info("presence sweep removed {count} entries of dead nodes", count=removed)

@@ -186,7 +186,8 @@ class RedisPresence:
         #: Redis lost its data) and no restore has succeeded since: the next
         #: heartbeat restores (a restore that failed is not forgotten)
         self._restore_due = False
-        self._sweeper = PresenceSweeper(
+        #: this node's share of the cluster's sweep (run by the sweep loop)
+        self.sweeper = PresenceSweeper(
             redis, token=self._token, lifetime_ms=self._lifetime_ms,
             interval=self._sweep_interval, channels=channels, events_stream=events_stream,
             events_maxlen=events_maxlen, connection_events=self._connection_events,
@@ -204,7 +205,7 @@ class RedisPresence:
         self.loops = (
             SupervisedLoop("presence heartbeat", reactor, ttl / 3, self.heartbeat,
                            link=link, count_failure=count_failure),
-            SupervisedLoop("presence sweep", reactor, self._sweep_interval, self._sweeper.sweep,
+            SupervisedLoop("presence sweep", reactor, self._sweep_interval, self.sweeper.sweep,
                            link=link, count_failure=count_failure),
         )
 
@@ -303,7 +304,7 @@ class RedisPresence:
 
     def sweep(self) -> Deferred[None]:
         """Remove dead nodes' entries cluster-wide, if this node holds the sweep lock."""
-        return self._sweeper.sweep()
+        return self.sweeper.sweep()
 
     # -- membership ------------------------------------------------------------
 
