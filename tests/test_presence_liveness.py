@@ -88,6 +88,36 @@ class PresenceLivenessTests(TestCase):
         """What 3T/4 without a heartbeat does to C{node}: its liveness record expired."""
         return self.redis.execute_command("ZADD", PRESENCE_ALIVE, 1, _token(node))
 
+    def count_accesses(self) -> Deferred[Any]:
+        """
+        From now on Redis counts every access to a key (its LFU counter with
+        log factor 0, which saturates at 255 and here never decays): OBJECT
+        FREQ, which does not count itself, tells whether anything read or
+        wrote a key.
+        """
+        return gatherResults([
+            self.redis.execute_command("CONFIG", "SET", name, value)
+            for name, value in (("maxmemory-policy", "allkeys-lfu"), ("lfu-log-factor", "0"),
+                                ("lfu-decay-time", "0"))
+        ])
+
+    @inlineCallbacks
+    def zero_accesses(self, keys: list[str]) -> Any:
+        """Set the access counters of C{keys} to 0 (DUMP, then RESTORE with FREQ 0)."""
+        for key in keys:
+            payload = yield self.redis.execute_command("DUMP", key)
+            yield self.redis.execute_command("RESTORE", key, 0, payload, "REPLACE", "FREQ", 0)
+
+    @inlineCallbacks
+    def accessed(self, keys: list[str]) -> Any:
+        """The keys among C{keys} accessed since L{zero_accesses}."""
+        out = []
+        for key in keys:
+            freq = yield self.redis.execute_command("OBJECT", "FREQ", key)
+            if int(freq):
+                out.append(key)
+        return out
+
     @inlineCallbacks
     def room_state(self, room: str) -> Any:
         """A room's members, counts and infos, as Redis holds them."""
@@ -135,11 +165,13 @@ class PresenceLivenessTests(TestCase):
     def test_sweep_removes_only_the_dead_nodes_entries(self) -> Any:
         """
         The sweep removes exactly what a dead node's index lists, announces
-        it once (node_lost, the dead node's id), and reads none of the live
-        node's 300 rooms: its command count follows the dead entries, not
-        the cluster's.  A pass with no dead node is a fixed handful.
+        it once (node_lost, the dead node's id), and touches none of the live
+        node's 300 rooms nor its index (their access counters do not move):
+        its command count follows the dead entries, not the cluster's.  A
+        pass with no dead node is a fixed handful.
         """
         live, dead, sweeper = self.node("live"), self.node("dead"), self.node("sweeper")
+        yield self.count_accesses()
         yield self.fill(live, rooms=300, per_room=2)
         yield dead.connect("alice", "c1")
         yield dead.join("room:0", "alice", "c1", {})  # shared with the live node
@@ -148,7 +180,13 @@ class PresenceLivenessTests(TestCase):
         shared = yield self.room_state("room:0")
         yield sweeper.sweep()  # nothing dead yet (and the script is loaded)
         yield self.expire("dead")
+        untouched = [f"unrealon:p:room:{r}:{k}" for r in range(1, 300) for k in "mui"]
+        untouched.append(f"unrealon:p:idx:{_token('live')}")
+        shared_key = "unrealon:p:room:0:m"
+        yield self.zero_accesses([*untouched, shared_key])
         calls = yield self.commands_of(sweeper.sweep)
+        # only the shared room, where the dead node had an entry, was touched
+        self.assertEqual((yield self.accessed([*untouched, shared_key])), [shared_key])
         self.assertEqual(calls.pop("evalsha"), 1)
         # the record claimed, then __online__, room:0, room:dead
         self.assertEqual(calls.get("zrem"), 4, calls)
