@@ -17,7 +17,8 @@ the script per call, without the connection's I/O). Measured:
   entries (one call, whatever the entries), a sweep pass with no dead node
   (20,000 entries in 1,000 rooms in Redis), the sweep of a dead node's 20,000
   entries per entry (500 a call, as the sweeper does; the longest call too),
-  and the restore of a swept node's entries per entry (500 a call).
+  and the restore of a swept node's entries per entry (500 a call); and the
+  memory of a node's index of its entries (MEMORY USAGE) per entry.
 
 Results: ``bench/results/redis-costs.json`` (``--smoke``: printed only).
 """
@@ -135,6 +136,7 @@ def presence_costs(r: redis.Redis, rooms: int, per_room: int) -> dict[str, float
         heartbeat(keys=[PRESENCE_ALIVE, presence_node_key("live")],
                   args=["live", 22500, "live", 86400])
     heartbeat_us = script_usec(r)[0] / 1000
+    index_bytes = int(r.memory_usage(presence_index_key("live"), samples=0) or 0)
     idle = [_sweep_call(sweep, r)[1] for _ in range(100)]
     # a second node in the same rooms dies: its sweep, then (as if it had
     # only been paused) its restore
@@ -159,7 +161,8 @@ def presence_costs(r: redis.Redis, rooms: int, per_room: int) -> dict[str, float
             "sweep_idle_us": sum(idle) / len(idle),
             "sweep_us_per_dead_entry": sum(calls) / entries,
             "sweep_calls": len(calls), "sweep_longest_call_ms": max(calls) / 1000,
-            "restore_us_per_entry": restore_us, "rooms": rooms, "entries": entries}
+            "restore_us_per_entry": restore_us, "index_bytes_per_entry": index_bytes / entries,
+            "rooms": rooms, "entries": entries}
 
 
 def main() -> int:
@@ -186,7 +189,8 @@ def main() -> int:
           f" us per node; sweep with no dead node {pres['sweep_idle_us']:.1f} us; sweep of a dead"
           f" node {pres['sweep_us_per_dead_entry']:.2f} us per entry ({pres['sweep_calls']} calls,"
           f" longest {pres['sweep_longest_call_ms']:.1f} ms); restore"
-          f" {pres['restore_us_per_entry']:.2f} us per entry")
+          f" {pres['restore_us_per_entry']:.2f} us per entry; the node's index"
+          f" {pres['index_bytes_per_entry']:.0f} B per entry")
     if not args.smoke:
         (RESULTS / "redis-costs.json").write_text(json.dumps(result, indent=1))
     return 0
