@@ -293,7 +293,11 @@ class RedisPresence:
                      "(swept, or Redis lost its data)", count=restored)
 
     def _restore_after_write(self, reply: Any) -> None:
-        """A presence write found this node's record missing: restore now, not at the heartbeat."""
+        """
+        A presence write found this node's record missing: restore now, not
+        at the heartbeat.  (A node's first write finds none too; its restore
+        then finds everything in place: one pass over what it had by then.)
+        """
         if int(reply[1]):
             self.restore().addErrback(self._restore_failed)
 
