@@ -252,6 +252,27 @@ class PresenceLivenessTests(TestCase):
         self.assertEqual(cycles, 2)
 
     @inlineCallbacks
+    def test_one_sweep_removes_a_big_dead_node_in_bounded_calls(self) -> Any:
+        """
+        A dead node with more entries than one call removes: one sweep
+        (one tick of the loop) makes as many bounded calls as it takes, so
+        the node's users still leave within the TTL.
+        """
+        dead, sweeper = self.node("dead"), self.node("sweeper")
+        yield self.fill(dead, rooms=60, per_room=10)  # 600 connections: 1,200 entries
+        yield sweeper.sweep()
+        yield self.expire("dead")
+        calls = yield self.commands_of(sweeper.sweep)
+        self.assertEqual(calls["evalsha"], 3)  # 500 + 500 + 200 entries
+        self.assertEqual(calls["zrem"], 1 + 1200)  # the record claimed, then every entry
+        keys = yield self.redis.execute_command("KEYS", "unrealon:p:*")
+        # nothing left of it but its node id (kept long, for late lookups)
+        self.assertEqual(sorted(keys), ["unrealon:p:node:" + _token("dead"),
+                                        "unrealon:p:sweeper", "unrealon:p:swept"])
+        offline = [e for e in (yield self.events()) if e[0] == "user.offline"]
+        self.assertEqual(len(offline), 600)
+
+    @inlineCallbacks
     def test_stall_grace_removes_nothing(self) -> Any:
         """
         No sweep for longer than 4T/10 (Redis was away): expired records get
