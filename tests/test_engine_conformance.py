@@ -26,13 +26,16 @@ from zope.interface.verify import verifyObject
 
 from tests.helpers.cluster import FakeSink, redis_broker
 from tests.helpers.redis_server import start_redis
+from tests.helpers.replays import as_values
 from tests.helpers.waiting import sleep, wait_until
+from unrealon import jsoncodec
 from unrealon.engine.interfaces import (
     EphemeralEvent,
     IBroker,
     IPresence,
     PresenceCount,
     PresenceUser,
+    Recovery,
 )
 from unrealon.engine.memory import MemoryBroker, MemoryPresence
 
@@ -69,6 +72,10 @@ class EngineConformance:
 
     # -- helpers -------------------------------------------------------------
 
+    def recover(self, room: str, since: str | None) -> Deferred[Recovery]:
+        """C{self.broker.recover}, its events as values (L{as_values} checks stored texts)."""
+        d: Deferred[Recovery] = self.broker.recover(room, since)
+        return d.addCallback(as_values)
 
     @inlineCallbacks
     def publish_n(self, n: int, room: str = ROOM, start: int = 0) -> Any:
@@ -139,7 +146,7 @@ class EngineConformance:
         """recover(None): the current cursor, recovered false, nothing missed."""
         yield self.make()
         cursors = yield self.publish_n(3)
-        recovery = yield self.broker.recover(ROOM, None)
+        recovery = yield self.recover(ROOM, None)
         self.assertEqual(recovery.cursor, cursors[-1])
         self.assertNotRecovered(recovery)
 
@@ -151,7 +158,7 @@ class EngineConformance:
         yield self.delivered(6)
         live = self.sink.notifications()
         for i, since in enumerate(cursors):
-            recovery = yield self.broker.recover(ROOM, since)
+            recovery = yield self.recover(ROOM, since)
             self.assertTrue(recovery.recovered)
             self.assertEqual(list(recovery.missed), live[i + 1 :])
             self.assertEqual(recovery.cursor, cursors[-1])
@@ -161,7 +168,7 @@ class EngineConformance:
         """since == the current cursor: recovered, nothing missed."""
         yield self.make()
         cursors = yield self.publish_n(2)
-        recovery = yield self.broker.recover(ROOM, cursors[-1])
+        recovery = yield self.recover(ROOM, cursors[-1])
         self.assertTrue(recovery.recovered)
         self.assertEqual(recovery.missed, ())
         self.assertEqual(recovery.cursor, cursors[-1])
@@ -170,14 +177,14 @@ class EngineConformance:
     def test_start_cursor_of_empty_room(self) -> Any:
         """An empty room's cursor ("the start") is a valid since later."""
         yield self.make()
-        start = yield self.broker.recover(ROOM, None)
+        start = yield self.recover(ROOM, None)
         self.assertNotRecovered(start)
-        again = yield self.broker.recover(ROOM, start.cursor)
+        again = yield self.recover(ROOM, start.cursor)
         self.assertTrue(again.recovered)
         self.assertEqual((again.cursor, again.missed), (start.cursor, ()))
         cursors = yield self.publish_n(3)
         yield self.delivered(3)
-        recovery = yield self.broker.recover(ROOM, start.cursor)
+        recovery = yield self.recover(ROOM, start.cursor)
         self.assertTrue(recovery.recovered)
         self.assertEqual(list(recovery.missed), self.sink.notifications())
         self.assertEqual(recovery.cursor, cursors[-1])
@@ -186,9 +193,9 @@ class EngineConformance:
     @inlineCallbacks
     def test_start_cursor_then_too_many(self) -> Any:
         yield self.make(history_size=5)
-        start = yield self.broker.recover(ROOM, None)
+        start = yield self.recover(ROOM, None)
         yield self.publish_n(6)
-        self.assertNotRecovered((yield self.broker.recover(ROOM, start.cursor)))
+        self.assertNotRecovered((yield self.recover(ROOM, start.cursor)))
 
     @inlineCallbacks
     def test_unknown_cursors(self) -> Any:
@@ -200,11 +207,11 @@ class EngineConformance:
         for since in ("", "garbage", "0", "-", "abc:1-1", "deadbeef-3", other, epochless,
                       cursors[-1] + "x", "é" * 50, self.beyond(cursors[-1]), "x:²-1", "x-²",
                       "x:1-²", cursors[-1][:-1] + "²"):
-            recovery = yield self.broker.recover(ROOM, since)
+            recovery = yield self.recover(ROOM, since)
             self.assertNotRecovered(recovery)
             self.assertEqual(recovery.cursor, cursors[-1], since)
         # other rooms' cursors mean nothing here, even for a room with no events
-        self.assertNotRecovered((yield self.broker.recover("workspace:fresh", cursors[0])))
+        self.assertNotRecovered((yield self.recover("workspace:fresh", cursors[0])))
 
     @inlineCallbacks
     def test_history_size_bound(self) -> Any:
@@ -212,11 +219,11 @@ class EngineConformance:
         yield self.make(history_size=5)
         first = yield self.publish_n(1)
         yield self.publish_n(5, start=1)
-        recovery = yield self.broker.recover(ROOM, first[0])
+        recovery = yield self.recover(ROOM, first[0])
         self.assertTrue(recovery.recovered)
         self.assertEqual([m["params"]["data"]["seq"] for m in recovery.missed], [1, 2, 3, 4, 5])
         cursors = yield self.publish_n(1, start=6)
-        recovery = yield self.broker.recover(ROOM, first[0])
+        recovery = yield self.recover(ROOM, first[0])
         self.assertNotRecovered(recovery)
         self.assertEqual(recovery.cursor, cursors[-1])
 
@@ -227,11 +234,11 @@ class EngineConformance:
         old = yield self.publish_n(1)
         yield self.publish_n(250, start=1)
         for _ in range(3):
-            recovery = yield self.broker.recover(ROOM, old[0])
+            recovery = yield self.recover(ROOM, old[0])
             self.assertNotRecovered(recovery)
         recent = yield self.publish_n(1, start=251)
         yield self.publish_n(4, start=252)
-        recovery = yield self.broker.recover(ROOM, recent[0])
+        recovery = yield self.recover(ROOM, recent[0])
         self.assertEqual([m["params"]["data"]["seq"] for m in recovery.missed],
                          [252, 253, 254, 255])
 
@@ -241,11 +248,11 @@ class EngineConformance:
         yield self.make(history_ttl=1)
         old = yield self.publish_n(2)
         yield self.advance(2.5)
-        self.assertNotRecovered((yield self.broker.recover(ROOM, old[0])))
+        self.assertNotRecovered((yield self.recover(ROOM, old[0])))
         new = yield self.publish_n(2, start=2)
         self.assertNotEqual(self.broker.cursor_key(new[0])[0], self.broker.cursor_key(old[0])[0])
-        self.assertNotRecovered((yield self.broker.recover(ROOM, old[1])))
-        recovery = yield self.broker.recover(ROOM, new[0])
+        self.assertNotRecovered((yield self.recover(ROOM, old[1])))
+        recovery = yield self.recover(ROOM, new[0])
         self.assertTrue(recovery.recovered)
         self.assertEqual([m["params"]["data"]["seq"] for m in recovery.missed], [3])
 
@@ -257,7 +264,7 @@ class EngineConformance:
         for i in range(3):
             yield self.advance(1.0)
             yield self.publish_n(1, start=i + 1)
-        recovery = yield self.broker.recover(ROOM, first[0])
+        recovery = yield self.recover(ROOM, first[0])
         self.assertTrue(recovery.recovered)
         self.assertEqual(len(recovery.missed), 3)
 
@@ -274,17 +281,17 @@ class EngineConformance:
         yield self.broker.publish(ROOM, "test.event", {"n": 4})
         yield self.delivered(3)
         self.assertEqual([m["params"]["data"]["n"] for m in self.sink.notifications()], [1, 3, 4])
-        start = yield self.broker.recover("workspace:x", None)
+        start = yield self.recover("workspace:x", None)
         yield self.broker.publish("workspace:x", "test.event", {}, "entry-3")
-        recovery = yield self.broker.recover("workspace:x", start.cursor)
+        recovery = yield self.recover("workspace:x", start.cursor)
         self.assertEqual(len(recovery.missed), 1)
 
     @inlineCallbacks
     def test_rooms_are_separate(self) -> Any:
         yield self.make()
-        a = yield self.broker.recover("workspace:a", None)
+        a = yield self.recover("workspace:a", None)
         yield self.publish_n(2, room="workspace:b")
-        recovery = yield self.broker.recover("workspace:a", a.cursor)
+        recovery = yield self.recover("workspace:a", a.cursor)
         self.assertTrue(recovery.recovered)
         self.assertEqual(recovery.missed, ())
 
@@ -461,6 +468,24 @@ class RedisEngineTests(EngineConformance, TestCase):
     # -- the Redis engine's own duties -----------------------------------------
 
     @inlineCallbacks
+    def test_replayed_events_are_the_stored_text(self) -> Any:
+        """
+        A rejoin's missed events come as the text Redis stored, the very
+        bytes live delivery sent: a join's reply copies them, nothing
+        decodes them.
+        """
+        yield self.make()
+        start = yield self.broker.recover(ROOM, None)
+        yield self.broker.publish(ROOM, "test.event", {"seq": 0, "text": 'a "/" b\n', "n": None})
+        yield self.publish_n(2, start=1)
+        yield self.delivered(3)
+        recovery = yield self.broker.recover(ROOM, start.cursor)
+        self.assertTrue(all(isinstance(m, jsoncodec.RawJSON) for m in recovery.missed))
+        self.assertEqual([m.text.encode() for m in recovery.missed],
+                         [e.message for e in self.sink.events if e.room == ROOM])
+        self.assertEqual(as_values(recovery).missed, tuple(self.sink.notifications(ROOM)))
+
+    @inlineCallbacks
     def test_recoveries_of_one_turn_are_few_calls(self) -> Any:
         """
         The history reads of one turn's joins go as one script call per
@@ -472,7 +497,7 @@ class RedisEngineTests(EngineConformance, TestCase):
 
         yield self.make(history_size=10)
         rooms = [f"storm:{i}" for i in range(120)]
-        starts = yield gatherResults([self.broker.recover(room, None) for room in rooms])
+        starts = yield gatherResults([self.recover(room, None) for room in rooms])
         for i, room in enumerate(rooms):
             yield self.publish_n(i % 12, room=room)  # 11 or more: beyond the history
         original = scripts.RECOVER
@@ -484,7 +509,7 @@ class RedisEngineTests(EngineConformance, TestCase):
 
         self.patch(scripts, "RECOVER", counting)
         recoveries = yield gatherResults([
-            self.broker.recover(room, start.cursor)
+            self.recover(room, start.cursor)
             for room, start in zip(rooms, starts, strict=True)
         ])
         full, rest = divmod(len(rooms), ROOMS_PER_CALL)
@@ -672,10 +697,10 @@ class RedisEngineTests(EngineConformance, TestCase):
         )
         old = yield self.publish_n(1)
         yield self.publish_n(6, start=1)
-        self.assertNotRecovered((yield self.broker.recover(ROOM, old[0])))
-        second = yield self.broker.recover(ROOM, None)
+        self.assertNotRecovered((yield self.recover(ROOM, old[0])))
+        second = yield self.recover(ROOM, None)
         yield self.publish_n(5, start=7)
-        recovery = yield self.broker.recover(ROOM, second.cursor)
+        recovery = yield self.recover(ROOM, second.cursor)
         self.assertEqual([m["params"]["data"]["seq"] for m in recovery.missed], [7, 8, 9, 10, 11])
 
     @inlineCallbacks

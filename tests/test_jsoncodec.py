@@ -196,3 +196,107 @@ class EncodeTests(SynchronousTestCase):
             jsoncodec.encode(value),
             b'{"id":"00000000-0000-0000-0000-000000000001","mode":"fast"}',
         )
+
+
+def _embedded(value: Any, picks: list[bool]) -> Any:
+    """
+    C{value} with some of its parts (C{picks}, in walk order, cycled) as
+    L{jsoncodec.RawJSON} of their reference text: what a reply holding
+    stored events looks like.
+    """
+    turn = [0]
+
+    def walk(v: Any) -> Any:
+        pick = picks[turn[0] % len(picks)]
+        turn[0] += 1
+        if pick:
+            return jsoncodec.RawJSON(reference_text(v))
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        return v
+
+    return walk(value)
+
+
+class RawJSONTests(SynchronousTestCase):
+    """
+    L{jsoncodec.RawJSON}: text the codec made goes into a message as it
+    is, and the message is byte for byte the one holding the value.
+    """
+
+    def assertSameAsValue(self, value: Any, embedded: Any) -> None:
+        for fast, ref in ((jsoncodec.encode, reference_encode), (jsoncodec.text, reference_text)):
+            try:
+                expected: Any = ref(value)
+            except (TypeError, ValueError) as e:
+                self.assertRaises(type(e), fast, embedded)
+                self.assertRaises(type(e), ref, embedded)
+            else:
+                self.assertEqual(fast(embedded), expected, repr(embedded))
+                self.assertEqual(ref(embedded), expected, repr(embedded))
+
+    @PROFILE
+    @given(json_values, st.lists(st.booleans(), min_size=1, max_size=8))
+    def test_any_json_value_with_raw_parts(self, value: Any, picks: list[bool]) -> None:
+        self.assertSameAsValue(value, _embedded(value, picks))
+
+    def test_edge_cases(self) -> None:
+        raw = jsoncodec.RawJSON
+        cases: list[tuple[Any, Any]] = [
+            # what the fast path's check looks for, inside the text and outside it
+            ({"a": None}, {"a": raw("null")}),
+            ([{"x": None}, None], [raw('{"x":null}'), None]),
+            ([1e-07, [0.00001]], [raw("1e-07"), [raw("1e-05")]]),
+            ([1e-07, 1e-05], [raw("1e-07"), 1e-05]),
+            (["null", 1e-9], [raw('"null"'), 1e-9]),
+            # what the reference refuses, outside the text
+            ([{"x": None}, math.nan], [raw('{"x":null}'), math.nan]),
+            ([None, math.inf], [raw("null"), math.inf]),
+            # what only the reference encodes, outside the text and inside it
+            ([2**64, {"a": None}], [2**64, raw('{"a":null}')]),
+            ([{"k": "\ud800"}], [raw('{"k":"\ud800"}')]),
+            (["é", "\u2028"], [raw('"é"'), "\u2028"]),
+            # a raw value that is no JSON value of ours: both refuse it alike
+            ([object()], [object(), raw("1")]),
+        ]
+        for value, embedded in cases:
+            self.assertSameAsValue(value, embedded)
+
+    def test_raw_only_as_a_value(self) -> None:
+        """As a key it is refused by both (as any object)."""
+        self.assertRaises(TypeError, jsoncodec.encode, {jsoncodec.RawJSON('"k"'): 1})
+        self.assertRaises(TypeError, reference_encode, {jsoncodec.RawJSON('"k"'): 1})
+
+    def test_value_and_equality(self) -> None:
+        raw = jsoncodec.RawJSON('{"a":[1,null]}')
+        self.assertEqual(raw.value(), {"a": [1, None]})
+        self.assertEqual(raw, jsoncodec.RawJSON('{"a":[1,null]}'))
+        self.assertNotEqual(raw, {"a": [1, None]})
+        self.assertEqual(len({raw, jsoncodec.RawJSON(raw.text)}), 1)
+
+
+class RawJSONFastPathTests(SynchronousTestCase):
+    """A reply of stored events never reaches the reference, whatever the events hold."""
+
+    skip = NO_FAST_PATH if jsoncodec.BACKEND == "stdlib" else None
+
+    def test_a_join_reply_with_nulls_in_its_events(self) -> None:
+        def refuse(*args: Any) -> Any:
+            raise AssertionError("the reference was used")
+
+        events = [
+            '{"jsonrpc":"2.0","method":"chat.message","params":{"room":"w:1",'
+            f'"cursor":"e:1-{i}","data":{{"text":null,"t":1e-07,"x":[null]}}}}}}'
+            for i in range(3)
+        ]
+        reply = {"jsonrpc": "2.0", "id": 3, "result": {
+            "room": "w:1", "cursor": "e:1-2", "recovered": True,
+            "missed": [jsoncodec.RawJSON(e) for e in events], "streaming": [],
+        }}
+        expected = reference_encode({**reply, "result": {
+            **reply["result"], "missed": [json.loads(e) for e in events]}})
+        for name in ("reference_decode", "reference_encode", "reference_text"):
+            self.patch(jsoncodec, name, refuse)
+        self.assertEqual(jsoncodec.encode(reply), expected)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from tests import test_engine_conformance as engines
-from unrealon.engine.interfaces import MessageChunk
+from tests.helpers.replays import as_values
+from unrealon.engine.interfaces import MessageChunk, Recovery
 
 ROOM = "session:7"
 FIELDS = {"session_id": "7", "message_id": "m1", "role": "assistant", "model": "x"}
@@ -45,8 +46,13 @@ class MessageStreamConformance:
         yield self.make_engine(  # type: ignore[attr-defined]
             history_size, history_ttl, gap_wait, self.outcomes.append
         )
-        recovery = yield self.broker.recover(ROOM, None)
+        recovery = yield self.recover(ROOM, None)
         self.start = recovery.cursor
+
+    def recover(self, room: str, since: str | None) -> Deferred[Recovery]:
+        """C{self.broker.recover}, its events as values (L{as_values} checks stored texts)."""
+        d: Deferred[Recovery] = self.broker.recover(room, since)
+        return d.addCallback(as_values)
 
     def datas(self, room: str = ROOM) -> list[dict[str, Any]]:
         return [n["params"]["data"] for n in self.sink.notifications(room)]
@@ -111,12 +117,34 @@ class MessageStreamConformance:
         self.assertEqual(len(datas), 3)
         self.assertEqual((datas[2]["seq"], datas[2]["content"], datas[2]["done"]), (5, "f", True))
         self.assertNotIn("gaps", datas[2])
-        recovery = yield self.broker.recover(ROOM, self.start)
+        recovery = yield self.recover(ROOM, self.start)
         self.assertTrue(recovery.recovered)
         [whole] = recovery.missed
         data = whole["params"]["data"]
         self.assertEqual((data["seq"], data["last_seq"], data["content"], data["gaps"]),
                          (0, 5, "acef", [[1, 1], [3, 3]]))
+
+    @inlineCallbacks
+    def test_recovered_text_that_cjson_escapes_otherwise(self) -> Any:
+        """
+        A message's content and error are spliced by the script with cjson,
+        which writes "/" and DEL escaped: a recovered event is still what
+        the codec would send (L{as_values} checks the stored texts).
+        """
+        yield self.make()
+        yield self.append(chunk(0, "a/b\x7f\n"), chunk(1, "é/"), chunk(2, "", done=True,
+                                                                     error="x/y"))
+        yield self.delivered(3, ROOM)
+        recovery = yield self.recover(ROOM, self.start)
+        self.assertTrue(recovery.recovered)
+        [whole] = recovery.missed
+        data = whole["params"]["data"]
+        self.assertEqual((data["content"], data["error"], data["done"]),
+                         ("a/b\x7f\né/", "x/y", True))
+        yield self.append(chunk(0, "c/d", message_id="m2"))
+        yield self.delivered(4, ROOM)
+        fresh = yield self.recover(ROOM, None)
+        self.assertEqual([s["params"]["data"]["content"] for s in fresh.streaming], ["c/d"])
 
     @inlineCallbacks
     def test_repeated_and_after_done_ignored(self) -> Any:
@@ -135,10 +163,10 @@ class MessageStreamConformance:
         yield self.delivered(2, ROOM)
         last = self.datas()[-1]
         self.assertEqual((last["done"], last["error"]), (True, "model overloaded"))
-        recovery = yield self.broker.recover(ROOM, self.start)
+        recovery = yield self.recover(ROOM, self.start)
         data = recovery.missed[0]["params"]["data"]
         self.assertEqual((data["content"], data["done"], data["error"]), ("par", True, "model overloaded"))
-        fresh = yield self.broker.recover(ROOM, None)
+        fresh = yield self.recover(ROOM, None)
         self.assertEqual(fresh.streaming, ())
 
     @inlineCallbacks
@@ -153,7 +181,7 @@ class MessageStreamConformance:
         yield self.broker.publish(ROOM, "note", {"n": 2})
         yield self.append(*[chunk(i, f"{i},", done=i == 49) for i in range(25, 50)])
         yield self.broker.publish(ROOM, "note", {"n": 3})
-        recovery = yield self.broker.recover(ROOM, self.start)
+        recovery = yield self.recover(ROOM, self.start)
         self.assertTrue(recovery.recovered)
         kinds = [(n["method"], n["params"]["data"].get("n")) for n in recovery.missed]
         self.assertEqual(kinds, [("note", 1), ("note", 2), ("session.message", None),
@@ -172,14 +200,14 @@ class MessageStreamConformance:
         mid_cursor = self.sink.notifications(ROOM)[1]["params"]["cursor"]
         yield self.append(chunk(2, "c"), chunk(3, "d"))
         yield self.broker.publish(ROOM, "note", {"n": 1})
-        recovery = yield self.broker.recover(ROOM, mid_cursor)
+        recovery = yield self.recover(ROOM, mid_cursor)
         self.assertTrue(recovery.recovered)
         self.assertEqual(recovery.streaming, ())
         self.assertEqual(len(recovery.missed), 2)
         data = recovery.missed[0]["params"]["data"]
         self.assertEqual((data["seq"], data["last_seq"], data["content"], data["done"]),
                          (2, 3, "cd", False))
-        fresh = yield self.broker.recover(ROOM, None)
+        fresh = yield self.recover(ROOM, None)
         self.assertFalse(fresh.recovered)
         [streaming] = fresh.streaming
         self.assertEqual(streaming["method"], "session.message")
@@ -189,7 +217,7 @@ class MessageStreamConformance:
         self.assertLessEqual(self.broker.cursor_key(streaming["params"]["cursor"]),
                              self.broker.cursor_key(fresh.cursor))
         yield self.append(chunk(4, "e", done=True))
-        done = yield self.broker.recover(ROOM, None)
+        done = yield self.recover(ROOM, None)
         self.assertEqual(done.streaming, ())
 
     @inlineCallbacks
@@ -204,7 +232,7 @@ class MessageStreamConformance:
         for n in range(6):
             yield self.broker.publish(ROOM, "note", {"n": n})
         yield self.append(chunk(1, "b"))
-        fresh = yield self.broker.recover(ROOM, None)
+        fresh = yield self.recover(ROOM, None)
         self.assertEqual([m["params"]["data"]["content"] for m in fresh.streaming], ["ab"])
         yield self.append(chunk(2, "c", done=True))
         yield self.delivered(9, ROOM)
@@ -221,10 +249,10 @@ class MessageStreamConformance:
         """
         yield self.make()
         yield self.append(chunk(2, "c"), chunk(1, "b"))
-        early = yield self.broker.recover(ROOM, None)
+        early = yield self.recover(ROOM, None)
         self.assertEqual(early.streaming, ())
         yield self.append(chunk(0, "a"))
-        later = yield self.broker.recover(ROOM, None)
+        later = yield self.recover(ROOM, None)
         self.assertEqual([s["params"]["data"]["content"] for s in later.streaming], ["abc"])
 
     @inlineCallbacks
@@ -232,10 +260,10 @@ class MessageStreamConformance:
         """A message whose publisher stopped before done stops streaming with the history TTL."""
         yield self.make(history_ttl=1)
         yield self.append(chunk(0, "a"))
-        fresh = yield self.broker.recover(ROOM, None)
+        fresh = yield self.recover(ROOM, None)
         self.assertEqual(len(fresh.streaming), 1)
         yield self.advance(2.5)
-        later = yield self.broker.recover(ROOM, None)
+        later = yield self.recover(ROOM, None)
         self.assertEqual(later.streaming, ())
 
     @inlineCallbacks
@@ -246,11 +274,11 @@ class MessageStreamConformance:
         yield self.delivered(2, ROOM)
         mid_cursor = self.sink.notifications(ROOM)[1]["params"]["cursor"]
         yield self.append(chunk(2, "c"))
-        partial = yield self.broker.recover(ROOM, mid_cursor)
+        partial = yield self.recover(ROOM, mid_cursor)
         self.assertEqual([(m["params"]["data"]["seq"], m["params"]["data"]["content"])
                           for m in partial.missed], [(2, "c")])
         yield self.append(chunk(3, "", done=True))
-        recovery = yield self.broker.recover(ROOM, mid_cursor)
+        recovery = yield self.recover(ROOM, mid_cursor)
         [whole] = recovery.missed
         data = whole["params"]["data"]
         self.assertEqual((data["seq"], data["last_seq"], data["content"], data["done"]),
@@ -261,9 +289,9 @@ class MessageStreamConformance:
         yield self.make(history_size=100)
         yield self.append(chunk(0, "a", message_id="x"), chunk(0, "A", message_id="y"),
                           chunk(1, "b", message_id="x", done=True), chunk(1, "B", message_id="y"))
-        fresh = yield self.broker.recover(ROOM, None)
+        fresh = yield self.recover(ROOM, None)
         self.assertEqual([s["params"]["data"]["content"] for s in fresh.streaming], ["AB"])
-        recovery = yield self.broker.recover(ROOM, self.start)
+        recovery = yield self.recover(ROOM, self.start)
         self.assertEqual([(m["params"]["data"]["message_id"], m["params"]["data"]["content"])
                           for m in recovery.missed], [("x", "ab"), ("y", "AB")])
 

@@ -293,7 +293,7 @@ async def rooms_join(call: ClientCall, params: JoinParams) -> JoinResult:
         room=params.room,
         cursor=recovery.cursor,
         recovered=recovery.recovered if params.since is not None else False,
-        # the engines decode them from JSON text: JSON values already
+        # JSON values already (decoded, or the stored text as jsoncodec.RawJSON)
         missed=JSONValues(recovery.missed) if params.since is not None else [],
         streaming=JSONValues(recovery.streaming),
     )

@@ -54,9 +54,11 @@ class Recovery:
 
     C{cursor} is the position of the latest event covered (the last of
     C{missed}, else the room's current position).  C{missed} holds the
-    decoded notifications, in order; it is empty unless C{recovered}.
-    C{missed} and C{streaming} hold JSON values only (decoded from JSON
-    text): a reply sends them as they are.
+    notifications, in order; it is empty unless C{recovered}.
+    C{missed} and C{streaming} hold JSON values only: decoded ones, or
+    L{unrealon.jsoncodec.RawJSON} (the Redis engine's stored text, which is
+    what the codec makes of the notification); a reply sends them as they
+    are.  L{unrealon.jsoncodec.RawJSON.value} decodes one.
     """
 
     cursor: str

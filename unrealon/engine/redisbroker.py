@@ -75,6 +75,27 @@ def split_notification(event: str, room: str, data: Mapping[str, Any]) -> tuple[
     return head, tail
 
 
+def replayed(text: str | bytes, streamed: bool) -> Any:
+    """
+    An event of a room's history as L{scripts.RECOVER} read it, for a join's
+    reply: the stored text itself (L{jsoncodec.RawJSON}: a reply copies it,
+    which saves decoding it and encoding it again) where it is what the
+    server's codec makes of the event, else its value.
+
+    A published event's text is: L{split_notification}'s head and tail
+    around its cursor.  A streamed message's event (C{streamed}) is spliced
+    by the script from that head, the message's fields as the codec wrote
+    them, numbers and the content and error as cjson wrote them; cjson
+    escapes everything the codec escapes in a string, and more (C{"/"} as
+    C{"\\/"}), so the text is the codec's where it has no backslash at all.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    if streamed and "\\" in text:
+        return jsoncodec.decode(text)
+    return jsoncodec.RawJSON(text)
+
+
 def parse_cursor(cursor: str) -> tuple[str, int, int] | None:
     epoch, sep, stream_id = cursor.partition(":")
     ms, dash, seq = stream_id.partition("-")
@@ -273,7 +294,7 @@ class RedisBroker:
     def _repair_read(self, room: str, since: str) -> Deferred[Repair]:
         """What followed C{since} in C{room}'s history, for L{RoomChannels}."""
         def done(reply: list[Any]) -> Repair:
-            epoch, last, recovered, missed, _ = reply
+            epoch, last, recovered, missed = reply[:4]
             events = []
             for text in missed or ():
                 cursor = jsoncodec.decode(text)["params"]["cursor"]
@@ -292,12 +313,16 @@ class RedisBroker:
         d = self._recover_script(room, since)
 
         def done(reply: list[Any]) -> Recovery:
-            epoch, last, recovered, missed, streaming = reply
+            epoch, last, recovered, missed, streaming, streamed = reply
+            streamed = frozenset(streamed or ())
             return Recovery(
                 cursor=f"{epoch}:{last}",
                 recovered=bool(int(recovered)),
-                missed=tuple(jsoncodec.decode(m) for m in missed or ()),
-                streaming=tuple(jsoncodec.decode(m) for m in streaming or ()),
+                missed=tuple(
+                    replayed(text, index in streamed)
+                    for index, text in enumerate(missed or (), 1)
+                ),
+                streaming=tuple(replayed(text, True) for text in streaming or ()),
             )
 
         return d.addCallbacks(done, unavailable)

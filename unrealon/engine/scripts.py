@@ -176,8 +176,12 @@ return epoch .. ':' .. last_entry(KEYS[1])
 #:       since epoch ("" for none), since id, the room's message tag
 #:       (rediskeys.message_tag)
 #: Returns, per room, {epoch, last id, recovered (0/1), {message, ...},
-#: {streaming, ...}}: the recoveries of one reactor turn's joins (a reconnect
-#: storm's) in one call, each its own snapshot.
+#: {streaming, ...}, {index, ...}}: the recoveries of one reactor turn's joins
+#: (a reconnect storm's) in one call, each its own snapshot.  The indexes
+#: (from 1) are those of the messages that are streamed messages' events,
+#: whose content and error cjson encoded (it writes "/" as "\/"); the other
+#: messages are the publish script's head .. cursor .. tail, which the
+#: server's codec made.
 #: A room with no history gets an epoch (so its "start" cursor, <epoch>:0-0,
 #: stays valid).  A streamed message's history entry is a marker ("m" = its
 #: id) replayed as one event covering what came after `since`; the messages
@@ -209,10 +213,10 @@ local function recover(history, epoch_key, streaming_key, since_epoch, since, si
     return out
   end
   if since_epoch == '' or since_epoch ~= epoch then
-    return {epoch, last, 0, {}, streaming()}
+    return {epoch, last, 0, {}, streaming(), {}}
   end
   if id_less(last, since) then
-    return {epoch, last, 0, {}, streaming()}
+    return {epoch, last, 0, {}, streaming(), {}}
   end
   -- Complete or nothing: PUBLISH keeps at least size + 1 entries and trims
   -- only from the head, so if any entry after `since` was trimmed, every
@@ -221,16 +225,17 @@ local function recover(history, epoch_key, streaming_key, since_epoch, since, si
   -- moves its marker to its latest event: nothing a replay needs.)
   local entries = redis.call('XRANGE', history, '(' .. since, '+', 'COUNT', size + 1)
   if #entries > size then
-    return {epoch, last, 0, {}, streaming()}
+    return {epoch, last, 0, {}, streaming(), {}}
   end
-  local missed = {}
+  local missed, streamed = {}, {}
   for i, entry in ipairs(entries) do
     local fields = entry[2]
     if fields[1] == 'm' then
       local event = compacted(prefix, tag, fields[2], epoch, since)
       -- the message's text is gone (expired): the replay cannot be complete
-      if not event then return {epoch, last, 0, {}, streaming()} end
+      if not event then return {epoch, last, 0, {}, streaming(), {}} end
       missed[i] = event
+      streamed[#streamed + 1] = i
     else
       local head, tail = '', ''
       for j = 1, #fields, 2 do
@@ -240,7 +245,7 @@ local function recover(history, epoch_key, streaming_key, since_epoch, since, si
       missed[i] = head .. epoch .. ':' .. entry[1] .. tail
     end
   end
-  return {epoch, last, 1, missed, {}}
+  return {epoch, last, 1, missed, {}, streamed}
 end
 local size, ttl, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local out = {}
