@@ -526,6 +526,42 @@ class RedisEngineTests(EngineConformance, TestCase):
                                  rooms[i])
 
     @inlineCallbacks
+    def test_same_reads_of_one_turn_are_read_once(self) -> Any:
+        """
+        Rejoins of one room with one cursor in one turn (members who dropped
+        together) read the history once; each gets the whole answer.  Other
+        cursors, and a later turn, read again.
+        """
+        from unrealon.engine import scripts
+
+        yield self.make(history_size=10)
+        start = yield self.recover(ROOM, None)
+        cursors = yield self.publish_n(4)
+        original = scripts.RECOVER
+        sent: list[list[Any]] = []
+
+        def counting(redis: Any, keys: Any, args: Any) -> Any:
+            sent.append(args[3:])  # since epoch, since id, tag: per room read
+            return original(redis, keys, args)
+
+        self.patch(scripts, "RECOVER", counting)
+        sinces = [start.cursor] * 5 + [cursors[1]] * 3 + [None, start.cursor]
+        recoveries = yield gatherResults([self.recover(ROOM, since) for since in sinces])
+        self.assertEqual(len(sent), 1)
+        self.assertEqual(len(sent[0]), 3 * 3)  # three reads: start, cursors[1], none
+        for since, recovery in zip(sinces, recoveries, strict=True):
+            seqs = [m["params"]["data"]["seq"] for m in recovery.missed]
+            self.assertEqual(recovery.cursor, cursors[-1])
+            if since is None:
+                self.assertEqual((recovery.recovered, seqs), (False, []))
+            else:
+                self.assertEqual((recovery.recovered, seqs),
+                                 (True, [0, 1, 2, 3] if since == start.cursor else [2, 3]))
+        again = yield self.recover(ROOM, start.cursor)
+        self.assertEqual(len(sent), 2)
+        self.assertEqual(len(again.missed), 4)
+
+    @inlineCallbacks
     def test_presence_changes_of_one_turn_are_one_call(self) -> Any:
         """
         A reconnect storm's joins (and leaves) made in one reactor turn reach
