@@ -1,8 +1,11 @@
 """
 The JSON codec, fast path against the reference (``unrealon.jsoncodec``),
 in process: CPU per decode of typical requests and per encode of typical
-replies and events.  The end-to-end effect is in ``bench/run.py``'s rpc
-scenario.
+replies and events, and the reply to a rejoin with missed events as the
+Redis engine makes it (the stored notifications copied in as
+``jsoncodec.RawJSON``) against decoding them and encoding them again (what it
+did before).  The end-to-end effects are in ``bench/run.py``'s rpc and
+reconnect_storm scenarios.
 
     .venv/bin/python bench/codec.py
 """
@@ -26,6 +29,24 @@ REPLIES = {
 }
 
 
+def stored_events(n: int) -> list[str]:
+    """C{n} notifications as the publish script stores them (head .. cursor .. tail)."""
+    from unrealon.engine.redisbroker import split_notification
+
+    out = []
+    for i in range(n):
+        head, tail = split_notification(
+            "bench.tick", "bench:storm", {"seq": i, "t": 1796490468075.5, "by": "alice"})
+        out.append(f"{head}k3:1733400000000-{i}{tail}")
+    return out
+
+
+def join_reply(missed: list[object]) -> bytes:
+    return jsoncodec.encode({"jsonrpc": "2.0", "id": "a7", "result": {
+        "room": "bench:storm", "cursor": "k3:1733400000000-0", "recovered": True,
+        "missed": missed, "streaming": []}})
+
+
 def per_call_us(fn, arg, n: int = 200_000) -> float:
     return min(timeit.repeat(lambda: fn(arg), number=n, repeat=5)) / n * 1e6
 
@@ -41,6 +62,13 @@ def main() -> None:
         ref = per_call_us(jsoncodec.reference_encode, value)
         fast = per_call_us(jsoncodec.encode, value)
         print(f"encode {name:15s} {ref:13.2f} {fast:9.2f} {fast / ref:6.2f}x")
+    print(f"{'rejoin reply':22s} {'decoded µs':>13s} {'stored µs':>9s} {'ratio':>7s}")
+    for n in (1, 10, 20):
+        texts = stored_events(n)
+        decoded = per_call_us(lambda t: join_reply([jsoncodec.decode(x) for x in t]), texts,
+                              20_000)
+        raw = per_call_us(lambda t: join_reply([jsoncodec.RawJSON(x) for x in t]), texts, 20_000)
+        print(f"{n:2d} missed events        {decoded:13.2f} {raw:9.2f} {raw / decoded:6.2f}x")
 
 
 if __name__ == "__main__":
