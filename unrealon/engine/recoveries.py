@@ -29,12 +29,12 @@ from unrealon.engine import rediskeys, scripts
 from unrealon.engine.redisclient import RedisHandler
 
 #: rooms read per script call.  Small, because a read may return up to
-#: UNREALON_HISTORY_SIZE events and txredisapi's parse of one reply grows
-#: faster than its size (its line reader copies the rest of its buffer for
-#: every line): in the reconnect-storm bench (1,000 rejoins with ~10 missed
-#: events each) 50 rooms a call took 0.74-0.98 s, 10 took 0.58, 1 took 0.55
-#: against 0.49-0.58 for the ceiling in the same runs.  Besides, a call holds
-#: Redis while it runs.
+#: UNREALON_HISTORY_SIZE events and a call holds Redis while it runs, and all
+#: of a call's joins wait for its whole reply.  Measured in the reconnect-storm
+#: bench (1,000 rejoins with ~10 missed events each): 50 rooms a call took
+#: 0.74-0.98 s, 10 took 0.58, 1 took 0.55 against 0.49-0.58 for the ceiling in
+#: the same runs.  Why 50 was slower is not established: it is not the reply
+#: parse (hiredis, about 1 us per event: 0.8 at 10 rooms a reply, 1.3 at 50).
 ROOMS_PER_CALL = 10
 
 
