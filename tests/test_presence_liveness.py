@@ -325,6 +325,30 @@ class PresenceLivenessTests(TestCase):
         self.assertEqual((yield self.room_state("room:r")), ([], [], []))
 
     @inlineCallbacks
+    def test_a_join_whose_write_failed_is_written_at_the_next_heartbeat(self) -> Any:
+        """
+        rooms.join does not wait for its presence write; a write Redis
+        refuses (here: out of memory, so every writing script is refused)
+        is put back by the node's next heartbeat once Redis takes writes
+        again, announced once.
+        """
+        node = self.node("n1")
+        yield node.connect("alice", "c1")
+        yield node.heartbeat()  # (and the restore pass a node's first write starts)
+        yield self.redis.execute_command("CONFIG", "SET", "maxmemory", "1")
+        try:
+            yield self.assertFailure(node.join("room:r", "alice", "c1", {"name": "A"}),
+                                     Exception)
+        finally:
+            yield self.redis.execute_command("CONFIG", "SET", "maxmemory", "0")
+        self.assertEqual(list((yield node.list("room:r"))), [])
+        yield node.heartbeat()
+        self.assertEqual(list((yield node.list("room:r"))),
+                         [PresenceUser("alice", {"name": "A"}, 1)])
+        occupied = [e[:2] for e in (yield self.events()) if e[0] == "room.occupied"]
+        self.assertEqual(occupied, [("room.occupied", "room:r")])
+
+    @inlineCallbacks
     def test_redis_back_empty_every_live_node_restores(self) -> Any:
         """
         Redis restarts without its data: each running node's next heartbeat

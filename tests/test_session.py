@@ -1020,3 +1020,28 @@ class RefusalTests(SynchronousTestCase):
         events = [f.json()["params"]["data"]["seq"] for f in session.take()]
         self.assertEqual(events, list(range(5)))
         session.lose()
+
+
+class JoinPresenceTests(SynchronousTestCase):
+    def test_the_join_reply_does_not_wait_for_the_presence_write(self) -> None:
+        """
+        rooms.join answers once the history is read: its presence write goes
+        out after that read (so a close during the read drops it) and is not
+        waited for (one store round trip per join, not two).
+        """
+        service = build_node(self)
+        presence = service.node.presence
+        writes: list[tuple[str, str]] = []
+
+        def join(room: str, user_id: str, conn_id: str, info: Any) -> Deferred[None]:
+            writes.append((room, user_id))
+            return Deferred()  # a write that never lands
+
+        self.patch(presence, "join", join)
+        session = SyncSession(service, mint_token("alice", rooms=["*"]))
+        replies = session.call({"jsonrpc": "2.0", "id": 1, "method": "rooms.join",
+                                "params": {"room": "workspace:1"}})
+        self.assertEqual([r.get("id") for r in replies], [1])
+        self.assertEqual(replies[0]["result"]["room"], "workspace:1")
+        self.assertEqual(writes, [("workspace:1", "alice")])
+        session.lose()

@@ -144,9 +144,18 @@ class RoomMembership:
         """
         Join C{room}: hold its live events, read what the client missed
         since C{since}, record presence; the held events are released by
-        C{after_reply} once the join's reply is written.  A failure leaves
-        the connection as it was (and withdraws a presence entry that may
-        have been written): an error reply means it is not in the room.
+        C{after_reply} once the join's reply is written.  A failed read
+        leaves the connection as it was: an error reply means it is not in
+        the room.
+
+        The presence entry is written once the read succeeded (a join that
+        a close or leave overtook while the read waited is then dropped by
+        the presence engine, and announces nothing), and the reply does not
+        wait for that write: one Redis round trip per join instead of two,
+        which is what a reconnect storm's rejoins wait on.  The engine sends
+        the write before anything this node asks later (its reads flush it
+        first), and a write that fails is put back by the engine's next
+        heartbeat (L{IPresence.join}).
         """
         connection = self._connection
         was_member = self._begin_join(room, admission)
@@ -156,19 +165,13 @@ class RoomMembership:
             recovery: Recovery = await within_deadline(
                 self._broker.recover(room, since), self._clock
             )
-            if track:
-                assert identity is not None
-                await within_deadline(
-                    self._presence.join(room, identity.user_id, connection.conn_id, identity.info),
-                    self._clock,
-                )
         except BaseException:
             self._end_join(room)
-            if track:
-                assert identity is not None
-                _quietly(self._presence.leave(room, identity.user_id, connection.conn_id),
-                         "presence.leave")
             raise
+        if track:
+            assert identity is not None
+            _quietly(self._presence.join(room, identity.user_id, connection.conn_id,
+                                         identity.info), "presence.join")
         after_reply(lambda: self._finish_join(room, recovery.cursor))
         return recovery
 

@@ -215,7 +215,12 @@ class IPresence(Interface):
         """Remove this node's entries and stop."""
 
     def join(room: str, user_id: str, conn_id: str, info: Mapping[str, Any]) -> Deferred[None]:
-        """Record a connection in a room; emit presence.joined for a user's first."""
+        """
+        Record a connection in a room; emit presence.joined for a user's
+        first.  Callers need not wait for it: what this node asks the engine
+        afterwards (a list, a leave) comes after it, and an entry whose write
+        failed (the store away) is written again once the store is back.
+        """
 
     def leave(room: str, user_id: str, conn_id: str) -> Deferred[None]:
         """

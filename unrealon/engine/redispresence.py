@@ -366,8 +366,17 @@ class RedisPresence:
         for start in range(0, len(changes), step):
             batch = waiting[start // 6 : (start + step) // 6]
             d = scripts.PRESENCE_CHANGES(self._redis, keys, head + changes[start : start + step])
-            d.addCallback(self._restore_after_write)
+            d.addCallbacks(self._restore_after_write, self._changes_failed)
             d.addCallbacks(_fire, _fail, callbackArgs=(batch,), errbackArgs=(batch,))
+
+    def _changes_failed(self, failure: Failure) -> Failure:
+        """
+        Joins and leaves that did not reach Redis: joins are not awaited by
+        rooms.join, so the next heartbeat puts back every local entry that
+        is missing (L{restore}).
+        """
+        self._restore_due = True
+        return failure
 
     def join(self, room: str, user_id: str, conn_id: str, info: Mapping[str, Any]) -> Deferred[None]:
         message = encode(
@@ -388,6 +397,7 @@ class RedisPresence:
     # -- queries -------------------------------------------------------------------
 
     def _live(self, room: str) -> Deferred[list[tuple[str, str]]]:
+        self._send_changes()  # this node's joins and leaves so far come first
         members, _, infos = _keys(room)
         d = scripts.PRESENCE_LIST(self._redis, [members, infos, PRESENCE_ALIVE], [])
 
@@ -424,6 +434,7 @@ class RedisPresence:
         # A crashed node's users stop counting when its liveness expires.
         if not user_ids:
             return succeed([])
+        self._send_changes()
         members, counts, _ = _keys(ONLINE)
         d = scripts.PRESENCE_ONLINE(self._redis, [counts, members, PRESENCE_ALIVE], list(user_ids))
 
