@@ -26,6 +26,57 @@ from tests.helpers.waiting import sleep, wait_until
 ROOM = "workspace:failover"
 
 
+def stream_through_failover(
+    testcase: TestCase, group: Any, heard_enough: Any
+) -> Deferred[tuple[list[tuple[int, str]], Any]]:
+    """
+    Another node publishes seq 0, 1, ... to ROOM through the Sentinel,
+    WAITing for the replica (as a backend that must not lose an
+    acknowledged event would) until the failover; a publish the dying
+    master did not take is retried with the same seq.  Once
+    C{heard_enough()}, the master is killed; 100 publishes after the
+    failover, the stream stops.  Fires with the acknowledged (seq, cursor)s
+    and the publishing broker.
+    """
+    from unrealon.engine.redis import RedisConnections
+
+    other = RedisConnections.open(group.url, reactor)
+    testcase.addCleanup(other.stop)
+    publisher = redis_broker(FakeSink(), other.commands, other.commands, group.url,
+                             history_size=1000, history_ttl=600)
+    published: list[tuple[int, str]] = []
+    stop: list[bool] = []
+    replica = [True]  # the new master has none: no WAIT after the failover
+
+    async def stream() -> None:
+        seq = 0
+        while not stop:
+            try:
+                cursor = await publisher.publish(ROOM, EVENT, {"seq": seq})
+                if replica:  # acknowledged only once the replica has it
+                    await other.commands.execute_command("WAIT", 1, 1000)
+            except Exception:
+                await sleep(0.05)  # the master is gone: retry (same seq)
+                continue
+            published.append((seq, cursor))
+            seq += 1
+            await sleep(0.005)
+
+    async def run() -> tuple[list[tuple[int, str]], Any]:
+        streaming = Deferred.fromCoroutine(stream())
+        await wait_until(heard_enough, what="events before the failover")
+        await group.fail_over()
+        replica.clear()
+        failed_over = len(published)
+        await wait_until(lambda: len(published) >= failed_over + 100, timeout=30,
+                         what="publishing to the new master")
+        stop.append(True)
+        await streaming
+        return published, publisher
+
+    return Deferred.fromCoroutine(run())
+
+
 class SentinelFailoverTests(TestCase):
     timeout = 90
 
@@ -44,38 +95,9 @@ class SentinelFailoverTests(TestCase):
         yield broker.start()
         self.addCleanup(broker.stop)
         yield broker.watch(ROOM)
-        # another node, publishing through the Sentinel too
-        other = RedisConnections.open(group.url, reactor)
-        self.addCleanup(other.stop)
-        publisher = redis_broker(FakeSink(), other.commands, other.commands, group.url,
-                                 history_size=1000, history_ttl=600)
-        published: list[str] = []
-        stop = []
-        replica = [True]  # the new master has none: no WAIT after the failover
-
-        async def stream() -> None:
-            seq = 0
-            while not stop:
-                try:
-                    cursor = await publisher.publish(ROOM, EVENT, {"seq": seq})
-                    if replica:  # acknowledged only once the replica has it
-                        await other.commands.execute_command("WAIT", 1, 1000)
-                except Exception:
-                    await sleep(0.05)  # the master is gone: retry (same seq)
-                    continue
-                published.append(cursor)
-                seq += 1
-                await sleep(0.005)
-
-        streaming = Deferred.fromCoroutine(stream())
-        yield wait_until(lambda: len(sink.events) >= 100, what="events before the failover")
-        yield group.fail_over()
-        replica.clear()
-        failed_over = len(published)
-        yield wait_until(lambda: len(published) >= failed_over + 100, timeout=30,
-                         what="publishing to the new master")
-        stop.append(True)
-        yield streaming
+        acknowledged, _ = yield stream_through_failover(
+            self, group, lambda: len(sink.events) >= 100)
+        published = [cursor for _, cursor in acknowledged]
         yield wait_until(lambda: len(sink.events) >= len(published), timeout=30,
                          what="every event delivered")
         yield sleep(0.2)  # a duplicate would have come by now
@@ -105,7 +127,6 @@ class SentinelNodesTests(TestCase):
         """
         from tests.helpers.cluster import Tap, barrier, start_cluster
         from tests.helpers.node import mint_token
-        from unrealon.engine.redis import RedisConnections
 
         group = yield start_sentinel_group(self)
         nodes = yield start_cluster(self, group.url, 3, UNREALON_PRESENCE_TTL="3")
@@ -116,38 +137,9 @@ class SentinelNodesTests(TestCase):
             tap = Tap(client)
             yield tap.join(ROOM)
             taps.append(tap)
-        other = RedisConnections.open(group.url, reactor)
-        self.addCleanup(other.stop)
-        publisher = redis_broker(FakeSink(), other.commands, other.commands, group.url,
-                                 history_size=1000, history_ttl=600)
-        published: list[int] = []
-        stop: list[bool] = []
-        replica = [True]
-
-        async def stream() -> None:
-            seq = 0
-            while not stop:
-                try:
-                    await publisher.publish(ROOM, EVENT, {"seq": seq})
-                    if replica:
-                        await other.commands.execute_command("WAIT", 1, 1000)
-                except Exception:
-                    await sleep(0.05)
-                    continue
-                published.append(seq)
-                seq += 1
-                await sleep(0.005)
-
-        streaming = Deferred.fromCoroutine(stream())
-        yield wait_until(lambda: all(len(t.events) >= 100 for t in taps),
-                         what="events before the failover")
-        yield group.fail_over()
-        replica.clear()
-        failed_over = len(published)
-        yield wait_until(lambda: len(published) >= failed_over + 100, timeout=30,
-                         what="publishing to the new master")
-        stop.append(True)
-        yield streaming
+        acknowledged, publisher = yield stream_through_failover(
+            self, group, lambda: all(len(t.events) >= 100 for t in taps))
+        published = [seq for seq, _ in acknowledged]
         yield barrier(publisher.publish, ROOM, taps, timeout=30)
         reference = [e["cursor"] for e in taps[0].events]
         for tap in taps:
