@@ -349,6 +349,35 @@ class PresenceLivenessTests(TestCase):
         self.assertEqual(occupied, [("room.occupied", "room:r")])
 
     @inlineCallbacks
+    def test_presence_data_of_an_earlier_version_is_reported(self) -> Any:
+        """
+        A node that starts on a Redis holding the presence layout of a
+        version before liveness by node says so at critical level (the
+        upgrade is a full stop); on a clean Redis it says nothing.
+        """
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        critical: list[dict[str, Any]] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("log_level") == LogLevel.critical:
+                critical.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        clean = self.node("n0")
+        yield clean.start()
+        self.addCleanup(clean.stop)
+        yield clean.heartbeat()  # after the check's answer (one connection, in order)
+        self.assertEqual(critical, [])
+        yield self.redis.execute_command("SADD", "unrealon:p:rooms", "room:old")
+        node = self.node("n1")
+        yield node.start()
+        self.addCleanup(node.stop)
+        yield node.heartbeat()
+        self.assertEqual([e["key"] for e in critical], ["unrealon:p:rooms"])
+
+    @inlineCallbacks
     def test_redis_back_empty_every_live_node_restores(self) -> Any:
         """
         Redis restarts without its data: each running node's next heartbeat

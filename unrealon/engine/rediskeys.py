@@ -26,6 +26,9 @@ SHARD_PLACE = PREFIX + "shard"
 #: the node's heartbeat and its presence writes, read by presence.list and
 #: the sweep (L{unrealon.engine.redispresence})
 PRESENCE_ALIVE = PRESENCE + "alive"
+#: the set of rooms with presence that versions before liveness by node kept
+#: (their sweep walked it): its presence data is not understood by this one
+PRESENCE_ROOMS_BEFORE_LIVENESS = PRESENCE + "rooms"
 #: tokens of nodes the sweep found dead and has not finished sweeping
 PRESENCE_DEAD = PRESENCE + "dead"
 #: the presence sweep's lock and the time of the last sweep

@@ -74,6 +74,7 @@ from unrealon.engine.redisclient import RedisHandler, unavailable
 from unrealon.engine.rediskeys import (
     PRESENCE,
     PRESENCE_ALIVE,
+    PRESENCE_ROOMS_BEFORE_LIVENESS,
     presence_index_key,
     presence_node_key,
     room_channel_prefix,
@@ -213,7 +214,25 @@ class RedisPresence:
         heartbeat, sweep = self.loops
         heartbeat.start()
         sweep.start(now=True)
+        check = self._redis.execute_command("EXISTS", PRESENCE_ROOMS_BEFORE_LIVENESS)
+        check.addCallbacks(self._layout_checked, lambda f: log.info(
+            "could not look for presence data of an earlier version: {error}",
+            error=f.getErrorMessage()))
         return succeed(None)
+
+    def _layout_checked(self, found: Any) -> None:
+        """
+        Nodes of a version before liveness by node and nodes of this one
+        break each other's presence (their sweep removes these entries,
+        which have no expiry score): the upgrade is a full stop.  Say so
+        loudly when the old layout is still there.
+        """
+        if int(found):
+            log.critical(
+                "Redis holds presence data of a version before liveness by node "
+                "({key}): stop every node of the earlier version, delete unrealon:p:* "
+                "and start again (CHANGELOG, docs/cluster-design.md section 9)",
+                key=PRESENCE_ROOMS_BEFORE_LIVENESS)
 
     def stop(self) -> Deferred[None]:
         """Stop the loops; fires once the joins and leaves on their way have landed."""
