@@ -32,10 +32,11 @@ from tests.helpers.cluster import (
 )
 from tests.helpers.process import NodeProcess
 from tests.helpers.redis_server import start_redis
+from tests.helpers.waiting import wait_until
 from tests.test_cluster import HISTORY_SIZE, PRESENCE_TTL, ClusterTestCase
 from unrealon.engine.redisclient import RedisHandler, connect
-from unrealon.engine.rediskeys import history_key
-from unrealon.engine.roomshards import RoomShards, check_layout, jump_hash, room_hash
+from unrealon.engine.rediskeys import SHARD_PLACE, history_key
+from unrealon.engine.roomshards import RoomShards, check_layout, jump_hash, place, room_hash
 from unrealon.redisurl import parse_redis_url
 
 SHARDS = 3
@@ -131,6 +132,12 @@ class ShardedClusterTestCase(ClusterTestCase):
             self.addCleanup(handler.disconnect)
             self.shard_redis.append(handler)
         self.redis = self.shard_redis[0]
+        # the nodes record each shard's place in the background: wait for it,
+        # so a test that kills a shard does not catch that write half done
+        for index, redis in enumerate(self.shard_redis):
+            yield wait_until(lambda r=redis, i=index: r.execute_command("GET", SHARD_PLACE)
+                             .addCallback(lambda v, i=i: v == place(i, SHARDS)),
+                             what=f"shard {index}'s place recorded")
         self.publisher = redis_broker(
             FakeSink(), self.redis, self.redis, urls[0], history_size=HISTORY_SIZE,
             history_ttl=86400, shards=list(zip(self.shard_redis[1:], urls[1:], strict=True)),
@@ -283,7 +290,6 @@ class ShardOutageTests(ShardedClusterTestCase):
         self.assertEqual(late.seqs(lost), [0, 1, 2])
 
     def wait_for_health(self, node: NodeProcess, good: Any) -> Any:
-        from tests.helpers.waiting import wait_until
 
         def check() -> Deferred[Any]:
             return node.http_get("/health").addCallback(lambda r: r if good(r[1]) else None)
@@ -329,7 +335,6 @@ class LayoutTests(ShardedClusterTestCase):
         self.assertIn(b"shard_layout", health[1])
 
     def wait_health(self, node: NodeProcess) -> Any:
-        from tests.helpers.waiting import wait_until
 
         def check() -> Deferred[Any]:
             return node.http_get("/health").addCallback(
