@@ -142,7 +142,6 @@ class RedisBroker:
         self.sink = sink
         self._reactor = reactor
         self._streams = StreamClient(redis)
-        self._reader = StreamClient(reader)
         self._size = history_size
         self._ttl = max(1, int(history_ttl))
         self._gap_wait_ms = max(1, int(gap_wait * 1000))

@@ -164,7 +164,6 @@ class RedisPresence:
         self._reactor = reactor
         self._channels = channels
         self._redis = redis
-        self._ttl = ttl
         self._lifetime_ms = int(ttl * 750)
         self._sweep_interval = max(0.1, ttl / 10)
         #: this process's token: random per start (makeService shares it with the
